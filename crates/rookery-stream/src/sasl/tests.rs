@@ -1,0 +1,185 @@
+//! SCRAM and PLAIN checked against the independent client of the `sasl` crate.
+
+use super::*;
+use sasl::client::Mechanism as _;
+use sasl::client::mechanisms::Scram as ScramClient;
+use sasl::common::ChannelBinding;
+use sasl::common::scram::{Sha1 as ClientSha1, Sha256 as ClientSha256};
+
+fn exchange(
+    hash: ScramHash,
+    stored_password: &str,
+    client_password: &str,
+    user: &str,
+) -> Result<(), SaslError> {
+    let keys = ScramKeys::generate(hash, stored_password, 4096).unwrap();
+    let mut client: Box<dyn sasl::client::Mechanism> = match hash {
+        ScramHash::Sha1 => Box::new(
+            ScramClient::<ClientSha1>::new(user, client_password, ChannelBinding::None).unwrap(),
+        ),
+        ScramHash::Sha256 => Box::new(
+            ScramClient::<ClientSha256>::new(user, client_password, ChannelBinding::None).unwrap(),
+        ),
+    };
+    let mut server = ScramServer::new(hash, [7; 32]);
+    let initial = client.initial();
+    let step = server.handle_initial(&initial)?;
+    assert_eq!(
+        step,
+        SaslStep::NeedKeys {
+            username: user.to_owned(),
+            authzid: None
+        }
+    );
+    let known = (user == "alice").then_some(keys);
+    let SaslStep::Challenge(challenge) = server.handle_keys(known)? else {
+        panic!("no challenge")
+    };
+    let response = client
+        .response(&challenge)
+        .expect("client accepts our challenge");
+    let SaslStep::Success(data) = server.handle_response(&response)? else {
+        panic!("no success")
+    };
+    client
+        .success(&data)
+        .expect("client verifies the server signature");
+    Ok(())
+}
+
+#[test]
+fn scram_sha1_and_sha256_succeed_with_the_right_password() {
+    exchange(ScramHash::Sha1, "pencil", "pencil", "alice").unwrap();
+    exchange(ScramHash::Sha256, "pencil", "pencil", "alice").unwrap();
+}
+
+#[test]
+fn scram_rejects_a_wrong_password_and_an_unknown_user() {
+    assert_eq!(
+        exchange(ScramHash::Sha256, "pencil", "pen", "alice"),
+        Err(SaslError::NotAuthorized)
+    );
+    assert_eq!(
+        exchange(ScramHash::Sha1, "pencil", "pencil", "mallory"),
+        Err(SaslError::NotAuthorized)
+    );
+}
+
+#[test]
+fn scram_rejects_a_tampered_nonce() {
+    let keys = ScramKeys::generate(ScramHash::Sha256, "pencil", 4096).unwrap();
+    let mut client =
+        ScramClient::<ClientSha256>::new("alice", "pencil", ChannelBinding::None).unwrap();
+    let mut server = ScramServer::new(ScramHash::Sha256, [1; 32]);
+    server.handle_initial(&client.initial()).unwrap();
+    let SaslStep::Challenge(challenge) = server.handle_keys(Some(keys)).unwrap() else {
+        panic!()
+    };
+    let response = String::from_utf8(client.response(&challenge).unwrap()).unwrap();
+    let tampered = response.replacen(",r=", ",r=x", 1);
+    assert_eq!(
+        server.handle_response(tampered.as_bytes()),
+        Err(SaslError::NotAuthorized)
+    );
+}
+
+#[test]
+fn scram_parses_escaped_names_and_rejects_garbage() {
+    let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+    assert_eq!(
+        server.handle_initial(b"n,,n=a=2Cb=3Dc,r=abc"),
+        Ok(SaslStep::NeedKeys {
+            username: "a,b=c".into(),
+            authzid: None
+        })
+    );
+    for garbage in [
+        &b""[..],
+        b"n",
+        b"n,,",
+        b"x,,n=a,r=b",
+        b"n,,r=b,n=a",
+        b"n,,n=a=2,r=b",
+        b"n,,n=,r=b",
+        b"\xff,,n=a,r=b",
+    ] {
+        let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+        assert_eq!(
+            server.handle_initial(garbage),
+            Err(SaslError::Malformed),
+            "{garbage:?}"
+        );
+    }
+    let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+    assert_eq!(
+        server.handle_initial(b"p=tls-unique,,n=a,r=b"),
+        Err(SaslError::ChannelBinding)
+    );
+}
+
+#[test]
+fn unknown_users_get_a_stable_decoy_salt() {
+    let challenge = |secret| {
+        let mut server = ScramServer::new(ScramHash::Sha256, secret);
+        server.handle_initial(b"n,,n=ghost,r=abc").unwrap();
+        let SaslStep::Challenge(c) = server.handle_keys(None).unwrap() else {
+            panic!()
+        };
+        let c = String::from_utf8(c).unwrap();
+        c.split(',')
+            .find(|p| p.starts_with("s="))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(challenge([3; 32]), challenge([3; 32]));
+    assert_ne!(challenge([3; 32]), challenge([4; 32]));
+}
+
+#[test]
+fn keys_never_contain_the_password_and_verify_plain() {
+    let keys = ScramKeys::generate(ScramHash::Sha256, "correct horse", 4096).unwrap();
+    assert!(keys.iterations >= MIN_ITERATIONS);
+    assert_eq!(keys.salt.len(), 16);
+    assert!(keys.verify_password("correct horse"));
+    assert!(!keys.verify_password("correct horsE"));
+    let other = ScramKeys::generate(ScramHash::Sha256, "correct horse", 4096).unwrap();
+    assert_ne!(keys.salt, other.salt, "each derivation gets its own salt");
+    assert_ne!(keys.stored_key, other.stored_key);
+    // Iteration counts below the minimum are raised to it.
+    assert_eq!(
+        ScramKeys::derive(ScramHash::Sha1, "x", b"salt", 1)
+            .unwrap()
+            .iterations,
+        MIN_ITERATIONS
+    );
+}
+
+#[test]
+fn plain_messages_parse_with_saslprep() {
+    let creds = parse_plain(b"\0alice\0secret").unwrap();
+    assert_eq!(
+        (
+            creds.authzid,
+            creds.username.as_str(),
+            creds.password.as_str()
+        ),
+        (None, "alice", "secret")
+    );
+    let creds = parse_plain(b"alice@localhost\0alice\0I\xC2\xADX").unwrap();
+    assert_eq!(creds.authzid.as_deref(), Some("alice@localhost"));
+    assert_eq!(creds.password, "IX", "soft hyphen is mapped to nothing");
+    for garbage in [
+        &b""[..],
+        b"alice",
+        b"\0alice",
+        b"\0\0pw",
+        b"\0alice\0",
+        b"a\0b\0c\0d",
+    ] {
+        assert_eq!(
+            parse_plain(garbage),
+            Err(SaslError::Malformed),
+            "{garbage:?}"
+        );
+    }
+}
