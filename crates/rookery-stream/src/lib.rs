@@ -18,7 +18,7 @@ pub mod xml;
 
 pub use sasl::{ScramHash, ScramKeys};
 pub use sm::SmState;
-pub use stream::{
+pub use stream::{random_id, CloseReason, 
     AuthMechanism, Framing, KeysAnswer, ServerStream, StreamConfig, StreamEvent, Timeouts,
     TlsPolicy,
 };

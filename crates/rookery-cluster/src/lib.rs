@@ -1,0 +1,163 @@
+//! The routing seam between sessions: a registry of bound sessions ("who is
+//! where") and delivery of [`Mail`] to them ("deliver this there").
+//!
+//! [`Bus`] is the one interface the router uses; [`LocalBus`] implements it in
+//! process for a single node. A clustered bus keeps the same contract: lookups
+//! are synchronous reads of a local view, delivery hands mail to a local
+//! mailbox or publishes it to the node that holds the session.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use rookery_stream::SmState;
+use tokio::sync::{mpsc, oneshot};
+
+mod local;
+
+pub use local::LocalBus;
+
+/// Identifies one session instance, so that a stale unbind cannot remove a newer
+/// session that bound the same full JID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// A process-unique id.
+    pub fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SessionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// What routing needs to know about a session (RFC 6121 section 8).
+#[derive(Debug, Clone, Default)]
+pub struct RouteInfo {
+    /// The last available presence broadcast by the session; `None` while unavailable.
+    pub presence: Option<Arc<Element>>,
+    /// Presence priority (-128..=127); meaningful while available.
+    pub priority: i8,
+    /// The session enabled message carbons (XEP-0280).
+    pub carbons: bool,
+    /// The session requested the roster (an "interested resource").
+    pub interested: bool,
+}
+
+impl RouteInfo {
+    /// True once the session sent initial presence (an "available resource").
+    pub fn available(&self) -> bool {
+        self.presence.is_some()
+    }
+}
+
+/// A session as seen by the registry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The bound full JID.
+    pub jid: FullJid,
+    /// This session instance.
+    pub session: SessionId,
+    /// Routing-relevant state.
+    pub info: RouteInfo,
+    /// Where mail for the session goes.
+    pub mailbox: Mailbox,
+}
+
+/// The sending side of a session's inbox.
+#[derive(Debug, Clone)]
+pub struct Mailbox(mpsc::UnboundedSender<Mail>);
+
+/// The receiving side of a session's inbox.
+pub type Inbox = mpsc::UnboundedReceiver<Mail>;
+
+impl Mailbox {
+    /// A new mailbox and its inbox.
+    pub fn new() -> (Mailbox, Inbox) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (Mailbox(sender), receiver)
+    }
+
+    /// Puts mail in the inbox; gives it back if the session is gone.
+    pub fn send(&self, mail: Mail) -> Result<(), Mail> {
+        self.0.send(mail).map_err(|error| error.0)
+    }
+
+    /// True once the inbox was dropped.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// Everything a session can be sent.
+#[derive(Debug)]
+pub enum Mail {
+    /// A stanza for the client.
+    Stanza(Box<Element>),
+    /// A newer login bound the same full JID: end with a `conflict` stream error.
+    Conflict,
+    /// A resuming connection takes the session over (XEP-0198).
+    Takeover(oneshot::Sender<SessionSnapshot>),
+    /// The server is going down: close with `system-shutdown`.
+    Shutdown,
+}
+
+/// The state of a session that moves to a resuming connection.
+#[derive(Debug)]
+pub struct SessionSnapshot {
+    /// The bound full JID.
+    pub jid: FullJid,
+    /// The session instance, kept across resumption.
+    pub session: SessionId,
+    /// Routing state.
+    pub info: RouteInfo,
+    /// Stream management counters and unacknowledged stanzas.
+    pub sm: SmState,
+    /// Entities that received directed presence from the session.
+    pub directed: Vec<Jid>,
+    /// Client state indication: the client is inactive.
+    pub inactive: bool,
+    /// Stanzas held back while inactive.
+    pub held: Vec<Element>,
+    /// The inbox, with whatever arrived meanwhile.
+    pub inbox: Inbox,
+}
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus cannot reach its backend (NATS); retry later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Who is where, and delivery there.
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Registers a bound session. If a session with the same full JID exists it
+    /// is replaced, and its route is returned so the caller can end it with `conflict`.
+    async fn bind(&self, route: Route) -> Result<Option<Route>, BusError>;
+    /// Updates the routing state of a bound session.
+    async fn update(&self, jid: &FullJid, session: SessionId, info: RouteInfo) -> Result<(), BusError>;
+    /// Removes a session if it is still the one registered under its JID.
+    async fn unbind(&self, jid: &FullJid, session: SessionId) -> Result<(), BusError>;
+    /// All sessions of a user.
+    fn routes(&self, user: &BareJid) -> Vec<Arc<Route>>;
+    /// The session bound to a full JID.
+    fn route(&self, jid: &FullJid) -> Option<Arc<Route>>;
+    /// Delivers mail to a session; gives it back if the session is gone.
+    fn send(&self, route: &Route, mail: Mail) -> Result<(), Mail>;
+    /// Makes a session resumable under `id`.
+    async fn register_resumable(&self, id: &str, jid: &FullJid, session: SessionId) -> Result<(), BusError>;
+    /// Forgets a resumption id.
+    async fn unregister_resumable(&self, id: &str) -> Result<(), BusError>;
+    /// The session resumable under `id`, if it is still registered.
+    fn resumable(&self, id: &str) -> Option<Arc<Route>>;
+    /// Number of bound sessions on this node.
+    fn local_sessions(&self) -> usize;
+    /// Every local session (for shutdown).
+    fn local_routes(&self) -> Vec<Arc<Route>>;
+}

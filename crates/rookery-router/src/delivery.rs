@@ -1,0 +1,47 @@
+//! The recipient side: what a session does with a stanza delivered to it,
+//! including client state indication (XEP-0352).
+
+use minidom::Element;
+use rookery_stream::ns;
+
+use crate::stanza::PresenceType;
+use crate::{Router, Session};
+
+/// True for presence an inactive client can do without for a while.
+fn holdable(stanza: &Element) -> bool {
+    stanza.is("presence", ns::CLIENT)
+        && matches!(PresenceType::of(stanza), Some(PresenceType::Available | PresenceType::Unavailable))
+}
+
+impl Router {
+    /// Takes a stanza delivered to the session into its outbox, or holds it while inactive.
+    pub fn accept_delivery(&self, session: &mut Session, stanza: Element) {
+        if session.inactive && holdable(&stanza) {
+            // Only the latest presence of each sender matters.
+            let from = stanza.attr("from").map(str::to_owned);
+            session.held.retain(|held| held.attr("from").map(str::to_owned) != from);
+            session.held.push(stanza);
+            if session.held.len() > self.config.csi_hold_limit {
+                self.flush_held(session);
+            }
+            return;
+        }
+        self.flush_held(session);
+        session.outbox.push(stanza);
+    }
+
+    /// XEP-0352: the client became active or inactive.
+    pub fn set_client_state(&self, session: &mut Session, inactive: bool) {
+        session.inactive = inactive;
+        if !inactive {
+            self.flush_held(session);
+        }
+    }
+
+    fn flush_held(&self, session: &mut Session) {
+        if !session.held.is_empty() {
+            let held = std::mem::take(&mut session.held);
+            session.outbox.extend(held);
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! Routing of stanzas between the sessions of one domain: RFC 6120 section 10
+//! and RFC 6121 (rosters, subscriptions, presence, delivery rules), plus the
+//! routing parts of message carbons (XEP-0280), blocking (XEP-0191), client
+//! state indication (XEP-0352) and offline storage (XEP-0160).
+//!
+//! The router never names a socket, SQL or NATS: it talks to storage through
+//! `rookery_store::Store` and to other sessions through `rookery_cluster::Bus`.
+//! Iqs addressed to the server or an account go to the [`Extension`] registry.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use rookery_cluster::{Bus, Mail, Mailbox, Route, RouteInfo, SessionId, SessionSnapshot};
+use rookery_store::{LastActivity, OfflineMessage, Store, StoreError};
+use rookery_stream::ns;
+use rookery_stream::xml::{remove_attr, set_attr};
+
+mod blocking;
+mod delivery;
+mod extension;
+mod iq;
+mod message;
+mod presence;
+mod roster;
+pub mod rules;
+mod session;
+pub mod stanza;
+pub mod subscription;
+
+pub use blocking::is_blocked;
+pub use extension::{Extension, IqContext, IqTarget, IqType};
+pub use session::Session;
+use stanza::{ErrorCondition, Kind, error_reply};
+
+/// Namespaces the router itself implements.
+pub mod namespaces {
+    /// RFC 6121 rosters.
+    pub const ROSTER: &str = "jabber:iq:roster";
+    /// XEP-0280 message carbons.
+    pub const CARBONS: &str = "urn:xmpp:carbons:2";
+    /// XEP-0297 stanza forwarding.
+    pub const FORWARD: &str = "urn:xmpp:forward:0";
+    /// XEP-0334 processing hints.
+    pub const HINTS: &str = "urn:xmpp:hints";
+    /// XEP-0203 delayed delivery.
+    pub const DELAY: &str = "urn:xmpp:delay";
+    /// XEP-0191 blocking command.
+    pub const BLOCKING: &str = "urn:xmpp:blocking";
+    /// XEP-0191 blocked error condition.
+    pub const BLOCKING_ERRORS: &str = "urn:xmpp:blocking:errors";
+    /// XEP-0352 client state indication.
+    pub const CSI: &str = "urn:xmpp:csi:0";
+    /// RFC 6121 roster versioning stream feature.
+    pub const ROSTER_VERSIONING: &str = "urn:xmpp:features:rosterver";
+    /// RFC 6121 subscription pre-approval stream feature.
+    pub const PRE_APPROVAL: &str = "urn:xmpp:features:pre-approval";
+}
+
+/// Settings of the router.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The domain served.
+    pub domain: String,
+    /// Most offline messages kept per account.
+    pub offline_limit: usize,
+    /// Most roster items per account.
+    pub max_roster_items: usize,
+    /// Most presence stanzas held for an inactive client before they are flushed.
+    pub csi_hold_limit: usize,
+}
+
+impl RouterConfig {
+    /// Defaults for `domain`.
+    pub fn new(domain: impl Into<String>) -> Self {
+        RouterConfig { domain: domain.into(), offline_limit: 1000, max_roster_items: 2000, csi_hold_limit: 200 }
+    }
+}
+
+/// Why binding a resource failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The bus refused (cluster backend unreachable).
+    #[error("bus unavailable")]
+    Unavailable,
+}
+
+/// Routes stanzas for one domain.
+pub struct Router {
+    config: RouterConfig,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    extensions: Vec<Arc<dyn Extension>>,
+    started: Instant,
+    shutting_down: AtomicBool,
+    /// XEP-0191 block lists of the accounts with sessions on this node.
+    blocklists: blocking::BlocklistCache,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("domain", &self.config.domain).finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// XEP-0082 date-time for unix milliseconds.
+pub fn xmpp_datetime(millis: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(millis)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Router {
+    /// A router over a store and a bus, with XEP modules.
+    pub fn new(
+        config: RouterConfig,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        extensions: Vec<Arc<dyn Extension>>,
+    ) -> Self {
+        Router {
+            config,
+            store,
+            bus,
+            extensions,
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            blocklists: blocking::BlocklistCache::default(),
+        }
+    }
+
+    /// The domain served.
+    pub fn domain(&self) -> &str {
+        &self.config.domain
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &dyn Bus {
+        &*self.bus
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// When the router started (XEP-0012 server uptime).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Disco features of the server: the router's own and every module's.
+    pub fn server_features(&self) -> Vec<&'static str> {
+        let mut features = vec![
+            namespaces::ROSTER,
+            namespaces::CARBONS,
+            namespaces::BLOCKING,
+            "urn:xmpp:sid:0",
+            "msgoffline",
+            "jabber:iq:roster",
+            "urn:xmpp:sm:3",
+            namespaces::CSI,
+        ];
+        for extension in &self.extensions {
+            features.extend_from_slice(extension.server_features());
+        }
+        features.sort_unstable();
+        features.dedup();
+        features
+    }
+
+    /// Disco features of accounts.
+    pub fn account_features(&self) -> Vec<&'static str> {
+        let mut features = Vec::new();
+        for extension in &self.extensions {
+            features.extend_from_slice(extension.account_features());
+        }
+        features.sort_unstable();
+        features.dedup();
+        features
+    }
+
+    /// Stream features the router contributes after authentication.
+    pub fn stream_features(&self) -> Vec<Element> {
+        vec![
+            Element::bare("ver", namespaces::ROSTER_VERSIONING),
+            Element::bare("sub", namespaces::PRE_APPROVAL),
+            Element::bare("csi", namespaces::CSI),
+        ]
+    }
+
+    /// True if `jid` is an account of this domain (syntactically).
+    pub fn is_local(&self, jid: &Jid) -> bool {
+        jid.domain().as_str() == self.config.domain
+    }
+
+    /// Marks the server as stopping: undeliverable stanzas go straight to offline storage.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    // ---- session lifecycle ------------------------------------------------------------
+
+    /// Binds a session for `user`, at `requested` or at a server-made resource.
+    ///
+    /// A session already bound at the same full JID is told to end with `conflict`.
+    pub async fn bind(&self, user: &BareJid, requested: Option<FullJid>, mailbox: Mailbox) -> Result<Session, BindError> {
+        let jid = match requested {
+            Some(jid) => jid,
+            None => loop {
+                let resource = format!("rookery-{}", rookery_stream::random_id());
+                let jid = user.with_resource_str(&resource).expect("generated resources are valid");
+                if self.bus.route(&jid).is_none() {
+                    break jid;
+                }
+            },
+        };
+        self.load_blocklist(user).await;
+        let session = Session::new(jid, SessionId::next(), mailbox);
+        let route = Route { jid: session.jid.clone(), session: session.id, info: RouteInfo::default(), mailbox: session.mailbox.clone() };
+        let replaced = self.bus.bind(route).await.map_err(|_| BindError::Unavailable)?;
+        if let Some(replaced) = replaced {
+            tracing::info!(jid = %session.jid, "Replacing an older session with the same resource.");
+            if replaced.mailbox.send(Mail::Conflict).is_err() {
+                tracing::debug!(jid = %session.jid, "The replaced session was already gone.");
+            }
+        }
+        Ok(session)
+    }
+
+    /// Rebuilds a session taken over by a resuming connection.
+    pub async fn restore(&self, snapshot: &SessionSnapshot, mailbox: Mailbox) -> Session {
+        self.load_blocklist(&snapshot.jid.to_bare()).await;
+        let mut session = Session::new(snapshot.jid.clone(), snapshot.session, mailbox);
+        session.info = snapshot.info.clone();
+        session.directed = snapshot.directed.iter().cloned().collect();
+        session.inactive = snapshot.inactive;
+        session.held = snapshot.held.clone();
+        session
+    }
+
+    /// Makes the session resumable under `id` (XEP-0198).
+    pub async fn register_resumable(&self, session: &Session, id: &str) {
+        if let Err(error) = self.bus.register_resumable(id, &session.jid, session.id).await {
+            tracing::warn!(jid = %session.jid, %error, "Session could not be made resumable.");
+        }
+    }
+
+    /// The session resumable under `id`, if any.
+    pub fn resumable(&self, id: &str) -> Option<Arc<Route>> {
+        self.bus.resumable(id)
+    }
+
+    /// Forgets a resumption id.
+    pub async fn unregister_resumable(&self, id: &str) {
+        let _ = self.bus.unregister_resumable(id).await;
+    }
+
+    /// Ends a session: unavailable presence to whoever saw it, the bus entry
+    /// removed, last activity recorded, and every stanza the client did not
+    /// acknowledge rerouted (other resources, offline storage, or an error to
+    /// the sender) so that nothing is silently dropped.
+    pub async fn end_session(&self, mut session: Session, undelivered: Vec<Element>) {
+        let status = session.info.presence.as_ref().and_then(|p| p.get_child("status", ns::CLIENT)).map(Element::text);
+        if session.info.available() {
+            let mut unavailable = Element::bare("presence", ns::CLIENT);
+            set_attr(&mut unavailable, "type", "unavailable");
+            set_attr(&mut unavailable, "from", session.jid.to_string());
+            self.handle_broadcast_presence(&mut session, unavailable).await;
+        }
+        if let Err(error) = self.bus.unbind(&session.jid, session.id).await {
+            tracing::warn!(jid = %session.jid, %error, "Session could not be unbound.");
+        }
+        if self.bus.routes(&session.user()).is_empty() {
+            self.blocklists.forget(&session.user());
+        }
+        let last = LastActivity { at: unix_millis() / 1000, status };
+        if let Err(error) = self.store.set_last_activity(&session.user(), &last).await {
+            tracing::warn!(jid = %session.jid, %error, "Last activity could not be stored.");
+        }
+        let held = std::mem::take(&mut session.held);
+        for stanza in undelivered.into_iter().chain(held) {
+            self.reroute_undelivered(&session, stanza).await;
+        }
+    }
+
+    /// Handles a stanza the session could not get to its client.
+    async fn reroute_undelivered(&self, session: &Session, stanza: Element) {
+        match Kind::of(&stanza) {
+            Some(Kind::Message) => {
+                if message::is_carbon_copy(&stanza) {
+                    // The original went to another resource of the same account.
+                    tracing::debug!(jid = %session.jid, "Dropping an undelivered carbon copy; its original was delivered elsewhere.");
+                    return;
+                }
+                if stanza::MessageType::of(&stanza) == stanza::MessageType::Error {
+                    tracing::debug!(jid = %session.jid, "Dropping an undelivered error message.");
+                    return;
+                }
+                self.route_to_user_except(stanza, &session.user(), Some(&session.jid)).await;
+            }
+            Some(Kind::Iq) if !stanza::is_error_or_result(&stanza) => {
+                let error = error_reply(&stanza, ErrorCondition::RECIPIENT_UNAVAILABLE, None, None);
+                self.route(error).await;
+            }
+            _ => tracing::debug!(jid = %session.jid, name = stanza.name(), "Dropping undelivered presence or iq response."),
+        }
+    }
+
+    /// Stores a message for later delivery, adding a XEP-0203 delay stamp.
+    async fn store_offline(&self, user: &BareJid, mut message: Element) -> Result<(), StoreError> {
+        let stored_at = unix_millis();
+        if message.get_child("delay", namespaces::DELAY).is_none() {
+            let mut delay = Element::builder("delay", namespaces::DELAY).append("Offline Storage").build();
+            set_attr(&mut delay, "from", self.config.domain.as_str());
+            set_attr(&mut delay, "stamp", xmpp_datetime(stored_at));
+            message.append_child(delay);
+        }
+        let stanza = String::from(&message);
+        self.store.push_offline(user, &OfflineMessage { stored_at, stanza }, self.config.offline_limit).await
+    }
+
+    // ---- stanzas from a client ----------------------------------------------------------
+
+    /// Handles a stanza the session's client sent (`from` already stamped).
+    pub async fn handle_stanza(&self, session: &mut Session, stanza: Element) {
+        let to = match stanza::to(&stanza) {
+            Ok(to) => to,
+            Err(()) => {
+                if !stanza::is_error_or_result(&stanza) {
+                    session.outbox.push(error_reply(&stanza, ErrorCondition::JID_MALFORMED, None, None));
+                }
+                return;
+            }
+        };
+        if let Some(to) = &to {
+            if !self.is_own(session, to) && self.blocks(&session.user(), to).await {
+                return self.refuse_to_blocked(session, &stanza);
+            }
+        }
+        match Kind::of(&stanza) {
+            Some(Kind::Message) => self.handle_message(session, stanza, to).await,
+            Some(Kind::Presence) => self.handle_presence(session, stanza, to).await,
+            Some(Kind::Iq) => self.handle_iq(session, stanza, to).await,
+            None => {}
+        }
+    }
+
+    fn is_own(&self, session: &Session, jid: &Jid) -> bool {
+        jid.to_bare() == session.user() || (jid.node().is_none() && self.is_local(jid))
+    }
+
+    /// XEP-0191 section 3.5: the user may not talk to whom they block.
+    fn refuse_to_blocked(&self, session: &mut Session, stanza: &Element) {
+        if stanza.name() == "presence" || stanza::is_error_or_result(stanza) {
+            return;
+        }
+        let blocked = Element::bare("blocked", namespaces::BLOCKING_ERRORS);
+        session.outbox.push(error_reply(stanza, ErrorCondition::NOT_ACCEPTABLE, None, Some(blocked)));
+    }
+
+    /// Routes a stanza that does not come from a session's own processing
+    /// (errors, server-generated stanzas): by its `to`.
+    pub async fn route(&self, stanza: Element) {
+        let Ok(Some(to)) = stanza::to(&stanza) else { return };
+        if !self.is_local(&to) || to.node().is_none() {
+            return;
+        }
+        match Kind::of(&stanza) {
+            Some(Kind::Message) => self.route_message_to(stanza, &to, None).await,
+            Some(Kind::Presence) => self.deliver_presence(stanza, &to).await,
+            Some(Kind::Iq) => {
+                if let Ok(full) = to.try_as_full() {
+                    if let Some(route) = self.bus.route(full) {
+                        let _ = self.bus.send(&route, Mail::Stanza(Box::new(stanza)));
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Sends a stanza to one session; on failure the stanza is handed back.
+    fn send_to(&self, route: &Route, stanza: Element) -> Result<(), Element> {
+        self.bus.send(route, Mail::Stanza(Box::new(stanza))).map_err(|mail| match mail {
+            Mail::Stanza(stanza) => *stanza,
+            _ => unreachable!("the bus gives back what it was given"),
+        })
+    }
+
+    /// Sends a copy of `stanza` to each route with `to` set to the route's JID.
+    fn send_each(&self, routes: &[Arc<Route>], stanza: &Element) {
+        for route in routes {
+            let mut copy = stanza.clone();
+            set_attr(&mut copy, "to", route.jid.to_string());
+            if self.send_to(route, copy).is_err() {
+                tracing::debug!(jid = %route.jid, "Session went away before delivery.");
+            }
+        }
+    }
+
+    /// Pushes `stanza` (an iq set) to every interested resource of `user`.
+    pub fn push_to_interested(&self, user: &BareJid, stanza: &Element) {
+        let routes: Vec<_> = self.bus.routes(user).into_iter().filter(|route| route.info.interested).collect();
+        self.send_each(&routes, stanza);
+    }
+
+    /// Sends `stanza` to every session of `user`.
+    pub fn send_to_all_sessions(&self, user: &BareJid, stanza: &Element) {
+        self.send_each(&self.bus.routes(user), stanza);
+    }
+
+    /// Updates the session's routing state in the bus.
+    pub async fn publish_route_info(&self, session: &Session) {
+        if let Err(error) = self.bus.update(&session.jid, session.id, session.info.clone()).await {
+            tracing::warn!(jid = %session.jid, %error, "Routing state could not be published.");
+        }
+    }
+
+    /// Answers an iq sent before authentication (in-band registration).
+    pub async fn handle_unauthenticated_iq(&self, iq: &Element) -> Element {
+        for extension in &self.extensions {
+            if let Some(reply) = extension.handle_unauthenticated_iq(self, iq).await {
+                return reply;
+            }
+        }
+        error_reply(iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None)
+    }
+}
+
+/// Removes addressing a client must not set on a stanza we keep or forward.
+pub(crate) fn strip_to(stanza: &mut Element) {
+    remove_attr(stanza, "to");
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! Message routing (RFC 6121 section 8.5) with message carbons (XEP-0280) and
+//! offline storage (XEP-0160).
+
+use std::sync::Arc;
+
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use rookery_cluster::Route;
+use rookery_store::StoreError;
+use rookery_stream::ns;
+use rookery_stream::xml::set_attr;
+
+use crate::rules::{self, MessageOutcome};
+use crate::stanza::{ErrorCondition, MessageType, error_reply};
+use crate::{Router, Session, namespaces};
+
+/// True for a carbon copy (a `<sent/>` or `<received/>` wrapper).
+pub(crate) fn is_carbon_copy(message: &Element) -> bool {
+    message.has_child("sent", namespaces::CARBONS) || message.has_child("received", namespaces::CARBONS)
+}
+
+/// XEP-0280 section 6: which messages are copied.
+fn carbons_eligible(message: &Element) -> bool {
+    let eligible_type = match MessageType::of(message) {
+        MessageType::Chat => true,
+        MessageType::Normal => message.has_child("body", ns::CLIENT),
+        _ => false,
+    };
+    eligible_type
+        && !is_carbon_copy(message)
+        && !message.has_child("private", namespaces::CARBONS)
+        && !message.has_child("no-copy", namespaces::HINTS)
+}
+
+/// Wraps a message for a carbons-enabled resource of `user`.
+fn carbon(direction: &str, user: &BareJid, to: &FullJid, message: &Element) -> Element {
+    let mut wrapper = crate::stanza::stanza("message", user.as_str(), to.as_str());
+    if let Some(message_type) = message.attr("type") {
+        set_attr(&mut wrapper, "type", message_type);
+    }
+    let forwarded = Element::builder("forwarded", namespaces::FORWARD).append(message.clone()).build();
+    wrapper.append_child(Element::builder(direction, namespaces::CARBONS).append(forwarded).build());
+    wrapper
+}
+
+impl Router {
+    /// A message from the session's client.
+    pub(crate) async fn handle_message(&self, session: &mut Session, message: Element, to: Option<Jid>) {
+        // RFC 6120 section 10.3: no `to` means the sender's own bare JID.
+        let to = to.unwrap_or_else(|| Jid::from(session.user()));
+        let message_type = MessageType::of(&message);
+        if to.node().is_none() || !self.is_local(&to) {
+            if message_type != MessageType::Error && message_type != MessageType::Headline {
+                let error =
+                    if self.is_local(&to) { ErrorCondition::SERVICE_UNAVAILABLE } else { ErrorCondition::REMOTE_SERVER_NOT_FOUND };
+                session.outbox.push(error_reply(&message, error, None, None));
+            }
+            return;
+        }
+        let eligible = carbons_eligible(&message);
+        let sent_copy = eligible.then(|| message.clone());
+        self.route_message_to(message, &to, Some(session)).await;
+        if let Some(original) = sent_copy {
+            // Sent carbons go to the sender's other carbons-enabled resources,
+            // except any that received the message itself.
+            let user = session.user();
+            for route in self.bus.routes(&user) {
+                if route.info.carbons && route.jid != session.jid && Jid::from(route.jid.clone()) != to {
+                    let _ = self.send_to(&route, carbon("sent", &user, &route.jid, &original));
+                }
+            }
+        }
+    }
+
+    /// Routes a message to an account of this domain and sends received carbons.
+    pub(crate) async fn route_message_to(&self, message: Element, to: &Jid, sender: Option<&Session>) {
+        let user = to.to_bare();
+        if let Some(from) = crate::stanza::from(&message) {
+            if from.to_bare() != user && self.blocks(&user, &from).await {
+                // XEP-0191 section 3.5: the blocked sender learns nothing more.
+                if MessageType::of(&message) != MessageType::Error {
+                    let error = error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
+                    self.reply(sender, error).await;
+                }
+                return;
+            }
+        }
+        let routes = self.bus.routes(&user);
+        let message_type = MessageType::of(&message);
+        let outcome = if routes.is_empty() && !self.account_exists(&user).await {
+            rules::message_to_nobody(message_type)
+        } else {
+            match to.try_as_full() {
+                Ok(full) => rules::message_to_full(message_type, routes.iter().find(|r| r.jid == *full), &routes),
+                Err(_) => rules::message_to_bare(message_type, &routes),
+            }
+        };
+        self.apply_message_outcome(message, &user, outcome, &routes, sender).await;
+    }
+
+    async fn apply_message_outcome(
+        &self,
+        message: Element,
+        user: &BareJid,
+        outcome: MessageOutcome,
+        routes: &[Arc<Route>],
+        sender: Option<&Session>,
+    ) {
+        match outcome {
+            MessageOutcome::Deliver(targets) => {
+                let eligible = carbons_eligible(&message);
+                let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
+                let mut last_failed = None;
+                for target in &targets {
+                    match self.send_to(target, message.clone()) {
+                        Ok(()) => delivered.push(&target.jid),
+                        Err(returned) => last_failed = Some(returned),
+                    }
+                }
+                if delivered.is_empty() {
+                    // Every target went away in the meantime: try again without them.
+                    if let Some(message) = last_failed {
+                        let excluded: Vec<_> = targets.iter().map(|t| t.jid.clone()).collect();
+                        self.route_to_user_excluding(message, user, &excluded).await;
+                    }
+                    return;
+                }
+                if eligible {
+                    let sender_jid = sender.map(|s| &s.jid);
+                    for route in routes {
+                        if route.info.carbons && !delivered.contains(&&route.jid) && sender_jid != Some(&route.jid) {
+                            let _ = self.send_to(route, carbon("received", user, &route.jid, &message));
+                        }
+                    }
+                }
+            }
+            MessageOutcome::Offline => self.deliver_offline(user, message, sender).await,
+            MessageOutcome::Bounce(condition) => {
+                let error = error_reply(&message, condition, None, None);
+                self.reply(sender, error).await;
+            }
+            MessageOutcome::Drop => {}
+        }
+    }
+
+    /// Routes a message to `user` as if addressed to the bare JID, skipping `except`.
+    pub(crate) async fn route_to_user_except(&self, message: Element, user: &BareJid, except: Option<&FullJid>) {
+        let excluded: Vec<FullJid> = except.into_iter().cloned().collect();
+        self.route_to_user_excluding(message, user, &excluded).await;
+    }
+
+    async fn route_to_user_excluding(&self, message: Element, user: &BareJid, excluded: &[FullJid]) {
+        if self.is_shutting_down() {
+            return self.deliver_offline(user, message, None).await;
+        }
+        let routes: Vec<_> = self.bus.routes(user).into_iter().filter(|r| !excluded.contains(&r.jid)).collect();
+        let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
+        // Boxed: a failed delivery may come back here once more.
+        Box::pin(self.apply_message_outcome(message, user, outcome, &routes, None)).await;
+    }
+
+    async fn deliver_offline(&self, user: &BareJid, message: Element, sender: Option<&Session>) {
+        let error = match self.store_offline(user, message.clone()).await {
+            Ok(()) => return,
+            Err(StoreError::QuotaExceeded) => ErrorCondition::SERVICE_UNAVAILABLE,
+            Err(error) => {
+                tracing::error!(%user, %error, "Offline message could not be stored.");
+                ErrorCondition::INTERNAL_SERVER_ERROR
+            }
+        };
+        if MessageType::of(&message) != MessageType::Error {
+            let text = (error == ErrorCondition::SERVICE_UNAVAILABLE).then_some("The recipient's offline storage is full.");
+            self.reply(sender, error_reply(&message, error, text, None)).await;
+        }
+    }
+
+    /// Sends a reply to the originator of a stanza: to the session's outbox when
+    /// it is the sender, else by routing.
+    pub(crate) async fn reply(&self, sender: Option<&Session>, reply: Element) {
+        match sender {
+            Some(session) if reply.attr("to") == Some(session.jid.as_str()) => {
+                // The sender is handling its own stanza right now; its mailbox takes the reply.
+                let _ = session.mailbox.send(rookery_cluster::Mail::Stanza(Box::new(reply)));
+            }
+            _ => Box::pin(self.route(reply)).await,
+        }
+    }
+
+    pub(crate) async fn account_exists(&self, user: &BareJid) -> bool {
+        match self.store.account_exists(user).await {
+            Ok(exists) => exists,
+            Err(error) => {
+                tracing::warn!(%user, %error, "Account lookup failed.");
+                false
+            }
+        }
+    }
+
+    /// Delivers stored offline messages to a session that became available.
+    pub(crate) async fn flush_offline(&self, session: &mut Session) {
+        let user = session.user();
+        let messages = match self.store.take_offline(&user).await {
+            Ok(messages) => messages,
+            Err(error) => return tracing::warn!(%user, %error, "Offline messages could not be read."),
+        };
+        for stored in messages {
+            match stored.stanza.parse::<Element>() {
+                Ok(message) => self.accept_delivery(session, message),
+                Err(error) => tracing::error!(%user, %error, "Stored offline message is not valid XML."),
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Presence (RFC 6121 section 4) and subscriptions (section 3).
+
+use std::sync::Arc;
+
+use jid::{BareJid, Jid};
+use minidom::Element;
+use rookery_store::RosterItem;
+use rookery_stream::ns;
+use rookery_stream::xml::set_attr;
+
+use crate::rules::{self, PresenceFallback};
+use crate::stanza::{self, ErrorCondition, PresenceType, error_reply};
+use crate::subscription::{self, SubState};
+use crate::{Router, Session, strip_to};
+
+/// Parses `<priority/>` (RFC 6121 section 4.7.2.3); absent or invalid is 0.
+fn priority(presence: &Element) -> i8 {
+    presence.get_child("priority", ns::CLIENT).and_then(|p| p.text().trim().parse().ok()).unwrap_or(0)
+}
+
+/// An unavailable presence from `from`.
+fn unavailable_from(from: &str) -> Element {
+    let mut presence = Element::bare("presence", ns::CLIENT);
+    set_attr(&mut presence, "type", "unavailable");
+    set_attr(&mut presence, "from", from);
+    presence
+}
+
+impl Router {
+    /// A presence from the session's client.
+    pub(crate) async fn handle_presence(&self, session: &mut Session, presence: Element, to: Option<Jid>) {
+        let Some(kind) = PresenceType::of(&presence) else {
+            session.outbox.push(error_reply(&presence, ErrorCondition::BAD_REQUEST, Some("Unknown presence type."), None));
+            return;
+        };
+        match (to, kind) {
+            (None, PresenceType::Available | PresenceType::Unavailable) => {
+                self.handle_broadcast_presence(session, presence).await
+            }
+            (None, PresenceType::Error | PresenceType::Probe) => {}
+            (None, _) => {
+                let text = Some("Subscription requests need a 'to' address.");
+                session.outbox.push(error_reply(&presence, ErrorCondition::BAD_REQUEST, text, None));
+            }
+            (Some(to), PresenceType::Available | PresenceType::Unavailable) => {
+                if kind == PresenceType::Available {
+                    session.directed.insert(to.clone());
+                } else {
+                    session.directed.remove(&to);
+                }
+                self.deliver_presence(presence, &to).await;
+            }
+            (Some(to), PresenceType::Probe) => self.answer_probe(session, &to.to_bare()).await,
+            (Some(to), PresenceType::Error) => self.deliver_presence(presence, &to).await,
+            (Some(to), kind) => self.subscription_outbound(session, presence, &to.to_bare(), kind).await,
+        }
+    }
+
+    /// Initial, updated or unavailable presence: broadcast to subscribers and own resources.
+    pub(crate) async fn handle_broadcast_presence(&self, session: &mut Session, mut presence: Element) {
+        strip_to(&mut presence);
+        let user = session.user();
+        let available = presence.attr("type").is_none();
+        let initial = available && !session.info.available();
+        if available {
+            session.info.priority = priority(&presence);
+            session.info.presence = Some(Arc::new(presence.clone()));
+        } else {
+            session.info.presence = None;
+        }
+        self.publish_route_info(session).await;
+
+        let roster = match self.store.roster(&user).await {
+            Ok(roster) => roster,
+            Err(error) => {
+                tracing::warn!(%user, %error, "Roster could not be read for a presence broadcast.");
+                Default::default()
+            }
+        };
+        for item in roster.items.iter().filter(|item| item.subscription.has_from()) {
+            if item.jid != user {
+                self.deliver_presence(presence.clone(), &Jid::from(item.jid.clone())).await;
+            }
+        }
+        let own: Vec<_> = self.bus.routes(&user).into_iter().filter(|route| route.info.available()).collect();
+        self.send_each(&own, &presence);
+        if !available {
+            for jid in std::mem::take(&mut session.directed) {
+                let subscribed = roster.items.iter().any(|item| item.jid == jid.to_bare() && item.subscription.has_from());
+                if !subscribed && jid.to_bare() != user {
+                    self.deliver_presence(presence.clone(), &jid).await;
+                }
+            }
+            if !own.iter().any(|route| route.jid == session.jid) {
+                // The client that went unavailable also sees its own unavailable presence.
+                let mut echo = presence.clone();
+                set_attr(&mut echo, "to", session.jid.to_string());
+                self.accept_delivery(session, echo);
+            }
+        }
+        if initial {
+            // Probes (section 4.3), answered from the registry for local contacts.
+            for item in roster.items.iter().filter(|item| item.subscription.has_to()) {
+                self.answer_probe_for(session, &item.jid).await;
+            }
+            // Subscription requests that waited for the user (section 3.1.3).
+            match self.store.subscription_requests(&user).await {
+                Ok(requests) => {
+                    for (_, stanza) in requests {
+                        if let Ok(mut request) = stanza.parse::<Element>() {
+                            set_attr(&mut request, "to", user.to_string());
+                            self.accept_delivery(session, request);
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%user, %error, "Subscription requests could not be read."),
+            }
+            if session.info.priority >= 0 {
+                self.flush_offline(session).await;
+            }
+        }
+    }
+
+    /// Sends the current presence of `contact`'s available sessions to the session.
+    async fn answer_probe_for(&self, session: &mut Session, contact: &BareJid) {
+        if !self.is_local(&Jid::from(contact.clone())) || self.blocks(&session.user(), &Jid::from(contact.clone())).await {
+            return;
+        }
+        for route in self.bus.routes(contact) {
+            if let Some(presence) = &route.info.presence {
+                let mut presence = Element::clone(presence);
+                set_attr(&mut presence, "from", route.jid.to_string());
+                set_attr(&mut presence, "to", session.jid.to_string());
+                self.accept_delivery(session, presence);
+            }
+        }
+    }
+
+    /// A client's explicit probe: answered if the user is subscribed to the contact.
+    async fn answer_probe(&self, session: &mut Session, contact: &BareJid) {
+        let subscribed = *contact == session.user()
+            || matches!(self.store.roster_item(&session.user(), contact).await, Ok(Some(item)) if item.subscription.has_to());
+        if subscribed {
+            self.answer_probe_for(session, contact).await;
+        }
+    }
+
+    /// Delivers a presence to an address of this domain, following section 8.5.
+    pub(crate) async fn deliver_presence(&self, mut presence: Element, to: &Jid) {
+        if !self.is_local(to) || to.node().is_none() {
+            return;
+        }
+        let user = to.to_bare();
+        if let Some(from) = stanza::from(&presence) {
+            if from.to_bare() != user && self.blocks(&user, &from).await {
+                return;
+            }
+        }
+        let routes = self.bus.routes(&user);
+        match to.try_as_full() {
+            Ok(full) => {
+                if let Some(route) = routes.iter().find(|route| route.jid == *full) {
+                    set_attr(&mut presence, "to", full.to_string());
+                    let _ = self.send_to(route, presence);
+                    return;
+                }
+                let kind = PresenceType::of(&presence).unwrap_or(PresenceType::Available);
+                if rules::presence_to_missing_full(kind) == PresenceFallback::Drop {
+                    return;
+                }
+                self.send_each(&rules::presence_to_bare(&routes), &presence);
+            }
+            Err(_) => self.send_each(&rules::presence_to_bare(&routes), &presence),
+        }
+    }
+
+    /// The subscription state of `user` towards `contact`.
+    async fn sub_state(&self, user: &BareJid, contact: &BareJid) -> (Option<RosterItem>, SubState) {
+        let item = self.store.roster_item(user, contact).await.unwrap_or_else(|error| {
+            tracing::warn!(%user, %error, "Roster item could not be read.");
+            None
+        });
+        let pending_in = match self.store.subscription_requests(user).await {
+            Ok(requests) => requests.iter().any(|(jid, _)| jid == contact),
+            Err(_) => false,
+        };
+        let state = SubState {
+            subscription: item.as_ref().map(|i| i.subscription).unwrap_or_default(),
+            ask: item.as_ref().is_some_and(|i| i.ask),
+            pending_in,
+            approved: item.as_ref().is_some_and(|i| i.approved),
+        };
+        (item, state)
+    }
+
+    /// Stores a new subscription state and pushes the roster item if it changed.
+    async fn save_sub_state(&self, user: &BareJid, contact: &BareJid, item: Option<RosterItem>, before: SubState, after: SubState) {
+        let item_changed =
+            (before.subscription, before.ask, before.approved) != (after.subscription, after.ask, after.approved);
+        if item_changed && (item.is_some() || after != SubState { pending_in: after.pending_in, ..SubState::default() }) {
+            let mut item = item.unwrap_or_else(|| RosterItem::new(contact.clone()));
+            item.subscription = after.subscription;
+            item.ask = after.ask;
+            item.approved = after.approved;
+            match self.store.put_roster_item(user, &item).await {
+                Ok(version) => self.push_roster_item(user, &item, version),
+                Err(error) => tracing::error!(%user, %contact, %error, "Roster item could not be stored."),
+            }
+        }
+        if before.pending_in && !after.pending_in {
+            if let Err(error) = self.store.remove_subscription_request(user, contact).await {
+                tracing::warn!(%user, %error, "Subscription request could not be removed.");
+            }
+        }
+    }
+
+    /// The user sends a subscription stanza (section 3, the user's server).
+    async fn subscription_outbound(&self, session: &mut Session, presence: Element, contact: &BareJid, kind: PresenceType) {
+        let user = session.user();
+        if *contact == user {
+            return;
+        }
+        let (item, before) = self.sub_state(&user, contact).await;
+        if item.is_none() && kind == PresenceType::Subscribe {
+            let count = self.store.roster(&user).await.map(|r| r.items.len()).unwrap_or(0);
+            if count >= self.config.max_roster_items {
+                let text = Some("Your roster is full.");
+                session.outbox.push(error_reply(&presence, ErrorCondition::RESOURCE_CONSTRAINT, text, None));
+                return;
+            }
+        }
+        let outcome = subscription::outbound(before, kind);
+        self.save_sub_state(&user, contact, item, before, outcome.next).await;
+        if !outcome.forward {
+            return;
+        }
+        // Section 3.1.2: stamped with both bare JIDs.
+        let mut forwarded = presence;
+        set_attr(&mut forwarded, "from", user.to_string());
+        set_attr(&mut forwarded, "to", contact.to_string());
+        self.subscription_inbound(forwarded, contact, &user, kind).await;
+        match kind {
+            PresenceType::Subscribed => self.send_current_presence(&user, contact).await,
+            PresenceType::Unsubscribed => self.send_unavailable_presence(&user, contact).await,
+            _ => {}
+        }
+    }
+
+    /// A subscription stanza from `sender` reaches `recipient` (section 3, the contact's server).
+    pub(crate) async fn subscription_inbound(&self, presence: Element, recipient: &BareJid, sender: &BareJid, kind: PresenceType) {
+        if !self.is_local(&Jid::from(recipient.clone())) {
+            return;
+        }
+        if !self.account_exists(recipient).await {
+            if kind == PresenceType::Subscribe {
+                // Section 3.1.3: an unknown contact answers with unsubscribed.
+                let reply = self.subscription_presence(recipient, sender, PresenceType::Unsubscribed);
+                Box::pin(self.subscription_inbound(reply, sender, recipient, PresenceType::Unsubscribed)).await;
+            }
+            return;
+        }
+        if self.blocks(recipient, &Jid::from(sender.clone())).await {
+            return;
+        }
+        let (item, before) = self.sub_state(recipient, sender).await;
+        let outcome = subscription::inbound(before, kind);
+        if kind == PresenceType::Subscribe && outcome.next.pending_in {
+            if let Err(error) = self.store.put_subscription_request(recipient, sender, &String::from(&presence)).await {
+                tracing::error!(%recipient, %error, "Subscription request could not be stored.");
+            }
+        }
+        self.save_sub_state(recipient, sender, item, before, outcome.next).await;
+        if outcome.deliver {
+            let routes = rules::presence_to_bare(&self.bus.routes(recipient));
+            self.send_each(&routes, &presence);
+        }
+        if let Some(reply_kind) = outcome.auto_reply {
+            let reply = self.subscription_presence(recipient, sender, reply_kind);
+            Box::pin(self.subscription_inbound(reply, sender, recipient, reply_kind)).await;
+            if reply_kind == PresenceType::Subscribed {
+                self.send_current_presence(recipient, sender).await;
+            }
+        }
+        if kind == PresenceType::Unsubscribe && outcome.deliver {
+            // Section 3.3.3: the contact no longer sees the recipient.
+            self.send_unavailable_presence(recipient, sender).await;
+        }
+    }
+
+    fn subscription_presence(&self, from: &BareJid, to: &BareJid, kind: PresenceType) -> Element {
+        let mut presence = stanza::stanza("presence", from.as_str(), to.as_str());
+        if let Some(value) = kind.as_attr() {
+            set_attr(&mut presence, "type", value);
+        }
+        presence
+    }
+
+    /// Sends the presence of every available session of `user` to `contact`.
+    async fn send_current_presence(&self, user: &BareJid, contact: &BareJid) {
+        for route in self.bus.routes(user) {
+            if let Some(presence) = &route.info.presence {
+                let mut presence = Element::clone(presence);
+                set_attr(&mut presence, "from", route.jid.to_string());
+                self.deliver_presence(presence, &Jid::from(contact.clone())).await;
+            }
+        }
+    }
+
+    /// Sends unavailable presence from every available session of `user` to `contact`.
+    pub(crate) async fn send_unavailable_presence(&self, user: &BareJid, contact: &BareJid) {
+        for route in self.bus.routes(user) {
+            if route.info.available() {
+                self.deliver_presence(unavailable_from(route.jid.as_str()), &Jid::from(contact.clone())).await;
+            }
+        }
+    }
+
+    /// Makes `contact` see `user` as gone, whatever the subscription (blocking).
+    pub async fn hide_presence(&self, user: &BareJid, contact: &Jid) {
+        for route in self.bus.routes(user) {
+            if route.info.available() {
+                let mut presence = unavailable_from(route.jid.as_str());
+                set_attr(&mut presence, "to", contact.to_string());
+                // Delivered without the blocking check: it is the last thing the contact sees.
+                let contact_routes = self.bus.routes(&contact.to_bare());
+                self.send_each(&rules::presence_to_bare(&contact_routes), &presence);
+            }
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The router's view of one bound client session.
+
+use std::collections::HashSet;
+
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use rookery_cluster::{Mailbox, RouteInfo, SessionId};
+
+/// A bound session: what routing knows and keeps about one connected resource.
+///
+/// The session task owns it; the router reads and updates it while handling
+/// the session's stanzas and deliveries.
+#[derive(Debug)]
+pub struct Session {
+    /// The bound full JID.
+    pub jid: FullJid,
+    /// This session instance.
+    pub id: SessionId,
+    /// Routing state, mirrored in the bus.
+    pub info: RouteInfo,
+    /// Entities that got directed presence and must get unavailable at the end (RFC 6121 4.6).
+    pub directed: HashSet<Jid>,
+    /// XEP-0352: the client said it is inactive.
+    pub inactive: bool,
+    /// Presence held back while inactive, oldest first, one per sender.
+    pub held: Vec<Element>,
+    /// The client fetched the block list, so it gets block list pushes.
+    pub blocklist_requested: bool,
+    /// Stanzas for the client, written out by the session task after each step.
+    pub outbox: Vec<Element>,
+    /// The session's own mailbox (its route in the bus).
+    pub mailbox: Mailbox,
+}
+
+impl Session {
+    /// A freshly bound session.
+    pub fn new(jid: FullJid, id: SessionId, mailbox: Mailbox) -> Self {
+        Session {
+            jid,
+            id,
+            info: RouteInfo::default(),
+            directed: HashSet::new(),
+            inactive: false,
+            held: Vec::new(),
+            blocklist_requested: false,
+            outbox: Vec::new(),
+            mailbox,
+        }
+    }
+
+    /// The account of the session.
+    pub fn user(&self) -> BareJid {
+        self.jid.to_bare()
+    }
+
+    /// Takes the stanzas waiting for the client.
+    pub fn take_outbox(&mut self) -> Vec<Element> {
+        std::mem::take(&mut self.outbox)
+    }
+}
