@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_stream::SmState;
+use rookery_stream::{Condition, SmState};
 use tokio::sync::{mpsc, oneshot};
 
 mod local;
@@ -97,12 +97,12 @@ impl Mailbox {
 pub enum Mail {
     /// A stanza for the client.
     Stanza(Box<Element>),
-    /// A newer login bound the same full JID: end with a `conflict` stream error.
-    Conflict,
+    /// End the stream with this error: `conflict` when a newer login bound the
+    /// same full JID, `system-shutdown` when the server stops, `not-authorized`
+    /// when the account was removed.
+    Close(Condition),
     /// A resuming connection takes the session over (XEP-0198).
     Takeover(oneshot::Sender<SessionSnapshot>),
-    /// The server is going down: close with `system-shutdown`.
-    Shutdown,
 }
 
 /// The state of a session that moves to a resuming connection.
@@ -141,7 +141,12 @@ pub trait Bus: Send + Sync {
     /// is replaced, and its route is returned so the caller can end it with `conflict`.
     async fn bind(&self, route: Route) -> Result<Option<Route>, BusError>;
     /// Updates the routing state of a bound session.
-    async fn update(&self, jid: &FullJid, session: SessionId, info: RouteInfo) -> Result<(), BusError>;
+    async fn update(
+        &self,
+        jid: &FullJid,
+        session: SessionId,
+        info: RouteInfo,
+    ) -> Result<(), BusError>;
     /// Removes a session if it is still the one registered under its JID.
     async fn unbind(&self, jid: &FullJid, session: SessionId) -> Result<(), BusError>;
     /// All sessions of a user.
@@ -151,7 +156,12 @@ pub trait Bus: Send + Sync {
     /// Delivers mail to a session; gives it back if the session is gone.
     fn send(&self, route: &Route, mail: Mail) -> Result<(), Mail>;
     /// Makes a session resumable under `id`.
-    async fn register_resumable(&self, id: &str, jid: &FullJid, session: SessionId) -> Result<(), BusError>;
+    async fn register_resumable(
+        &self,
+        id: &str,
+        jid: &FullJid,
+        session: SessionId,
+    ) -> Result<(), BusError>;
     /// Forgets a resumption id.
     async fn unregister_resumable(&self, id: &str) -> Result<(), BusError>;
     /// The session resumable under `id`, if it is still registered.

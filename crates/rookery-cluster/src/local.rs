@@ -37,10 +37,18 @@ impl Bus for LocalBus {
         Ok(replaced.map(Arc::unwrap_or_clone))
     }
 
-    async fn update(&self, jid: &FullJid, session: SessionId, info: RouteInfo) -> Result<(), BusError> {
+    async fn update(
+        &self,
+        jid: &FullJid,
+        session: SessionId,
+        info: RouteInfo,
+    ) -> Result<(), BusError> {
         let mut users = self.users.write().expect("bus lock");
         if let Some(routes) = users.get_mut(&jid.to_bare()) {
-            if let Some(route) = routes.iter_mut().find(|route| route.jid == *jid && route.session == session) {
+            if let Some(route) = routes
+                .iter_mut()
+                .find(|route| route.jid == *jid && route.session == session)
+            {
                 let mut updated = Route::clone(route);
                 updated.info = info;
                 *route = Arc::new(updated);
@@ -62,20 +70,37 @@ impl Bus for LocalBus {
     }
 
     fn routes(&self, user: &BareJid) -> Vec<Arc<Route>> {
-        self.users.read().expect("bus lock").get(user).cloned().unwrap_or_default()
+        self.users
+            .read()
+            .expect("bus lock")
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn route(&self, jid: &FullJid) -> Option<Arc<Route>> {
         let users = self.users.read().expect("bus lock");
-        users.get(&jid.to_bare())?.iter().find(|route| route.jid == *jid).cloned()
+        users
+            .get(&jid.to_bare())?
+            .iter()
+            .find(|route| route.jid == *jid)
+            .cloned()
     }
 
     fn send(&self, route: &Route, mail: Mail) -> Result<(), Mail> {
         route.mailbox.send(mail)
     }
 
-    async fn register_resumable(&self, id: &str, jid: &FullJid, session: SessionId) -> Result<(), BusError> {
-        self.resumable.write().expect("bus lock").insert(id.to_owned(), (jid.clone(), session));
+    async fn register_resumable(
+        &self,
+        id: &str,
+        jid: &FullJid,
+        session: SessionId,
+    ) -> Result<(), BusError> {
+        self.resumable
+            .write()
+            .expect("bus lock")
+            .insert(id.to_owned(), (jid.clone(), session));
         Ok(())
     }
 
@@ -90,11 +115,22 @@ impl Bus for LocalBus {
     }
 
     fn local_sessions(&self) -> usize {
-        self.users.read().expect("bus lock").values().map(Vec::len).sum()
+        self.users
+            .read()
+            .expect("bus lock")
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     fn local_routes(&self) -> Vec<Arc<Route>> {
-        self.users.read().expect("bus lock").values().flatten().cloned().collect()
+        self.users
+            .read()
+            .expect("bus lock")
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
     }
 }
 

@@ -13,12 +13,14 @@ use crate::Router;
 /// JID item every resource of it, a domain item everything at the domain, a
 /// domain/resource item only itself.
 pub fn is_blocked(blocklist: &[Jid], jid: &Jid) -> bool {
-    blocklist.iter().any(|item| match (item.node(), item.resource()) {
-        (Some(_), Some(_)) => item == jid,
-        (Some(node), None) => jid.node() == Some(node) && jid.domain() == item.domain(),
-        (None, Some(_)) => item == jid,
-        (None, None) => jid.domain() == item.domain(),
-    })
+    blocklist
+        .iter()
+        .any(|item| match (item.node(), item.resource()) {
+            (Some(_), Some(_)) => item == jid,
+            (Some(node), None) => jid.node() == Some(node) && jid.domain() == item.domain(),
+            (None, Some(_)) => item == jid,
+            (None, None) => jid.domain() == item.domain(),
+        })
 }
 
 /// Block lists of accounts with local sessions.
@@ -33,7 +35,10 @@ impl BlocklistCache {
     }
 
     fn set(&self, user: &BareJid, list: Vec<Jid>) {
-        self.lists.write().expect("cache lock").insert(user.clone(), list.into());
+        self.lists
+            .write()
+            .expect("cache lock")
+            .insert(user.clone(), list.into());
     }
 
     pub(crate) fn forget(&self, user: &BareJid) {
@@ -91,7 +96,12 @@ mod tests {
 
     #[test]
     fn jid_matching_follows_xep_0016() {
-        let list = jids(&["bob@example.org", "carol@example.org/phone", "evil.example", "example.net/bot"]);
+        let list = jids(&[
+            "bob@example.org",
+            "carol@example.org/phone",
+            "evil.example",
+            "example.net/bot",
+        ]);
         let cases = [
             ("bob@example.org", true),
             ("bob@example.org/any", true),
@@ -107,7 +117,11 @@ mod tests {
             ("user@example.net/bot", false),
         ];
         for (jid, expected) in cases {
-            assert_eq!(is_blocked(&list, &Jid::new(jid).unwrap()), expected, "{jid}");
+            assert_eq!(
+                is_blocked(&list, &Jid::new(jid).unwrap()),
+                expected,
+                "{jid}"
+            );
         }
         assert!(!is_blocked(&[], &Jid::new("bob@example.org").unwrap()));
     }

@@ -7,19 +7,37 @@ use rookery_stream::ns;
 use crate::stanza::PresenceType;
 use crate::{Router, Session};
 
+/// A server-generated XEP-0191 block list push.
+fn is_blocklist_push(stanza: &Element) -> bool {
+    stanza.is("iq", ns::CLIENT)
+        && stanza.attr("from").is_none()
+        && stanza
+            .children()
+            .any(|child| child.has_ns(crate::namespaces::BLOCKING))
+}
+
 /// True for presence an inactive client can do without for a while.
 fn holdable(stanza: &Element) -> bool {
     stanza.is("presence", ns::CLIENT)
-        && matches!(PresenceType::of(stanza), Some(PresenceType::Available | PresenceType::Unavailable))
+        && matches!(
+            PresenceType::of(stanza),
+            Some(PresenceType::Available | PresenceType::Unavailable)
+        )
 }
 
 impl Router {
     /// Takes a stanza delivered to the session into its outbox, or holds it while inactive.
     pub fn accept_delivery(&self, session: &mut Session, stanza: Element) {
+        if is_blocklist_push(&stanza) && !session.blocklist_requested {
+            // XEP-0191: pushes go only to clients that fetched the block list.
+            return;
+        }
         if session.inactive && holdable(&stanza) {
             // Only the latest presence of each sender matters.
             let from = stanza.attr("from").map(str::to_owned);
-            session.held.retain(|held| held.attr("from").map(str::to_owned) != from);
+            session
+                .held
+                .retain(|held| held.attr("from").map(str::to_owned) != from);
             session.held.push(stanza);
             if session.held.len() > self.config.csi_hold_limit {
                 self.flush_held(session);

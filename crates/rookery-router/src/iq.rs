@@ -17,18 +17,30 @@ impl Router {
             Some("result" | "error") => None,
             _ => {
                 let text = Some("The iq 'type' must be get, set, result or error.");
-                return session.outbox.push(error_reply(&iq, ErrorCondition::BAD_REQUEST, text, None));
+                return session.outbox.push(error_reply(
+                    &iq,
+                    ErrorCondition::BAD_REQUEST,
+                    text,
+                    None,
+                ));
             }
         };
         if iq_type.is_some() && (iq.attr("id").is_none() || iq.children().count() != 1) {
             let text = Some("A request needs an 'id' and exactly one payload.");
-            return session.outbox.push(error_reply(&iq, ErrorCondition::BAD_REQUEST, text, None));
+            return session
+                .outbox
+                .push(error_reply(&iq, ErrorCondition::BAD_REQUEST, text, None));
         }
         let target = match &to {
             None => IqTarget::Account(session.user()),
             Some(to) if !self.is_local(to) => {
                 if iq_type.is_some() {
-                    session.outbox.push(error_reply(&iq, ErrorCondition::REMOTE_SERVER_NOT_FOUND, None, None));
+                    session.outbox.push(error_reply(
+                        &iq,
+                        ErrorCondition::REMOTE_SERVER_NOT_FOUND,
+                        None,
+                        None,
+                    ));
                 }
                 return;
             }
@@ -36,7 +48,12 @@ impl Router {
                 (None, Err(_)) => IqTarget::Server,
                 (None, Ok(_)) => {
                     if iq_type.is_some() {
-                        session.outbox.push(error_reply(&iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None));
+                        session.outbox.push(error_reply(
+                            &iq,
+                            ErrorCondition::SERVICE_UNAVAILABLE,
+                            None,
+                            None,
+                        ));
                     }
                     return;
                 }
@@ -53,20 +70,39 @@ impl Router {
             if *account != session.user() {
                 let blocked = self.blocks(account, &Jid::from(session.jid.clone())).await;
                 if blocked || !self.account_exists(account).await {
-                    return session.outbox.push(error_reply(&iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None));
+                    return session.outbox.push(error_reply(
+                        &iq,
+                        ErrorCondition::SERVICE_UNAVAILABLE,
+                        None,
+                        None,
+                    ));
                 }
             }
         }
         let payload = iq.children().next().expect("checked above").clone();
-        let reply = self.dispatch_iq(session, &iq, &payload, iq_type, target).await;
+        let reply = self
+            .dispatch_iq(session, &iq, &payload, iq_type, target)
+            .await;
         session.outbox.push(reply);
     }
 
-    async fn dispatch_iq(&self, session: &mut Session, iq: &Element, payload: &Element, iq_type: IqType, target: IqTarget) -> Element {
+    async fn dispatch_iq(
+        &self,
+        session: &mut Session,
+        iq: &Element,
+        payload: &Element,
+        iq_type: IqType,
+        target: IqTarget,
+    ) -> Element {
         let own = target == IqTarget::Account(session.user());
         if payload.is("query", namespaces::ROSTER) {
             if !own {
-                return error_reply(iq, ErrorCondition::FORBIDDEN, Some("A roster belongs to its owner."), None);
+                return error_reply(
+                    iq,
+                    ErrorCondition::FORBIDDEN,
+                    Some("A roster belongs to its owner."),
+                    None,
+                );
             }
             return self.handle_roster_iq(session, iq, payload, iq_type).await;
         }
@@ -75,9 +111,21 @@ impl Router {
             return iq_result(iq, None);
         }
         if payload.is("bind", ns::BIND) {
-            return error_reply(iq, ErrorCondition::NOT_ALLOWED, Some("A resource is already bound."), None);
+            return error_reply(
+                iq,
+                ErrorCondition::NOT_ALLOWED,
+                Some("A resource is already bound."),
+                None,
+            );
         }
-        let mut cx = IqContext { router: self, session, iq, payload, iq_type, target };
+        let mut cx = IqContext {
+            router: self,
+            session,
+            iq,
+            payload,
+            iq_type,
+            target,
+        };
         for extension in &self.extensions {
             if let Some(reply) = extension.handle_iq(&mut cx).await {
                 return reply;
@@ -87,11 +135,26 @@ impl Router {
     }
 
     /// An iq to a full JID goes to that session, or errors back (section 8.5.3.2.1).
-    async fn forward_iq(&self, session: &mut Session, iq: Element, to: &jid::FullJid, is_request: bool) {
+    async fn forward_iq(
+        &self,
+        session: &mut Session,
+        iq: Element,
+        to: &jid::FullJid,
+        is_request: bool,
+    ) {
         let recipient = to.to_bare();
-        if recipient != session.user() && self.blocks(&recipient, &Jid::from(session.jid.clone())).await {
+        if recipient != session.user()
+            && self
+                .blocks(&recipient, &Jid::from(session.jid.clone()))
+                .await
+        {
             if is_request {
-                session.outbox.push(error_reply(&iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None));
+                session.outbox.push(error_reply(
+                    &iq,
+                    ErrorCondition::SERVICE_UNAVAILABLE,
+                    None,
+                    None,
+                ));
             }
             return;
         }
@@ -102,7 +165,12 @@ impl Router {
         if let Err(returned) = delivered {
             if is_request {
                 let iq = returned.unwrap_or_else(|| Element::bare("iq", ns::CLIENT));
-                session.outbox.push(error_reply(&iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None));
+                session.outbox.push(error_reply(
+                    &iq,
+                    ErrorCondition::SERVICE_UNAVAILABLE,
+                    None,
+                    None,
+                ));
             }
         }
     }

@@ -77,7 +77,12 @@ pub struct RouterConfig {
 impl RouterConfig {
     /// Defaults for `domain`.
     pub fn new(domain: impl Into<String>) -> Self {
-        RouterConfig { domain: domain.into(), offline_limit: 1000, max_roster_items: 2000, csi_hold_limit: 200 }
+        RouterConfig {
+            domain: domain.into(),
+            offline_limit: 1000,
+            max_roster_items: 2000,
+            csi_hold_limit: 200,
+        }
     }
 }
 
@@ -103,13 +108,17 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router").field("domain", &self.config.domain).finish_non_exhaustive()
+        f.debug_struct("Router")
+            .field("domain", &self.config.domain)
+            .finish_non_exhaustive()
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// XEP-0082 date-time for unix milliseconds.
@@ -169,7 +178,6 @@ impl Router {
             namespaces::ROSTER,
             namespaces::CARBONS,
             namespaces::BLOCKING,
-            "urn:xmpp:sid:0",
             "msgoffline",
             "jabber:iq:roster",
             "urn:xmpp:sm:3",
@@ -222,12 +230,19 @@ impl Router {
     /// Binds a session for `user`, at `requested` or at a server-made resource.
     ///
     /// A session already bound at the same full JID is told to end with `conflict`.
-    pub async fn bind(&self, user: &BareJid, requested: Option<FullJid>, mailbox: Mailbox) -> Result<Session, BindError> {
+    pub async fn bind(
+        &self,
+        user: &BareJid,
+        requested: Option<FullJid>,
+        mailbox: Mailbox,
+    ) -> Result<Session, BindError> {
         let jid = match requested {
             Some(jid) => jid,
             None => loop {
                 let resource = format!("rookery-{}", rookery_stream::random_id());
-                let jid = user.with_resource_str(&resource).expect("generated resources are valid");
+                let jid = user
+                    .with_resource_str(&resource)
+                    .expect("generated resources are valid");
                 if self.bus.route(&jid).is_none() {
                     break jid;
                 }
@@ -235,11 +250,24 @@ impl Router {
         };
         self.load_blocklist(user).await;
         let session = Session::new(jid, SessionId::next(), mailbox);
-        let route = Route { jid: session.jid.clone(), session: session.id, info: RouteInfo::default(), mailbox: session.mailbox.clone() };
-        let replaced = self.bus.bind(route).await.map_err(|_| BindError::Unavailable)?;
+        let route = Route {
+            jid: session.jid.clone(),
+            session: session.id,
+            info: RouteInfo::default(),
+            mailbox: session.mailbox.clone(),
+        };
+        let replaced = self
+            .bus
+            .bind(route)
+            .await
+            .map_err(|_| BindError::Unavailable)?;
         if let Some(replaced) = replaced {
             tracing::info!(jid = %session.jid, "Replacing an older session with the same resource.");
-            if replaced.mailbox.send(Mail::Conflict).is_err() {
+            if replaced
+                .mailbox
+                .send(Mail::Close(rookery_stream::Condition::Conflict))
+                .is_err()
+            {
                 tracing::debug!(jid = %session.jid, "The replaced session was already gone.");
             }
         }
@@ -259,7 +287,11 @@ impl Router {
 
     /// Makes the session resumable under `id` (XEP-0198).
     pub async fn register_resumable(&self, session: &Session, id: &str) {
-        if let Err(error) = self.bus.register_resumable(id, &session.jid, session.id).await {
+        if let Err(error) = self
+            .bus
+            .register_resumable(id, &session.jid, session.id)
+            .await
+        {
             tracing::warn!(jid = %session.jid, %error, "Session could not be made resumable.");
         }
     }
@@ -279,12 +311,18 @@ impl Router {
     /// acknowledge rerouted (other resources, offline storage, or an error to
     /// the sender) so that nothing is silently dropped.
     pub async fn end_session(&self, mut session: Session, undelivered: Vec<Element>) {
-        let status = session.info.presence.as_ref().and_then(|p| p.get_child("status", ns::CLIENT)).map(Element::text);
-        if session.info.available() {
+        let status = session
+            .info
+            .presence
+            .as_ref()
+            .and_then(|p| p.get_child("status", ns::CLIENT))
+            .map(Element::text);
+        if session.info.available() && !session.replaced {
             let mut unavailable = Element::bare("presence", ns::CLIENT);
             set_attr(&mut unavailable, "type", "unavailable");
             set_attr(&mut unavailable, "from", session.jid.to_string());
-            self.handle_broadcast_presence(&mut session, unavailable).await;
+            self.handle_broadcast_presence(&mut session, unavailable)
+                .await;
         }
         if let Err(error) = self.bus.unbind(&session.jid, session.id).await {
             tracing::warn!(jid = %session.jid, %error, "Session could not be unbound.");
@@ -292,7 +330,10 @@ impl Router {
         if self.bus.routes(&session.user()).is_empty() {
             self.blocklists.forget(&session.user());
         }
-        let last = LastActivity { at: unix_millis() / 1000, status };
+        let last = LastActivity {
+            at: unix_millis() / 1000,
+            status,
+        };
         if let Err(error) = self.store.set_last_activity(&session.user(), &last).await {
             tracing::warn!(jid = %session.jid, %error, "Last activity could not be stored.");
         }
@@ -315,13 +356,16 @@ impl Router {
                     tracing::debug!(jid = %session.jid, "Dropping an undelivered error message.");
                     return;
                 }
-                self.route_to_user_except(stanza, &session.user(), Some(&session.jid)).await;
+                self.route_to_user_except(stanza, &session.user(), Some(&session.jid))
+                    .await;
             }
             Some(Kind::Iq) if !stanza::is_error_or_result(&stanza) => {
                 let error = error_reply(&stanza, ErrorCondition::RECIPIENT_UNAVAILABLE, None, None);
                 self.route(error).await;
             }
-            _ => tracing::debug!(jid = %session.jid, name = stanza.name(), "Dropping undelivered presence or iq response."),
+            _ => {
+                tracing::debug!(jid = %session.jid, name = stanza.name(), "Dropping undelivered presence or iq response.")
+            }
         }
     }
 
@@ -329,13 +373,21 @@ impl Router {
     async fn store_offline(&self, user: &BareJid, mut message: Element) -> Result<(), StoreError> {
         let stored_at = unix_millis();
         if message.get_child("delay", namespaces::DELAY).is_none() {
-            let mut delay = Element::builder("delay", namespaces::DELAY).append("Offline Storage").build();
+            let mut delay = Element::builder("delay", namespaces::DELAY)
+                .append("Offline Storage")
+                .build();
             set_attr(&mut delay, "from", self.config.domain.as_str());
             set_attr(&mut delay, "stamp", xmpp_datetime(stored_at));
             message.append_child(delay);
         }
         let stanza = String::from(&message);
-        self.store.push_offline(user, &OfflineMessage { stored_at, stanza }, self.config.offline_limit).await
+        self.store
+            .push_offline(
+                user,
+                &OfflineMessage { stored_at, stanza },
+                self.config.offline_limit,
+            )
+            .await
     }
 
     // ---- stanzas from a client ----------------------------------------------------------
@@ -346,7 +398,12 @@ impl Router {
             Ok(to) => to,
             Err(()) => {
                 if !stanza::is_error_or_result(&stanza) {
-                    session.outbox.push(error_reply(&stanza, ErrorCondition::JID_MALFORMED, None, None));
+                    session.outbox.push(error_reply(
+                        &stanza,
+                        ErrorCondition::JID_MALFORMED,
+                        None,
+                        None,
+                    ));
                 }
                 return;
             }
@@ -374,13 +431,20 @@ impl Router {
             return;
         }
         let blocked = Element::bare("blocked", namespaces::BLOCKING_ERRORS);
-        session.outbox.push(error_reply(stanza, ErrorCondition::NOT_ACCEPTABLE, None, Some(blocked)));
+        session.outbox.push(error_reply(
+            stanza,
+            ErrorCondition::NOT_ACCEPTABLE,
+            None,
+            Some(blocked),
+        ));
     }
 
     /// Routes a stanza that does not come from a session's own processing
     /// (errors, server-generated stanzas): by its `to`.
     pub async fn route(&self, stanza: Element) {
-        let Ok(Some(to)) = stanza::to(&stanza) else { return };
+        let Ok(Some(to)) = stanza::to(&stanza) else {
+            return;
+        };
         if !self.is_local(&to) || to.node().is_none() {
             return;
         }
@@ -400,10 +464,12 @@ impl Router {
 
     /// Sends a stanza to one session; on failure the stanza is handed back.
     fn send_to(&self, route: &Route, stanza: Element) -> Result<(), Element> {
-        self.bus.send(route, Mail::Stanza(Box::new(stanza))).map_err(|mail| match mail {
-            Mail::Stanza(stanza) => *stanza,
-            _ => unreachable!("the bus gives back what it was given"),
-        })
+        self.bus
+            .send(route, Mail::Stanza(Box::new(stanza)))
+            .map_err(|mail| match mail {
+                Mail::Stanza(stanza) => *stanza,
+                _ => unreachable!("the bus gives back what it was given"),
+            })
     }
 
     /// Sends a copy of `stanza` to each route with `to` set to the route's JID.
@@ -419,7 +485,12 @@ impl Router {
 
     /// Pushes `stanza` (an iq set) to every interested resource of `user`.
     pub fn push_to_interested(&self, user: &BareJid, stanza: &Element) {
-        let routes: Vec<_> = self.bus.routes(user).into_iter().filter(|route| route.info.interested).collect();
+        let routes: Vec<_> = self
+            .bus
+            .routes(user)
+            .into_iter()
+            .filter(|route| route.info.interested)
+            .collect();
         self.send_each(&routes, stanza);
     }
 
@@ -430,8 +501,19 @@ impl Router {
 
     /// Updates the session's routing state in the bus.
     pub async fn publish_route_info(&self, session: &Session) {
-        if let Err(error) = self.bus.update(&session.jid, session.id, session.info.clone()).await {
+        if let Err(error) = self
+            .bus
+            .update(&session.jid, session.id, session.info.clone())
+            .await
+        {
             tracing::warn!(jid = %session.jid, %error, "Routing state could not be published.");
+        }
+    }
+
+    /// Tells every session of `user` to end with `condition`.
+    pub fn close_sessions(&self, user: &BareJid, condition: rookery_stream::Condition) {
+        for route in self.bus.routes(user) {
+            let _ = self.bus.send(&route, Mail::Close(condition));
         }
     }
 

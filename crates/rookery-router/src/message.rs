@@ -16,7 +16,8 @@ use crate::{Router, Session, namespaces};
 
 /// True for a carbon copy (a `<sent/>` or `<received/>` wrapper).
 pub(crate) fn is_carbon_copy(message: &Element) -> bool {
-    message.has_child("sent", namespaces::CARBONS) || message.has_child("received", namespaces::CARBONS)
+    message.has_child("sent", namespaces::CARBONS)
+        || message.has_child("received", namespaces::CARBONS)
 }
 
 /// XEP-0280 section 6: which messages are copied.
@@ -38,22 +39,38 @@ fn carbon(direction: &str, user: &BareJid, to: &FullJid, message: &Element) -> E
     if let Some(message_type) = message.attr("type") {
         set_attr(&mut wrapper, "type", message_type);
     }
-    let forwarded = Element::builder("forwarded", namespaces::FORWARD).append(message.clone()).build();
-    wrapper.append_child(Element::builder(direction, namespaces::CARBONS).append(forwarded).build());
+    let forwarded = Element::builder("forwarded", namespaces::FORWARD)
+        .append(message.clone())
+        .build();
+    wrapper.append_child(
+        Element::builder(direction, namespaces::CARBONS)
+            .append(forwarded)
+            .build(),
+    );
     wrapper
 }
 
 impl Router {
     /// A message from the session's client.
-    pub(crate) async fn handle_message(&self, session: &mut Session, message: Element, to: Option<Jid>) {
+    pub(crate) async fn handle_message(
+        &self,
+        session: &mut Session,
+        message: Element,
+        to: Option<Jid>,
+    ) {
         // RFC 6120 section 10.3: no `to` means the sender's own bare JID.
         let to = to.unwrap_or_else(|| Jid::from(session.user()));
         let message_type = MessageType::of(&message);
         if to.node().is_none() || !self.is_local(&to) {
             if message_type != MessageType::Error && message_type != MessageType::Headline {
-                let error =
-                    if self.is_local(&to) { ErrorCondition::SERVICE_UNAVAILABLE } else { ErrorCondition::REMOTE_SERVER_NOT_FOUND };
-                session.outbox.push(error_reply(&message, error, None, None));
+                let error = if self.is_local(&to) {
+                    ErrorCondition::SERVICE_UNAVAILABLE
+                } else {
+                    ErrorCondition::REMOTE_SERVER_NOT_FOUND
+                };
+                session
+                    .outbox
+                    .push(error_reply(&message, error, None, None));
             }
             return;
         }
@@ -65,7 +82,10 @@ impl Router {
             // except any that received the message itself.
             let user = session.user();
             for route in self.bus.routes(&user) {
-                if route.info.carbons && route.jid != session.jid && Jid::from(route.jid.clone()) != to {
+                if route.info.carbons
+                    && route.jid != session.jid
+                    && Jid::from(route.jid.clone()) != to
+                {
                     let _ = self.send_to(&route, carbon("sent", &user, &route.jid, &original));
                 }
             }
@@ -73,13 +93,19 @@ impl Router {
     }
 
     /// Routes a message to an account of this domain and sends received carbons.
-    pub(crate) async fn route_message_to(&self, message: Element, to: &Jid, sender: Option<&Session>) {
+    pub(crate) async fn route_message_to(
+        &self,
+        message: Element,
+        to: &Jid,
+        sender: Option<&Session>,
+    ) {
         let user = to.to_bare();
         if let Some(from) = crate::stanza::from(&message) {
             if from.to_bare() != user && self.blocks(&user, &from).await {
                 // XEP-0191 section 3.5: the blocked sender learns nothing more.
                 if MessageType::of(&message) != MessageType::Error {
-                    let error = error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
+                    let error =
+                        error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
                     self.reply(sender, error).await;
                 }
                 return;
@@ -91,11 +117,16 @@ impl Router {
             rules::message_to_nobody(message_type)
         } else {
             match to.try_as_full() {
-                Ok(full) => rules::message_to_full(message_type, routes.iter().find(|r| r.jid == *full), &routes),
+                Ok(full) => rules::message_to_full(
+                    message_type,
+                    routes.iter().find(|r| r.jid == *full),
+                    &routes,
+                ),
                 Err(_) => rules::message_to_bare(message_type, &routes),
             }
         };
-        self.apply_message_outcome(message, &user, outcome, &routes, sender).await;
+        self.apply_message_outcome(message, &user, outcome, &routes, sender)
+            .await;
     }
 
     async fn apply_message_outcome(
@@ -128,8 +159,12 @@ impl Router {
                 if eligible {
                     let sender_jid = sender.map(|s| &s.jid);
                     for route in routes {
-                        if route.info.carbons && !delivered.contains(&&route.jid) && sender_jid != Some(&route.jid) {
-                            let _ = self.send_to(route, carbon("received", user, &route.jid, &message));
+                        if route.info.carbons
+                            && !delivered.contains(&&route.jid)
+                            && sender_jid != Some(&route.jid)
+                        {
+                            let _ =
+                                self.send_to(route, carbon("received", user, &route.jid, &message));
                         }
                     }
                 }
@@ -144,16 +179,31 @@ impl Router {
     }
 
     /// Routes a message to `user` as if addressed to the bare JID, skipping `except`.
-    pub(crate) async fn route_to_user_except(&self, message: Element, user: &BareJid, except: Option<&FullJid>) {
+    pub(crate) async fn route_to_user_except(
+        &self,
+        message: Element,
+        user: &BareJid,
+        except: Option<&FullJid>,
+    ) {
         let excluded: Vec<FullJid> = except.into_iter().cloned().collect();
         self.route_to_user_excluding(message, user, &excluded).await;
     }
 
-    async fn route_to_user_excluding(&self, message: Element, user: &BareJid, excluded: &[FullJid]) {
+    async fn route_to_user_excluding(
+        &self,
+        message: Element,
+        user: &BareJid,
+        excluded: &[FullJid],
+    ) {
         if self.is_shutting_down() {
             return self.deliver_offline(user, message, None).await;
         }
-        let routes: Vec<_> = self.bus.routes(user).into_iter().filter(|r| !excluded.contains(&r.jid)).collect();
+        let routes: Vec<_> = self
+            .bus
+            .routes(user)
+            .into_iter()
+            .filter(|r| !excluded.contains(&r.jid))
+            .collect();
         let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
         // Boxed: a failed delivery may come back here once more.
         Box::pin(self.apply_message_outcome(message, user, outcome, &routes, None)).await;
@@ -169,8 +219,10 @@ impl Router {
             }
         };
         if MessageType::of(&message) != MessageType::Error {
-            let text = (error == ErrorCondition::SERVICE_UNAVAILABLE).then_some("The recipient's offline storage is full.");
-            self.reply(sender, error_reply(&message, error, text, None)).await;
+            let text = (error == ErrorCondition::SERVICE_UNAVAILABLE)
+                .then_some("The recipient's offline storage is full.");
+            self.reply(sender, error_reply(&message, error, text, None))
+                .await;
         }
     }
 
@@ -180,7 +232,9 @@ impl Router {
         match sender {
             Some(session) if reply.attr("to") == Some(session.jid.as_str()) => {
                 // The sender is handling its own stanza right now; its mailbox takes the reply.
-                let _ = session.mailbox.send(rookery_cluster::Mail::Stanza(Box::new(reply)));
+                let _ = session
+                    .mailbox
+                    .send(rookery_cluster::Mail::Stanza(Box::new(reply)));
             }
             _ => Box::pin(self.route(reply)).await,
         }
@@ -201,12 +255,16 @@ impl Router {
         let user = session.user();
         let messages = match self.store.take_offline(&user).await {
             Ok(messages) => messages,
-            Err(error) => return tracing::warn!(%user, %error, "Offline messages could not be read."),
+            Err(error) => {
+                return tracing::warn!(%user, %error, "Offline messages could not be read.");
+            }
         };
         for stored in messages {
             match stored.stanza.parse::<Element>() {
                 Ok(message) => self.accept_delivery(session, message),
-                Err(error) => tracing::error!(%user, %error, "Stored offline message is not valid XML."),
+                Err(error) => {
+                    tracing::error!(%user, %error, "Stored offline message is not valid XML.")
+                }
             }
         }
     }

@@ -15,7 +15,10 @@ use crate::{Router, Session, strip_to};
 
 /// Parses `<priority/>` (RFC 6121 section 4.7.2.3); absent or invalid is 0.
 fn priority(presence: &Element) -> i8 {
-    presence.get_child("priority", ns::CLIENT).and_then(|p| p.text().trim().parse().ok()).unwrap_or(0)
+    presence
+        .get_child("priority", ns::CLIENT)
+        .and_then(|p| p.text().trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// An unavailable presence from `from`.
@@ -28,9 +31,19 @@ fn unavailable_from(from: &str) -> Element {
 
 impl Router {
     /// A presence from the session's client.
-    pub(crate) async fn handle_presence(&self, session: &mut Session, presence: Element, to: Option<Jid>) {
+    pub(crate) async fn handle_presence(
+        &self,
+        session: &mut Session,
+        presence: Element,
+        to: Option<Jid>,
+    ) {
         let Some(kind) = PresenceType::of(&presence) else {
-            session.outbox.push(error_reply(&presence, ErrorCondition::BAD_REQUEST, Some("Unknown presence type."), None));
+            session.outbox.push(error_reply(
+                &presence,
+                ErrorCondition::BAD_REQUEST,
+                Some("Unknown presence type."),
+                None,
+            ));
             return;
         };
         match (to, kind) {
@@ -40,7 +53,12 @@ impl Router {
             (None, PresenceType::Error | PresenceType::Probe) => {}
             (None, _) => {
                 let text = Some("Subscription requests need a 'to' address.");
-                session.outbox.push(error_reply(&presence, ErrorCondition::BAD_REQUEST, text, None));
+                session.outbox.push(error_reply(
+                    &presence,
+                    ErrorCondition::BAD_REQUEST,
+                    text,
+                    None,
+                ));
             }
             (Some(to), PresenceType::Available | PresenceType::Unavailable) => {
                 if kind == PresenceType::Available {
@@ -52,12 +70,19 @@ impl Router {
             }
             (Some(to), PresenceType::Probe) => self.answer_probe(session, &to.to_bare()).await,
             (Some(to), PresenceType::Error) => self.deliver_presence(presence, &to).await,
-            (Some(to), kind) => self.subscription_outbound(session, presence, &to.to_bare(), kind).await,
+            (Some(to), kind) => {
+                self.subscription_outbound(session, presence, &to.to_bare(), kind)
+                    .await
+            }
         }
     }
 
     /// Initial, updated or unavailable presence: broadcast to subscribers and own resources.
-    pub(crate) async fn handle_broadcast_presence(&self, session: &mut Session, mut presence: Element) {
+    pub(crate) async fn handle_broadcast_presence(
+        &self,
+        session: &mut Session,
+        mut presence: Element,
+    ) {
         strip_to(&mut presence);
         let user = session.user();
         let available = presence.attr("type").is_none();
@@ -77,16 +102,29 @@ impl Router {
                 Default::default()
             }
         };
-        for item in roster.items.iter().filter(|item| item.subscription.has_from()) {
+        for item in roster
+            .items
+            .iter()
+            .filter(|item| item.subscription.has_from())
+        {
             if item.jid != user {
-                self.deliver_presence(presence.clone(), &Jid::from(item.jid.clone())).await;
+                self.deliver_presence(presence.clone(), &Jid::from(item.jid.clone()))
+                    .await;
             }
         }
-        let own: Vec<_> = self.bus.routes(&user).into_iter().filter(|route| route.info.available()).collect();
+        let own: Vec<_> = self
+            .bus
+            .routes(&user)
+            .into_iter()
+            .filter(|route| route.info.available())
+            .collect();
         self.send_each(&own, &presence);
         if !available {
             for jid in std::mem::take(&mut session.directed) {
-                let subscribed = roster.items.iter().any(|item| item.jid == jid.to_bare() && item.subscription.has_from());
+                let subscribed = roster
+                    .items
+                    .iter()
+                    .any(|item| item.jid == jid.to_bare() && item.subscription.has_from());
                 if !subscribed && jid.to_bare() != user {
                     self.deliver_presence(presence.clone(), &jid).await;
                 }
@@ -100,7 +138,11 @@ impl Router {
         }
         if initial {
             // Probes (section 4.3), answered from the registry for local contacts.
-            for item in roster.items.iter().filter(|item| item.subscription.has_to()) {
+            for item in roster
+                .items
+                .iter()
+                .filter(|item| item.subscription.has_to())
+            {
                 self.answer_probe_for(session, &item.jid).await;
             }
             // Subscription requests that waited for the user (section 3.1.3).
@@ -113,7 +155,9 @@ impl Router {
                         }
                     }
                 }
-                Err(error) => tracing::warn!(%user, %error, "Subscription requests could not be read."),
+                Err(error) => {
+                    tracing::warn!(%user, %error, "Subscription requests could not be read.")
+                }
             }
             if session.info.priority >= 0 {
                 self.flush_offline(session).await;
@@ -123,7 +167,11 @@ impl Router {
 
     /// Sends the current presence of `contact`'s available sessions to the session.
     async fn answer_probe_for(&self, session: &mut Session, contact: &BareJid) {
-        if !self.is_local(&Jid::from(contact.clone())) || self.blocks(&session.user(), &Jid::from(contact.clone())).await {
+        if !self.is_local(&Jid::from(contact.clone()))
+            || self
+                .blocks(&session.user(), &Jid::from(contact.clone()))
+                .await
+        {
             return;
         }
         for route in self.bus.routes(contact) {
@@ -176,10 +224,14 @@ impl Router {
 
     /// The subscription state of `user` towards `contact`.
     async fn sub_state(&self, user: &BareJid, contact: &BareJid) -> (Option<RosterItem>, SubState) {
-        let item = self.store.roster_item(user, contact).await.unwrap_or_else(|error| {
-            tracing::warn!(%user, %error, "Roster item could not be read.");
-            None
-        });
+        let item = self
+            .store
+            .roster_item(user, contact)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%user, %error, "Roster item could not be read.");
+                None
+            });
         let pending_in = match self.store.subscription_requests(user).await {
             Ok(requests) => requests.iter().any(|(jid, _)| jid == contact),
             Err(_) => false,
@@ -194,17 +246,33 @@ impl Router {
     }
 
     /// Stores a new subscription state and pushes the roster item if it changed.
-    async fn save_sub_state(&self, user: &BareJid, contact: &BareJid, item: Option<RosterItem>, before: SubState, after: SubState) {
-        let item_changed =
-            (before.subscription, before.ask, before.approved) != (after.subscription, after.ask, after.approved);
-        if item_changed && (item.is_some() || after != SubState { pending_in: after.pending_in, ..SubState::default() }) {
+    async fn save_sub_state(
+        &self,
+        user: &BareJid,
+        contact: &BareJid,
+        item: Option<RosterItem>,
+        before: SubState,
+        after: SubState,
+    ) {
+        let item_changed = (before.subscription, before.ask, before.approved)
+            != (after.subscription, after.ask, after.approved);
+        if item_changed
+            && (item.is_some()
+                || after
+                    != SubState {
+                        pending_in: after.pending_in,
+                        ..SubState::default()
+                    })
+        {
             let mut item = item.unwrap_or_else(|| RosterItem::new(contact.clone()));
             item.subscription = after.subscription;
             item.ask = after.ask;
             item.approved = after.approved;
             match self.store.put_roster_item(user, &item).await {
                 Ok(version) => self.push_roster_item(user, &item, version),
-                Err(error) => tracing::error!(%user, %contact, %error, "Roster item could not be stored."),
+                Err(error) => {
+                    tracing::error!(%user, %contact, %error, "Roster item could not be stored.")
+                }
             }
         }
         if before.pending_in && !after.pending_in {
@@ -215,22 +283,39 @@ impl Router {
     }
 
     /// The user sends a subscription stanza (section 3, the user's server).
-    async fn subscription_outbound(&self, session: &mut Session, presence: Element, contact: &BareJid, kind: PresenceType) {
+    async fn subscription_outbound(
+        &self,
+        session: &mut Session,
+        presence: Element,
+        contact: &BareJid,
+        kind: PresenceType,
+    ) {
         let user = session.user();
         if *contact == user {
             return;
         }
         let (item, before) = self.sub_state(&user, contact).await;
         if item.is_none() && kind == PresenceType::Subscribe {
-            let count = self.store.roster(&user).await.map(|r| r.items.len()).unwrap_or(0);
+            let count = self
+                .store
+                .roster(&user)
+                .await
+                .map(|r| r.items.len())
+                .unwrap_or(0);
             if count >= self.config.max_roster_items {
                 let text = Some("Your roster is full.");
-                session.outbox.push(error_reply(&presence, ErrorCondition::RESOURCE_CONSTRAINT, text, None));
+                session.outbox.push(error_reply(
+                    &presence,
+                    ErrorCondition::RESOURCE_CONSTRAINT,
+                    text,
+                    None,
+                ));
                 return;
             }
         }
         let outcome = subscription::outbound(before, kind);
-        self.save_sub_state(&user, contact, item, before, outcome.next).await;
+        self.save_sub_state(&user, contact, item, before, outcome.next)
+            .await;
         if !outcome.forward {
             return;
         }
@@ -238,7 +323,8 @@ impl Router {
         let mut forwarded = presence;
         set_attr(&mut forwarded, "from", user.to_string());
         set_attr(&mut forwarded, "to", contact.to_string());
-        self.subscription_inbound(forwarded, contact, &user, kind).await;
+        self.subscription_inbound(forwarded, contact, &user, kind)
+            .await;
         match kind {
             PresenceType::Subscribed => self.send_current_presence(&user, contact).await,
             PresenceType::Unsubscribed => self.send_unavailable_presence(&user, contact).await,
@@ -247,15 +333,28 @@ impl Router {
     }
 
     /// A subscription stanza from `sender` reaches `recipient` (section 3, the contact's server).
-    pub(crate) async fn subscription_inbound(&self, presence: Element, recipient: &BareJid, sender: &BareJid, kind: PresenceType) {
+    pub(crate) async fn subscription_inbound(
+        &self,
+        presence: Element,
+        recipient: &BareJid,
+        sender: &BareJid,
+        kind: PresenceType,
+    ) {
         if !self.is_local(&Jid::from(recipient.clone())) {
             return;
         }
         if !self.account_exists(recipient).await {
             if kind == PresenceType::Subscribe {
                 // Section 3.1.3: an unknown contact answers with unsubscribed.
-                let reply = self.subscription_presence(recipient, sender, PresenceType::Unsubscribed);
-                Box::pin(self.subscription_inbound(reply, sender, recipient, PresenceType::Unsubscribed)).await;
+                let reply =
+                    self.subscription_presence(recipient, sender, PresenceType::Unsubscribed);
+                Box::pin(self.subscription_inbound(
+                    reply,
+                    sender,
+                    recipient,
+                    PresenceType::Unsubscribed,
+                ))
+                .await;
             }
             return;
         }
@@ -265,11 +364,16 @@ impl Router {
         let (item, before) = self.sub_state(recipient, sender).await;
         let outcome = subscription::inbound(before, kind);
         if kind == PresenceType::Subscribe && outcome.next.pending_in {
-            if let Err(error) = self.store.put_subscription_request(recipient, sender, &String::from(&presence)).await {
+            if let Err(error) = self
+                .store
+                .put_subscription_request(recipient, sender, &String::from(&presence))
+                .await
+            {
                 tracing::error!(%recipient, %error, "Subscription request could not be stored.");
             }
         }
-        self.save_sub_state(recipient, sender, item, before, outcome.next).await;
+        self.save_sub_state(recipient, sender, item, before, outcome.next)
+            .await;
         if outcome.deliver {
             let routes = rules::presence_to_bare(&self.bus.routes(recipient));
             self.send_each(&routes, &presence);
@@ -301,7 +405,8 @@ impl Router {
             if let Some(presence) = &route.info.presence {
                 let mut presence = Element::clone(presence);
                 set_attr(&mut presence, "from", route.jid.to_string());
-                self.deliver_presence(presence, &Jid::from(contact.clone())).await;
+                self.deliver_presence(presence, &Jid::from(contact.clone()))
+                    .await;
             }
         }
     }
@@ -310,7 +415,11 @@ impl Router {
     pub(crate) async fn send_unavailable_presence(&self, user: &BareJid, contact: &BareJid) {
         for route in self.bus.routes(user) {
             if route.info.available() {
-                self.deliver_presence(unavailable_from(route.jid.as_str()), &Jid::from(contact.clone())).await;
+                self.deliver_presence(
+                    unavailable_from(route.jid.as_str()),
+                    &Jid::from(contact.clone()),
+                )
+                .await;
             }
         }
     }

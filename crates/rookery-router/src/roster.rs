@@ -23,17 +23,29 @@ pub(crate) fn item_element(item: &RosterItem) -> Element {
         set_attr(&mut element, "approved", "true");
     }
     for group in &item.groups {
-        element.append_child(Element::builder("group", namespaces::ROSTER).append(group.as_str()).build());
+        element.append_child(
+            Element::builder("group", namespaces::ROSTER)
+                .append(group.as_str())
+                .build(),
+        );
     }
     element
 }
 
 fn push(item: Element, version: i64) -> Element {
-    let mut query = Element::builder("query", namespaces::ROSTER).append(item).build();
+    let mut query = Element::builder("query", namespaces::ROSTER)
+        .append(item)
+        .build();
     set_attr(&mut query, "ver", version.to_string());
-    let mut iq = Element::builder("iq", rookery_stream::ns::CLIENT).append(query).build();
+    let mut iq = Element::builder("iq", rookery_stream::ns::CLIENT)
+        .append(query)
+        .build();
     set_attr(&mut iq, "type", "set");
-    set_attr(&mut iq, "id", format!("push-{}", rookery_stream::random_id()));
+    set_attr(
+        &mut iq,
+        "id",
+        format!("push-{}", rookery_stream::random_id()),
+    );
     iq
 }
 
@@ -51,7 +63,13 @@ impl Router {
     }
 
     /// A roster get or set from the session's client, addressed to its own account.
-    pub(crate) async fn handle_roster_iq(&self, session: &mut Session, iq: &Element, query: &Element, iq_type: IqType) -> Element {
+    pub(crate) async fn handle_roster_iq(
+        &self,
+        session: &mut Session,
+        iq: &Element,
+        query: &Element,
+        iq_type: IqType,
+    ) -> Element {
         let user = session.user();
         match iq_type {
             IqType::Get => {
@@ -82,30 +100,65 @@ impl Router {
         }
     }
 
-    async fn handle_roster_set(&self, session: &mut Session, iq: &Element, query: &Element) -> Element {
+    async fn handle_roster_set(
+        &self,
+        session: &mut Session,
+        iq: &Element,
+        query: &Element,
+    ) -> Element {
         let user = session.user();
-        let mut items = query.children().filter(|child| child.is("item", namespaces::ROSTER));
+        let mut items = query
+            .children()
+            .filter(|child| child.is("item", namespaces::ROSTER));
         let (Some(item), None) = (items.next(), items.next()) else {
-            return error_reply(iq, ErrorCondition::BAD_REQUEST, Some("A roster set holds exactly one item."), None);
+            return error_reply(
+                iq,
+                ErrorCondition::BAD_REQUEST,
+                Some("A roster set holds exactly one item."),
+                None,
+            );
         };
         let Some(contact) = item.attr("jid").and_then(|jid| Jid::new(jid).ok()) else {
-            return error_reply(iq, ErrorCondition::BAD_REQUEST, Some("The item needs a valid 'jid'."), None);
+            return error_reply(
+                iq,
+                ErrorCondition::BAD_REQUEST,
+                Some("The item needs a valid 'jid'."),
+                None,
+            );
         };
         if contact.resource().is_some() {
-            return error_reply(iq, ErrorCondition::BAD_REQUEST, Some("Roster items are bare JIDs."), None);
+            return error_reply(
+                iq,
+                ErrorCondition::BAD_REQUEST,
+                Some("Roster items are bare JIDs."),
+                None,
+            );
         }
         let contact = contact.to_bare();
         if item.attr("subscription") == Some("remove") {
             return self.remove_contact(session, iq, &contact).await;
         }
         let mut groups: Vec<String> = Vec::new();
-        for group in item.children().filter(|child| child.is("group", namespaces::ROSTER)) {
+        for group in item
+            .children()
+            .filter(|child| child.is("group", namespaces::ROSTER))
+        {
             let name = group.text();
             if name.is_empty() {
-                return error_reply(iq, ErrorCondition::NOT_ACCEPTABLE, Some("Group names cannot be empty."), None);
+                return error_reply(
+                    iq,
+                    ErrorCondition::NOT_ACCEPTABLE,
+                    Some("Group names cannot be empty."),
+                    None,
+                );
             }
             if groups.contains(&name) {
-                return error_reply(iq, ErrorCondition::BAD_REQUEST, Some("Duplicate group."), None);
+                return error_reply(
+                    iq,
+                    ErrorCondition::BAD_REQUEST,
+                    Some("Duplicate group."),
+                    None,
+                );
             }
             groups.push(name);
         }
@@ -117,14 +170,27 @@ impl Router {
             }
         };
         if existing.is_none() {
-            let count = self.store.roster(&user).await.map(|r| r.items.len()).unwrap_or(0);
+            let count = self
+                .store
+                .roster(&user)
+                .await
+                .map(|r| r.items.len())
+                .unwrap_or(0);
             if count >= self.config.max_roster_items {
-                return error_reply(iq, ErrorCondition::NOT_ALLOWED, Some("Your roster is full."), None);
+                return error_reply(
+                    iq,
+                    ErrorCondition::NOT_ALLOWED,
+                    Some("Your roster is full."),
+                    None,
+                );
             }
         }
         // The client sets name and groups; subscription state belongs to the server.
         let mut updated = existing.unwrap_or_else(|| RosterItem::new(contact));
-        updated.name = item.attr("name").filter(|n| !n.is_empty()).map(str::to_owned);
+        updated.name = item
+            .attr("name")
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
         updated.groups = groups;
         match self.store.put_roster_item(&user, &updated).await {
             Ok(version) => {
@@ -139,7 +205,12 @@ impl Router {
     }
 
     /// Section 2.5: removing a contact cancels subscriptions both ways first.
-    async fn remove_contact(&self, session: &mut Session, iq: &Element, contact: &BareJid) -> Element {
+    async fn remove_contact(
+        &self,
+        session: &mut Session,
+        iq: &Element,
+        contact: &BareJid,
+    ) -> Element {
         let user = session.user();
         let existing = match self.store.roster_item(&user, contact).await {
             Ok(Some(existing)) => existing,
@@ -154,12 +225,14 @@ impl Router {
             let presence = crate::stanza::stanza("presence", &from, contact.as_str());
             let mut presence = presence;
             set_attr(&mut presence, "type", "unsubscribe");
-            self.subscription_inbound(presence, contact, &user, PresenceType::Unsubscribe).await;
+            self.subscription_inbound(presence, contact, &user, PresenceType::Unsubscribe)
+                .await;
         }
         if existing.subscription.has_from() {
             let mut presence = crate::stanza::stanza("presence", &from, contact.as_str());
             set_attr(&mut presence, "type", "unsubscribed");
-            self.subscription_inbound(presence, contact, &user, PresenceType::Unsubscribed).await;
+            self.subscription_inbound(presence, contact, &user, PresenceType::Unsubscribed)
+                .await;
             self.send_unavailable_presence(&user, contact).await;
         }
         let _ = self.store.remove_subscription_request(&user, contact).await;

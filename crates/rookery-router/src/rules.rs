@@ -23,7 +23,9 @@ pub enum MessageOutcome {
 
 /// Available sessions with a non-negative priority.
 fn non_negative(routes: &[Arc<Route>]) -> impl Iterator<Item = &Arc<Route>> {
-    routes.iter().filter(|route| route.info.available() && route.info.priority >= 0)
+    routes
+        .iter()
+        .filter(|route| route.info.available() && route.info.priority >= 0)
 }
 
 /// A message to the bare JID of an existing account (section 8.5.2).
@@ -34,11 +36,20 @@ pub fn message_to_bare(message_type: MessageType, routes: &[Arc<Route>]) -> Mess
                 return MessageOutcome::Offline;
             };
             // The "most available" resources: every one at the highest priority.
-            MessageOutcome::Deliver(non_negative(routes).filter(|route| route.info.priority == top).cloned().collect())
+            MessageOutcome::Deliver(
+                non_negative(routes)
+                    .filter(|route| route.info.priority == top)
+                    .cloned()
+                    .collect(),
+            )
         }
         MessageType::Headline => {
             let targets: Vec<_> = non_negative(routes).cloned().collect();
-            if targets.is_empty() { MessageOutcome::Drop } else { MessageOutcome::Deliver(targets) }
+            if targets.is_empty() {
+                MessageOutcome::Drop
+            } else {
+                MessageOutcome::Deliver(targets)
+            }
         }
         MessageType::Groupchat => MessageOutcome::Bounce(ErrorCondition::SERVICE_UNAVAILABLE),
         MessageType::Error => MessageOutcome::Drop,
@@ -46,12 +57,18 @@ pub fn message_to_bare(message_type: MessageType, routes: &[Arc<Route>]) -> Mess
 }
 
 /// A message to a full JID of an existing account (section 8.5.3).
-pub fn message_to_full(message_type: MessageType, exact: Option<&Arc<Route>>, routes: &[Arc<Route>]) -> MessageOutcome {
+pub fn message_to_full(
+    message_type: MessageType,
+    exact: Option<&Arc<Route>>,
+    routes: &[Arc<Route>],
+) -> MessageOutcome {
     if let Some(route) = exact {
         return MessageOutcome::Deliver(vec![route.clone()]);
     }
     match message_type {
-        MessageType::Normal | MessageType::Chat | MessageType::Headline => message_to_bare(message_type, routes),
+        MessageType::Normal | MessageType::Chat | MessageType::Headline => {
+            message_to_bare(message_type, routes)
+        }
         MessageType::Groupchat => MessageOutcome::Bounce(ErrorCondition::SERVICE_UNAVAILABLE),
         MessageType::Error => MessageOutcome::Drop,
     }
@@ -67,12 +84,20 @@ pub fn message_to_nobody(message_type: MessageType) -> MessageOutcome {
 
 /// Sessions that receive a presence addressed to a bare JID: every available one (section 8.5.2.1.2).
 pub fn presence_to_bare(routes: &[Arc<Route>]) -> Vec<Arc<Route>> {
-    routes.iter().filter(|route| route.info.available()).cloned().collect()
+    routes
+        .iter()
+        .filter(|route| route.info.available())
+        .cloned()
+        .collect()
 }
 
 /// What happens to a presence addressed to a full JID with no such session (section 8.5.3.2.2).
 pub fn presence_to_missing_full(presence_type: PresenceType) -> PresenceFallback {
-    if presence_type.is_subscription() { PresenceFallback::AsBare } else { PresenceFallback::Drop }
+    if presence_type.is_subscription() {
+        PresenceFallback::AsBare
+    } else {
+        PresenceFallback::Drop
+    }
 }
 
 /// Outcome for a presence to a full JID that is not bound.

@@ -30,6 +30,9 @@ pub struct Session {
     pub outbox: Vec<Element>,
     /// The session's own mailbox (its route in the bus).
     pub mailbox: Mailbox,
+    /// A newer session took over the same full JID; this one ends without
+    /// broadcasting unavailable presence (the resource is still online).
+    pub replaced: bool,
 }
 
 impl Session {
@@ -45,6 +48,7 @@ impl Session {
             blocklist_requested: false,
             outbox: Vec::new(),
             mailbox,
+            replaced: false,
         }
     }
 

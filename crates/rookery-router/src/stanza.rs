@@ -100,7 +100,10 @@ impl PresenceType {
     pub fn is_subscription(self) -> bool {
         matches!(
             self,
-            PresenceType::Subscribe | PresenceType::Subscribed | PresenceType::Unsubscribe | PresenceType::Unsubscribed
+            PresenceType::Subscribe
+                | PresenceType::Subscribed
+                | PresenceType::Unsubscribe
+                | PresenceType::Unsubscribed
         )
     }
 
@@ -181,7 +184,12 @@ pub fn is_error_or_result(stanza: &Element) -> bool {
 /// Builds the error reply to `stanza`: addresses swapped, original payload kept
 /// for messages and presence (RFC 6120 section 8.3.1), optional `extra` child
 /// (an application-specific condition) and text.
-pub fn error_reply(stanza: &Element, error: ErrorCondition, text: Option<&str>, extra: Option<Element>) -> Element {
+pub fn error_reply(
+    stanza: &Element,
+    error: ErrorCondition,
+    text: Option<&str>,
+    extra: Option<Element>,
+) -> Element {
     let mut reply = Element::bare(stanza.name(), ns::CLIENT);
     if stanza.name() != "iq" {
         for child in stanza.children() {

@@ -39,7 +39,10 @@ pub struct Inbound {
 }
 
 fn with(subscription: Subscription, to: Option<bool>, from: Option<bool>) -> Subscription {
-    Subscription::from_flags(to.unwrap_or(subscription.has_to()), from.unwrap_or(subscription.has_from()))
+    Subscription::from_flags(
+        to.unwrap_or(subscription.has_to()),
+        from.unwrap_or(subscription.has_from()),
+    )
 }
 
 /// The user sends `kind` to the contact (appendix A.2).
@@ -124,7 +127,11 @@ pub fn inbound(state: SubState, kind: PresenceType) -> Inbound {
         }
         _ => {}
     }
-    Inbound { next, deliver, auto_reply }
+    Inbound {
+        next,
+        deliver,
+        auto_reply,
+    }
 }
 
 #[cfg(test)]

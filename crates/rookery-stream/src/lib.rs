@@ -18,9 +18,9 @@ pub mod xml;
 
 pub use sasl::{ScramHash, ScramKeys};
 pub use sm::SmState;
-pub use stream::{random_id, CloseReason, 
-    AuthMechanism, Framing, KeysAnswer, ServerStream, StreamConfig, StreamEvent, Timeouts,
-    TlsPolicy,
+pub use stream::{
+    AuthMechanism, CloseReason, Framing, KeysAnswer, ServerStream, StreamConfig, StreamEvent,
+    Timeouts, TlsPolicy, random_id,
 };
 pub use xml::Limits;
 

@@ -28,3 +28,5 @@ pub const REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
 pub const PING: &str = "urn:xmpp:ping";
 /// The XML namespace (`xml:lang`).
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
+/// XEP-0352 client state indication.
+pub const CSI: &str = "urn:xmpp:csi:0";

@@ -184,6 +184,11 @@ pub enum StreamEvent {
     PreAuthIq(Element),
     /// A stanza from the bound client, with `from` stamped.
     Stanza(Element),
+    /// XEP-0352 client state indication: the client became active or inactive.
+    ClientState {
+        /// True for `<inactive/>`.
+        inactive: bool,
+    },
     /// The stream is over; flush output and close the transport.
     Closed(CloseReason),
 }
@@ -1028,6 +1033,10 @@ impl ServerStream {
     fn handle_bound_element(&mut self, mut element: Element) {
         if element.has_ns(ns::SM) {
             return self.handle_sm(&element);
+        }
+        if element.has_ns(ns::CSI) && matches!(element.name(), "active" | "inactive") {
+            let inactive = element.name() == "inactive";
+            return self.events.push_back(StreamEvent::ClientState { inactive });
         }
         if !is_stanza(&element) {
             return self.reject_unknown(&element);

@@ -8,7 +8,10 @@ fn route(jid: &str, priority: i8) -> (Route, crate::Inbox) {
     let route = Route {
         jid: FullJid::new(jid).unwrap(),
         session: SessionId::next(),
-        info: RouteInfo { priority, ..RouteInfo::default() },
+        info: RouteInfo {
+            priority,
+            ..RouteInfo::default()
+        },
         mailbox,
     };
     (route, inbox)
@@ -22,9 +25,16 @@ async fn binding_the_same_full_jid_replaces_the_older_session() {
     assert!(bus.bind(phone.clone()).await.unwrap().is_none());
     assert!(bus.bind(laptop).await.unwrap().is_none());
     let (phone2, _phone2_inbox) = route("alice@localhost/phone", 5);
-    let replaced = bus.bind(phone2.clone()).await.unwrap().expect("the old phone session is replaced");
+    let replaced = bus
+        .bind(phone2.clone())
+        .await
+        .unwrap()
+        .expect("the old phone session is replaced");
     assert_eq!(replaced.session, phone.session);
-    assert_eq!(bus.routes(&BareJid::new("alice@localhost").unwrap()).len(), 2);
+    assert_eq!(
+        bus.routes(&BareJid::new("alice@localhost").unwrap()).len(),
+        2
+    );
     assert_eq!(bus.route(&phone.jid).unwrap().session, phone2.session);
     // The stale session's unbind does not remove the new one.
     bus.unbind(&phone.jid, phone.session).await.unwrap();
@@ -39,8 +49,14 @@ async fn updates_apply_only_to_the_current_session() {
     let bus = LocalBus::new();
     let (phone, _inbox) = route("alice@localhost/phone", 0);
     bus.bind(phone.clone()).await.unwrap();
-    let info = RouteInfo { priority: 7, carbons: true, ..RouteInfo::default() };
-    bus.update(&phone.jid, SessionId(u64::MAX), info.clone()).await.unwrap();
+    let info = RouteInfo {
+        priority: 7,
+        carbons: true,
+        ..RouteInfo::default()
+    };
+    bus.update(&phone.jid, SessionId(u64::MAX), info.clone())
+        .await
+        .unwrap();
     assert_eq!(bus.route(&phone.jid).unwrap().info.priority, 0);
     bus.update(&phone.jid, phone.session, info).await.unwrap();
     let current = bus.route(&phone.jid).unwrap();
@@ -52,10 +68,20 @@ async fn mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone() {
     let bus = LocalBus::new();
     let (phone, mut inbox) = route("alice@localhost/phone", 0);
     bus.bind(phone.clone()).await.unwrap();
-    bus.send(&phone, Mail::Conflict).unwrap();
-    assert!(matches!(inbox.recv().await, Some(Mail::Conflict)));
+    bus.send(&phone, Mail::Close(rookery_stream::Condition::Conflict))
+        .unwrap();
+    assert!(matches!(
+        inbox.recv().await,
+        Some(Mail::Close(rookery_stream::Condition::Conflict))
+    ));
     drop(inbox);
-    assert!(matches!(bus.send(&phone, Mail::Shutdown), Err(Mail::Shutdown)));
+    assert!(matches!(
+        bus.send(
+            &phone,
+            Mail::Close(rookery_stream::Condition::SystemShutdown)
+        ),
+        Err(Mail::Close(_))
+    ));
 }
 
 #[tokio::test]
@@ -63,11 +89,16 @@ async fn resumption_ids_point_at_the_live_session_only() {
     let bus = LocalBus::new();
     let (phone, _inbox) = route("alice@localhost/phone", 0);
     bus.bind(phone.clone()).await.unwrap();
-    bus.register_resumable("abc", &phone.jid, phone.session).await.unwrap();
+    bus.register_resumable("abc", &phone.jid, phone.session)
+        .await
+        .unwrap();
     assert_eq!(bus.resumable("abc").unwrap().session, phone.session);
     let (newer, _newer_inbox) = route("alice@localhost/phone", 0);
     bus.bind(newer).await.unwrap();
-    assert!(bus.resumable("abc").is_none(), "a replaced session cannot be resumed");
+    assert!(
+        bus.resumable("abc").is_none(),
+        "a replaced session cannot be resumed"
+    );
     bus.unregister_resumable("abc").await.unwrap();
     assert!(bus.resumable("abc").is_none());
 }

@@ -12,7 +12,10 @@ fn state(name: &str) -> SubState {
         "Both" => Subscription::Both,
         other => panic!("{other}"),
     };
-    let mut state = SubState { subscription, ..SubState::default() };
+    let mut state = SubState {
+        subscription,
+        ..SubState::default()
+    };
     for flag in parts {
         match flag {
             "Pending Out" => state.ask = true,
@@ -51,12 +54,21 @@ fn inbound_subscribe() {
         ("To", "To + Pending In", true, None),
         ("To + Pending In", "To + Pending In", true, None),
         ("From", "From", false, Some(PresenceType::Subscribed)),
-        ("From + Pending Out", "From + Pending Out", false, Some(PresenceType::Subscribed)),
+        (
+            "From + Pending Out",
+            "From + Pending Out",
+            false,
+            Some(PresenceType::Subscribed),
+        ),
         ("Both", "Both", false, Some(PresenceType::Subscribed)),
     ];
     for (before, after, deliver, reply) in expected {
         let outcome = inbound(state(before), PresenceType::Subscribe);
-        assert_eq!((outcome.next, outcome.deliver, outcome.auto_reply), (state(after), deliver, reply), "{before}");
+        assert_eq!(
+            (outcome.next, outcome.deliver, outcome.auto_reply),
+            (state(after), deliver, reply),
+            "{before}"
+        );
     }
 }
 
@@ -76,7 +88,11 @@ fn inbound_subscribed() {
     ];
     for (before, after, deliver) in expected {
         let outcome = inbound(state(before), PresenceType::Subscribed);
-        assert_eq!((outcome.next, outcome.deliver), (state(after), deliver), "{before}");
+        assert_eq!(
+            (outcome.next, outcome.deliver),
+            (state(after), deliver),
+            "{before}"
+        );
     }
 }
 
@@ -96,7 +112,11 @@ fn inbound_unsubscribe() {
     ];
     for (before, after, deliver) in expected {
         let outcome = inbound(state(before), PresenceType::Unsubscribe);
-        assert_eq!((outcome.next, outcome.deliver), (state(after), deliver), "{before}");
+        assert_eq!(
+            (outcome.next, outcome.deliver),
+            (state(after), deliver),
+            "{before}"
+        );
     }
 }
 
@@ -116,7 +136,11 @@ fn inbound_unsubscribed() {
     ];
     for (before, after, deliver) in expected {
         let outcome = inbound(state(before), PresenceType::Unsubscribed);
-        assert_eq!((outcome.next, outcome.deliver), (state(after), deliver), "{before}");
+        assert_eq!(
+            (outcome.next, outcome.deliver),
+            (state(after), deliver),
+            "{before}"
+        );
     }
 }
 
@@ -127,19 +151,38 @@ fn outbound_transitions() {
         let s = state(before);
         let subscribe = outbound(s, PresenceType::Subscribe);
         assert!(subscribe.forward);
-        assert_eq!(subscribe.next.ask, s.ask || !s.subscription.has_to(), "subscribe from {before}");
+        assert_eq!(
+            subscribe.next.ask,
+            s.ask || !s.subscription.has_to(),
+            "subscribe from {before}"
+        );
 
         let unsubscribe = outbound(s, PresenceType::Unsubscribe);
         assert!(unsubscribe.forward);
-        assert!(!unsubscribe.next.subscription.has_to() && !unsubscribe.next.ask, "unsubscribe from {before}");
-        assert_eq!(unsubscribe.next.subscription.has_from(), s.subscription.has_from());
+        assert!(
+            !unsubscribe.next.subscription.has_to() && !unsubscribe.next.ask,
+            "unsubscribe from {before}"
+        );
+        assert_eq!(
+            unsubscribe.next.subscription.has_from(),
+            s.subscription.has_from()
+        );
 
         let unsubscribed = outbound(s, PresenceType::Unsubscribed);
-        assert!(!unsubscribed.next.subscription.has_from() && !unsubscribed.next.pending_in, "unsubscribed from {before}");
-        assert_eq!(unsubscribed.next.subscription.has_to(), s.subscription.has_to());
+        assert!(
+            !unsubscribed.next.subscription.has_from() && !unsubscribed.next.pending_in,
+            "unsubscribed from {before}"
+        );
+        assert_eq!(
+            unsubscribed.next.subscription.has_to(),
+            s.subscription.has_to()
+        );
 
         let subscribed = outbound(s, PresenceType::Subscribed);
-        assert_eq!(subscribed.forward, s.pending_in, "approve only answers a stored request: {before}");
+        assert_eq!(
+            subscribed.forward, s.pending_in,
+            "approve only answers a stored request: {before}"
+        );
         if s.pending_in {
             assert!(subscribed.next.subscription.has_from() && !subscribed.next.pending_in);
         }

@@ -1006,3 +1006,17 @@ fn websocket_close_is_answered() {
         &b"<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>"[..]
     );
 }
+
+#[test]
+fn client_state_nonzas_become_events() {
+    let mut h = Harness::secure();
+    h.bind("r");
+    assert!(matches!(
+        &h.send("<inactive xmlns='urn:xmpp:csi:0'/>")[..],
+        [StreamEvent::ClientState { inactive: true }]
+    ));
+    assert!(matches!(
+        &h.send("<active xmlns='urn:xmpp:csi:0'/>")[..],
+        [StreamEvent::ClientState { inactive: false }]
+    ));
+}

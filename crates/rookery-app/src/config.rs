@@ -1,0 +1,419 @@
+//! The configuration tree: built-in defaults, then a TOML file, then
+//! `ROOKERY_`-prefixed environment variables (`ROOKERY_C2S__REQUIRE_TLS=false`
+//! sets `[c2s] require_tls`). Keys mirror the module that uses them.
+//!
+//! Errors name the key and where it came from (file or variable), so that
+//! `rookery config check` and start-up can refuse a bad configuration before
+//! any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The served domain and where data lives.
+    pub server: ServerConfig,
+    /// Client-to-server TCP listeners and stream policy.
+    pub c2s: C2sConfig,
+    /// HTTP: WebSocket and probes.
+    pub http: HttpConfig,
+    /// Certificate and key.
+    pub tls: TlsConfig,
+    /// Durable storage.
+    pub storage: StorageConfig,
+    /// Account registration and password hashing.
+    pub accounts: AccountsConfig,
+    /// Limits that protect the server.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The XMPP domain served (the part after `@` in user addresses).
+    pub domain: String,
+    /// Folder for the SQLite database, the generated certificate and other state.
+    pub data_dir: PathBuf,
+    /// Seconds given to sessions to close cleanly on shutdown.
+    pub shutdown_grace: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            domain: "localhost".into(),
+            data_dir: "data".into(),
+            shutdown_grace: 10,
+        }
+    }
+}
+
+/// `[c2s]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct C2sConfig {
+    /// Listener for clients that start in the clear and use STARTTLS (5222).
+    pub starttls_listen: Option<SocketAddr>,
+    /// Listener for clients that start with TLS, XEP-0368 (5223).
+    pub direct_tls_listen: Option<SocketAddr>,
+    /// Require STARTTLS before authentication on the STARTTLS listener.
+    pub require_tls: bool,
+    /// Allow SASL without TLS (never PLAIN). Only for trusted networks.
+    pub allow_plaintext_auth: bool,
+    /// Largest stanza a client may send, in bytes.
+    pub max_stanza_size: usize,
+    /// Seconds a client has from connecting to a bound session.
+    pub negotiation_timeout: u64,
+    /// Seconds of client silence before the server pings it.
+    pub idle_timeout: u64,
+    /// Seconds the client has to answer a ping.
+    pub ping_timeout: u64,
+    /// Seconds of server silence before a whitespace keep-alive.
+    pub keepalive_interval: u64,
+    /// Seconds a dropped session stays resumable (XEP-0198); 0 disables resumption.
+    pub resume_timeout: u64,
+    /// Unacknowledged stanzas kept per client before the stream is closed.
+    pub max_unacked: usize,
+}
+
+impl Default for C2sConfig {
+    fn default() -> Self {
+        C2sConfig {
+            starttls_listen: Some(SocketAddr::from(([0, 0, 0, 0], 5222))),
+            direct_tls_listen: Some(SocketAddr::from(([0, 0, 0, 0], 5223))),
+            require_tls: true,
+            allow_plaintext_auth: false,
+            max_stanza_size: 256 * 1024,
+            negotiation_timeout: 60,
+            idle_timeout: 300,
+            ping_timeout: 60,
+            keepalive_interval: 120,
+            resume_timeout: 300,
+            max_unacked: 5000,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listener for HTTP: WebSocket at /xmpp-websocket, /live, /ready (5280).
+    pub listen: Option<SocketAddr>,
+    /// Treat WebSocket clients connecting from loopback as secure (a TLS proxy on this host).
+    pub secure_loopback: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 5280))),
+            secure_loopback: true,
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Unset: a self-signed one is generated in `<data_dir>/tls/`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key, set together with `cert`.
+    pub key: Option<PathBuf>,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Storage backend: "sqlite".
+    pub backend: String,
+    /// SQLite database file; relative paths are inside `data_dir`.
+    pub sqlite_path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: "sqlite".into(),
+            sqlite_path: "rookery.sqlite".into(),
+        }
+    }
+}
+
+/// `[accounts]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// Let anyone create an account with in-band registration (XEP-0077).
+    pub registration: bool,
+    /// PBKDF2 iterations for stored SCRAM keys (at least 4096).
+    pub scram_iterations: u32,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            registration: false,
+            scram_iterations: 4096,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Failed logins allowed from one address in a burst.
+    pub login_failures_burst: u32,
+    /// Failed logins allowed from one address per minute after the burst.
+    pub login_failures_per_minute: u32,
+    /// In-band registrations allowed from one address per hour.
+    pub registrations_per_hour: u32,
+    /// Bytes per second a client may send (0: unlimited).
+    pub c2s_rate: u64,
+    /// Bytes a client may send in a burst above the rate.
+    pub c2s_burst: u64,
+    /// Offline messages kept per account.
+    pub offline_messages: usize,
+    /// Roster items per account.
+    pub roster_items: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            login_failures_burst: 5,
+            login_failures_per_minute: 6,
+            registrations_per_hour: 5,
+            c2s_rate: 256 * 1024,
+            c2s_burst: 1024 * 1024,
+            offline_messages: 1000,
+            roster_items: 2000,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level or filter: "info", "debug", "rookery_net=debug,info" (RUST_LOG syntax).
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {error}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad key or value.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What toml says, with line, column and key.
+        message: String,
+    },
+    /// An environment override is bad.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("{source_name}: key `{key}`: {message}")]
+    Invalid {
+        /// File or "defaults".
+        source_name: String,
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "ROOKERY_";
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then environment overrides from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let source_name = file.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    path: source_name.clone(),
+                    error,
+                })?;
+                // Parse into the typed tree first: toml reports line, column and key.
+                toml::from_str::<Config>(&text).map_err(|error| ConfigError::File {
+                    path: source_name.clone(),
+                    message: error.to_string(),
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|error| ConfigError::File {
+                        path: source_name.clone(),
+                        message: error.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if path == "CONFIG" {
+                continue;
+            }
+            let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+            if keys.len() < 2 || keys.iter().any(String::is_empty) {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "expected ROOKERY_<SECTION>__<KEY>".into(),
+                });
+            }
+            set_path(&mut table, &keys, parse_env_value(&value));
+            overridden.push((keys.join("."), var));
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+                let key = error.path().to_string();
+                let var = overridden
+                    .iter()
+                    .find(|(path, _)| *path == key)
+                    .map(|(_, var)| var.clone());
+                match var {
+                    Some(var) => ConfigError::Env {
+                        var,
+                        message: error.inner().to_string(),
+                    },
+                    None => ConfigError::File {
+                        path: source_name.clone(),
+                        message: format!("key `{key}`: {}", error.inner()),
+                    },
+                }
+            })?;
+        config.validate(&source_name)?;
+        Ok(config)
+    }
+
+    fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            source_name: source_name.to_owned(),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        };
+        if jid::BareJid::new(&self.server.domain).map_or(true, |jid| jid.node().is_some()) {
+            return Err(invalid("server.domain", "not a valid domain name"));
+        }
+        if self.storage.backend != "sqlite" {
+            return Err(invalid(
+                "storage.backend",
+                "unknown backend (supported: \"sqlite\")",
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls.cert",
+                "`tls.cert` and `tls.key` are set together",
+            ));
+        }
+        if self.accounts.scram_iterations < rookery_stream::sasl::MIN_ITERATIONS {
+            return Err(invalid(
+                "accounts.scram_iterations",
+                "must be at least 4096",
+            ));
+        }
+        if self.c2s.max_stanza_size < 10_000 {
+            return Err(invalid(
+                "c2s.max_stanza_size",
+                "must be at least 10000 bytes",
+            ));
+        }
+        for (key, value) in [
+            ("c2s.negotiation_timeout", self.c2s.negotiation_timeout),
+            ("c2s.idle_timeout", self.c2s.idle_timeout),
+            ("c2s.ping_timeout", self.c2s.ping_timeout),
+            ("c2s.keepalive_interval", self.c2s.keepalive_interval),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1 second"));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        if self.limits.c2s_rate > 0 && self.limits.c2s_burst < self.c2s.max_stanza_size as u64 {
+            return Err(invalid(
+                "limits.c2s_burst",
+                "must be at least c2s.max_stanza_size",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.server.data_dir.join(&self.storage.sqlite_path)
+    }
+}
+
+/// Environment values are TOML values when they parse as one (numbers, booleans,
+/// arrays, quoted strings), else plain strings.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) {
+    let (last, parents) = keys.split_last().expect("at least two keys");
+    let mut current = table;
+    for key in parents {
+        let entry = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        current = entry.as_table_mut().expect("just made a table");
+    }
+    current.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests;

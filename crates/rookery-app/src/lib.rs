@@ -1,0 +1,304 @@
+//! The composition root: turns a [`Config`] into a running server. This is the
+//! only crate that names concrete backends (SQLite, the local bus).
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rookery_cluster::LocalBus;
+use rookery_net::C2s;
+use rookery_net::limit::AddressLimiter;
+use rookery_router::{Router, RouterConfig};
+use rookery_store::Store;
+use rookery_store_sqlite::SqliteStore;
+use rookery_stream::{Limits, StreamConfig, Timeouts, TlsPolicy};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod config;
+
+pub use config::Config;
+
+/// Opens the configured store (migrations included).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+    std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+        format!(
+            "cannot create data folder {}",
+            config.server.data_dir.display()
+        )
+    })?;
+    let path = config.sqlite_path();
+    let store = SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The certificate and key files to use, generating a self-signed pair on first start.
+pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+        return Ok((cert.clone(), key.clone()));
+    }
+    let dir = config.server.data_dir.join("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut names = vec![config.server.domain.clone()];
+    if config.server.domain == "localhost" {
+        names.push("127.0.0.1".into());
+    }
+    let generated =
+        rcgen::generate_simple_self_signed(names).context("cannot generate a certificate")?;
+    write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert, generated.cert.pem())
+        .with_context(|| format!("cannot write {}", cert.display()))?;
+    tracing::warn!(cert = %cert.display(), domain = %config.server.domain, "Generated a self-signed certificate; clients will ask to trust it. Set [tls] cert and key for a real one.");
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the listeners ended up (port 0 in the config picks a free port).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Addresses {
+    /// The STARTTLS listener.
+    pub starttls: Option<SocketAddr>,
+    /// The direct TLS listener.
+    pub direct_tls: Option<SocketAddr>,
+    /// The HTTP listener.
+    pub http: Option<SocketAddr>,
+}
+
+/// A server with its ports bound, ready to run.
+pub struct App {
+    config: Config,
+    store: Arc<SqliteStore>,
+    router: Arc<Router>,
+    c2s: Arc<C2s>,
+    starttls: Option<(TcpListener, Arc<StreamConfig>)>,
+    direct_tls: Option<(TcpListener, Arc<StreamConfig>)>,
+    http: Option<(TcpListener, Arc<StreamConfig>)>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("domain", &self.config.server.domain)
+            .field("addresses", &self.addresses())
+            .finish()
+    }
+}
+
+impl App {
+    /// Opens storage, sets up TLS and binds every configured port.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let store = open_store(&config).await?;
+        let (cert, key) = certificate_files(&config)?;
+        let tls = rookery_net::tls_config(&cert, &key).context("TLS setup failed")?;
+
+        let router_config = RouterConfig {
+            domain: config.server.domain.clone(),
+            offline_limit: config.limits.offline_messages,
+            max_roster_items: config.limits.roster_items,
+            csi_hold_limit: 200,
+        };
+        let ext_config = rookery_ext::ExtConfig {
+            registration: config.accounts.registration,
+            scram_iterations: config.accounts.scram_iterations,
+            show_os: false,
+        };
+        let store_dyn: Arc<dyn Store> = store.clone();
+        let router = Arc::new(Router::new(
+            router_config,
+            store_dyn,
+            Arc::new(LocalBus::new()),
+            rookery_ext::all(&ext_config),
+        ));
+
+        let mut session_features = router.stream_features();
+        session_features.push(rookery_ext::disco::caps_element(&router));
+        let c2s_config = &config.c2s;
+        let base = StreamConfig {
+            domain: config.server.domain.clone(),
+            tls: if c2s_config.require_tls {
+                TlsPolicy::Required
+            } else {
+                TlsPolicy::Optional
+            },
+            allow_plaintext_auth: c2s_config.allow_plaintext_auth,
+            registration: config.accounts.registration,
+            resume_timeout: (c2s_config.resume_timeout > 0)
+                .then(|| c2s_config.resume_timeout.min(u64::from(u32::MAX)) as u32),
+            max_unacked: c2s_config.max_unacked,
+            max_auth_failures: 3,
+            limits: Limits {
+                max_stanza_bytes: c2s_config.max_stanza_size,
+                ..Limits::default()
+            },
+            timeouts: Timeouts {
+                negotiation: Duration::from_secs(c2s_config.negotiation_timeout),
+                stanza: Duration::from_secs(c2s_config.negotiation_timeout),
+                idle: Duration::from_secs(c2s_config.idle_timeout),
+                ping: Duration::from_secs(c2s_config.ping_timeout),
+                keepalive: Duration::from_secs(c2s_config.keepalive_interval),
+            },
+            session_features,
+            decoy_secret: rand_secret(),
+        };
+        let unencrypted_listener = StreamConfig {
+            tls: TlsPolicy::Unavailable,
+            ..base.clone()
+        };
+
+        let limits = &config.limits;
+        let c2s = Arc::new(C2s {
+            router: router.clone(),
+            tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
+            auth_limiter: AddressLimiter::new(
+                limits.login_failures_burst,
+                limits.login_failures_per_minute,
+            ),
+            register_limiter: AddressLimiter::new(
+                limits.registrations_per_hour.max(1),
+                limits.registrations_per_hour.max(1).div_ceil(60),
+            ),
+            byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
+            resume_timeout: Duration::from_secs(c2s_config.resume_timeout),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+
+        let starttls = bind(c2s_config.starttls_listen, "c2s.starttls_listen")
+            .await?
+            .map(|l| (l, Arc::new(base.clone())));
+        let direct_tls = bind(c2s_config.direct_tls_listen, "c2s.direct_tls_listen")
+            .await?
+            .map(|l| (l, Arc::new(unencrypted_listener.clone())));
+        let http = bind(config.http.listen, "http.listen")
+            .await?
+            .map(|l| (l, Arc::new(unencrypted_listener.clone())));
+        Ok(App {
+            config,
+            store,
+            router,
+            c2s,
+            starttls,
+            direct_tls,
+            http,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn addresses(&self) -> Addresses {
+        let address = |listener: &Option<(TcpListener, Arc<StreamConfig>)>| {
+            listener.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        };
+        Addresses {
+            starttls: address(&self.starttls),
+            direct_tls: address(&self.direct_tls),
+            http: address(&self.http),
+        }
+    }
+
+    /// The router (for tests and administration).
+    pub fn router(&self) -> Arc<Router> {
+        self.router.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every stream with
+    /// `system-shutdown`, keeps unacknowledged stanzas in offline storage and
+    /// waits (up to the grace period) for sessions to end.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let App {
+            config,
+            store,
+            router,
+            c2s,
+            starttls,
+            direct_tls,
+            http,
+        } = self;
+        let mut servers = TaskTracker::new();
+        if let Some((listener, stream)) = starttls {
+            tracing::info!(address = %listener.local_addr()?, "Listening for clients (STARTTLS).");
+            servers.spawn(rookery_net::serve_starttls(listener, c2s.clone(), stream));
+        }
+        if let Some((listener, stream)) = direct_tls {
+            tracing::info!(address = %listener.local_addr()?, "Listening for clients (direct TLS).");
+            servers.spawn(rookery_net::serve_direct_tls(listener, c2s.clone(), stream));
+        }
+        if let Some((listener, stream)) = http {
+            tracing::info!(address = %listener.local_addr()?, "Listening for HTTP (WebSocket at /xmpp-websocket).");
+            let state = rookery_http::HttpState {
+                c2s: c2s.clone(),
+                stream,
+                secure_loopback: config.http.secure_loopback,
+            };
+            servers.spawn(async move {
+                if let Err(error) = rookery_http::serve(listener, state).await {
+                    tracing::error!(%error, "HTTP server failed.");
+                }
+            });
+        }
+        tracing::info!(domain = %config.server.domain, "Rookery is ready.");
+        shutdown.await;
+        tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
+        router.begin_shutdown();
+        c2s.shutdown.cancel();
+        servers.close();
+        c2s.tasks.close();
+        let grace = Duration::from_secs(config.server.shutdown_grace);
+        if tokio::time::timeout(grace, async {
+            servers.wait().await;
+            c2s.tasks.wait().await;
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                remaining = c2s.tasks.len(),
+                "Some sessions did not end within the grace period."
+            );
+        }
+        servers = TaskTracker::new();
+        drop(servers);
+        store.close().await;
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}
+
+fn rand_secret() -> [u8; 32] {
+    rookery_stream::StreamConfig::new("").decoy_secret
+}
+
+async fn bind(address: Option<SocketAddr>, key: &str) -> anyhow::Result<Option<TcpListener>> {
+    match address {
+        None => Ok(None),
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (`{key}`)"))?;
+            Ok(Some(listener))
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Client-to-server networking: TCP listeners with STARTTLS (RFC 6120 section 5)
+//! and direct TLS (XEP-0368), and the per-connection session task that drives
+//! the sans-IO stream and the router. `rookery-http` runs the same session task
+//! over WebSocket.
+
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rookery_router::Router;
+use rookery_stream::StreamConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod limit;
+pub mod session;
+pub mod transport;
+
+pub use transport::{Received, TcpTransport, Transport};
+
+/// What every client connection shares.
+pub struct C2s {
+    /// The router of the domain.
+    pub router: Arc<Router>,
+    /// TLS for STARTTLS and direct TLS; `None` when no certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+    /// Failed logins per client address.
+    pub auth_limiter: limit::AddressLimiter,
+    /// In-band registrations per client address.
+    pub register_limiter: limit::AddressLimiter,
+    /// Input byte rate and burst per connection, if limited.
+    pub byte_rate: Option<(u64, u64)>,
+    /// How long a dropped session waits for the client to resume it.
+    pub resume_timeout: Duration,
+    /// Cancelled when the server stops.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for C2s {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("C2s")
+            .field("tls", &self.tls.is_some())
+            .field("resume_timeout", &self.resume_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {error}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        error: io::Error,
+    },
+    /// No certificate or no private key in the files.
+    #[error("{0}")]
+    Missing(String),
+    /// rustls refused the certificate or key.
+    #[error("invalid certificate or key: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds the rustls server configuration from PEM files, offering the
+/// `xmpp-client` ALPN protocol of XEP-0368.
+pub fn tls_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| TlsError::Read {
+            path: path.display().to_string(),
+            error,
+        })
+    };
+    let certs = rustls_pemfile::certs(&mut &read(cert_path)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::Read {
+            path: cert_path.display().to_string(),
+            error,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing(format!(
+            "no certificate in {}",
+            cert_path.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key_path)?[..])
+        .map_err(|error| TlsError::Read {
+            path: key_path.display().to_string(),
+            error,
+        })?
+        .ok_or_else(|| TlsError::Missing(format!("no private key in {}", key_path.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"xmpp-client".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves client connections with STARTTLS (or plain, per `config`) until shutdown.
+pub async fn serve_starttls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<StreamConfig>) {
+    accept_loop(listener, c2s, move |c2s, stream, peer| {
+        let config = config.clone();
+        async move {
+            session::run(c2s, config, TcpTransport::plain(stream), peer, false).await;
+        }
+    })
+    .await
+}
+
+/// Serves client connections that start with a TLS handshake (XEP-0368) until shutdown.
+pub async fn serve_direct_tls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<StreamConfig>) {
+    accept_loop(listener, c2s, move |c2s, stream, peer| {
+        let config = config.clone();
+        async move {
+            let Some(acceptor) = c2s.tls.clone() else {
+                return;
+            };
+            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => session::run(c2s, config, TcpTransport::tls(tls), peer, true).await,
+                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed."),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out."),
+            }
+        }
+    })
+    .await
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, c2s: Arc<C2s>, serve: F)
+where
+    F: Fn(Arc<C2s>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = c2s.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                c2s.tasks.spawn(serve(c2s.clone(), stream, peer));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "Accepting a connection failed.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

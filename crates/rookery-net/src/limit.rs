@@ -1,0 +1,146 @@
+//! Rate limits: failed logins and registrations per client address, and the
+//! byte rate of each connection.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Self {
+        Bucket {
+            tokens: burst,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.updated = now;
+    }
+}
+
+/// Counts events per client address and refuses them past a rate.
+#[derive(Debug)]
+pub struct AddressLimiter {
+    /// Events allowed per second, sustained.
+    rate: f64,
+    /// Events allowed in a burst.
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl AddressLimiter {
+    /// Allows `burst` events at once and `per_minute` per minute after that.
+    pub fn new(burst: u32, per_minute: u32) -> Self {
+        AddressLimiter {
+            rate: f64::from(per_minute) / 60.0,
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True if `address` is still allowed an event (without counting one).
+    pub fn allows(&self, address: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().expect("limiter lock");
+        match buckets.get_mut(&address) {
+            Some(bucket) => {
+                bucket.refill(self.rate, self.burst, now);
+                bucket.tokens >= 1.0
+            }
+            None => true,
+        }
+    }
+
+    /// Counts one event of `address`.
+    pub fn record(&self, address: IpAddr, now: Instant) {
+        let mut buckets = self.buckets.lock().expect("limiter lock");
+        if buckets.len() > 100_000 {
+            // Forget addresses whose buckets are full again.
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, bucket| {
+                bucket.refill(rate, burst, now);
+                bucket.tokens < burst
+            });
+        }
+        let bucket = buckets
+            .entry(address)
+            .or_insert_with(|| Bucket::full(self.burst, now));
+        bucket.refill(self.rate, self.burst, now);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+}
+
+/// Throttles the input of one connection to a byte rate (a "shaper").
+#[derive(Debug)]
+pub struct ByteRate {
+    rate: f64,
+    burst: f64,
+    bucket: Bucket,
+}
+
+impl ByteRate {
+    /// `rate` bytes per second with bursts of `burst` bytes.
+    pub fn new(rate: u64, burst: u64, now: Instant) -> Self {
+        ByteRate {
+            rate: rate as f64,
+            burst: burst as f64,
+            bucket: Bucket::full(burst as f64, now),
+        }
+    }
+
+    /// Counts `bytes` read; returns how long to wait before reading again.
+    pub fn consume(&mut self, bytes: usize, now: Instant) -> Duration {
+        self.bucket.refill(self.rate, self.burst, now);
+        self.bucket.tokens -= bytes as f64;
+        if self.bucket.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.bucket.tokens / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_limited_separately_and_recover() {
+        let limiter = AddressLimiter::new(3, 6);
+        let now = Instant::now();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limiter.allows(a, now));
+            limiter.record(a, now);
+        }
+        assert!(!limiter.allows(a, now), "the burst is used up");
+        assert!(limiter.allows(b, now), "another address is unaffected");
+        assert!(!limiter.allows(a, now + Duration::from_secs(5)));
+        assert!(
+            limiter.allows(a, now + Duration::from_secs(11)),
+            "six per minute: one more after ten seconds"
+        );
+    }
+
+    #[test]
+    fn byte_rate_asks_to_wait_once_the_burst_is_spent() {
+        let now = Instant::now();
+        let mut rate = ByteRate::new(1000, 2000, now);
+        assert_eq!(rate.consume(1500, now), Duration::ZERO);
+        assert_eq!(rate.consume(1000, now), Duration::from_millis(500));
+        assert_eq!(
+            rate.consume(0, now + Duration::from_millis(500)),
+            Duration::ZERO
+        );
+    }
+}

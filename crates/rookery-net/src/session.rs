@@ -1,0 +1,568 @@
+//! The session task: one per connection. It owns the transport, the stream
+//! state machine and, once bound, the router session and its inbox.
+//!
+//! Its loop waits on a closed set of wake-ups (input, mail, the stream's timer,
+//! throttling, shutdown). When the connection drops with stream management
+//! resumable, the task stays alive without a transport ("hibernates"),
+//! queueing what arrives, until the client resumes or the timeout passes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use minidom::Element;
+use rookery_cluster::{Inbox, Mail, Mailbox, SessionSnapshot};
+use rookery_router::Session;
+use rookery_stream::{
+    AuthMechanism, CloseReason, Condition, KeysAnswer, ScramHash, ServerStream, SmState,
+    StreamConfig, StreamError, StreamEvent,
+};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::C2s;
+use crate::limit::ByteRate;
+use crate::transport::{Received, Transport};
+
+/// How long a resuming connection waits for the old session to hand over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write may take before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one client connection to its end.
+pub async fn run<T: Transport>(
+    c2s: Arc<C2s>,
+    config: Arc<StreamConfig>,
+    transport: T,
+    peer: SocketAddr,
+    secure: bool,
+) {
+    let span = tracing::info_span!("c2s", %peer, jid = tracing::field::Empty);
+    let now = Instant::now();
+    let connection = Connection {
+        stream: ServerStream::new(config, transport.framing(), secure, now.into_std()),
+        byte_rate: c2s
+            .byte_rate
+            .map(|(rate, burst)| ByteRate::new(rate, burst, now.into_std())),
+        c2s,
+        transport,
+        peer,
+        buffer: BytesMut::new(),
+        bound: None,
+        undelivered: Vec::new(),
+        throttled_until: None,
+        shutdown_seen: false,
+    };
+    connection.run().instrument(span).await;
+}
+
+/// A bound session and its inbox.
+struct Bound {
+    session: Session,
+    inbox: Inbox,
+}
+
+/// What woke the connected loop.
+enum Wake {
+    Input(std::io::Result<Received>),
+    Mail(Option<Mail>),
+    Timer,
+    Throttle,
+    Shutdown,
+}
+
+/// How the connected phase ended.
+enum Ending {
+    /// The session (if any) ends now.
+    End,
+    /// The connection dropped; the session waits for the client to resume.
+    Hibernate(SmState),
+    /// Another connection resumed the session.
+    HandedOver,
+}
+
+struct Connection<T> {
+    c2s: Arc<C2s>,
+    transport: T,
+    stream: ServerStream,
+    peer: SocketAddr,
+    buffer: BytesMut,
+    bound: Option<Bound>,
+    /// Stanzas the stream could not take (it closed): rerouted at the end.
+    undelivered: Vec<Element>,
+    byte_rate: Option<ByteRate>,
+    throttled_until: Option<Instant>,
+    shutdown_seen: bool,
+}
+
+impl<T: Transport> Connection<T> {
+    async fn run(mut self) {
+        tracing::debug!("Connection accepted.");
+        let ending = self.connected().await;
+        self.transport.shutdown().await;
+        match ending {
+            Ending::HandedOver => tracing::info!("Session handed over to a resuming connection."),
+            Ending::End => {
+                if let Some(bound) = self.bound.take() {
+                    let undelivered = std::mem::take(&mut self.undelivered);
+                    finish(&self.c2s, bound, undelivered).await;
+                }
+            }
+            Ending::Hibernate(sm) => {
+                let bound = self.bound.take().expect("only bound sessions hibernate");
+                let undelivered = std::mem::take(&mut self.undelivered);
+                hibernate(self.c2s.clone(), bound, sm, undelivered).await;
+            }
+        }
+    }
+
+    async fn connected(&mut self) -> Ending {
+        loop {
+            if let Some(ending) = self.process_events().await {
+                return ending;
+            }
+            if self.flush().await.is_err() {
+                self.stream.handle_eof(Instant::now().into_std());
+                continue;
+            }
+            let timer = self.stream.poll_timeout().map(Instant::from_std);
+            let throttled = self.throttled_until;
+            let wake = tokio::select! {
+                biased;
+                _ = self.c2s.shutdown.cancelled(), if !self.shutdown_seen => Wake::Shutdown,
+                mail = recv_mail(&mut self.bound), if self.bound.is_some() => Wake::Mail(mail),
+                input = self.transport.recv(&mut self.buffer), if throttled.is_none() => Wake::Input(input),
+                _ = sleep_until(throttled), if throttled.is_some() => Wake::Throttle,
+                _ = sleep_until(timer), if timer.is_some() => Wake::Timer,
+            };
+            let now = Instant::now();
+            match wake {
+                Wake::Shutdown => {
+                    self.shutdown_seen = true;
+                    self.stream.close(Some(StreamError::new(
+                        Condition::SystemShutdown,
+                        "The server is shutting down.",
+                    )));
+                }
+                Wake::Mail(Some(mail)) => {
+                    if let Some(ending) = self.handle_mail(mail).await {
+                        return ending;
+                    }
+                }
+                Wake::Mail(None) => {}
+                Wake::Input(Ok(Received::Bytes)) => {
+                    self.stream.handle_input(now.into_std(), &self.buffer);
+                    let read = self.buffer.len();
+                    self.buffer.clear();
+                    if self.buffer.capacity() > 64 * 1024 {
+                        self.buffer = BytesMut::new();
+                    }
+                    if let Some(rate) = &mut self.byte_rate {
+                        let wait = rate.consume(read, now.into_std());
+                        if !wait.is_zero() {
+                            self.throttled_until = Some(now + wait);
+                        }
+                    }
+                }
+                Wake::Input(Ok(Received::Frame(frame))) => {
+                    self.stream.handle_frame(now.into_std(), &frame)
+                }
+                Wake::Input(Ok(Received::Eof)) => self.stream.handle_eof(now.into_std()),
+                Wake::Input(Err(error)) => {
+                    tracing::debug!(%error, "Read failed.");
+                    self.stream.handle_eof(now.into_std());
+                }
+                Wake::Throttle => self.throttled_until = None,
+                Wake::Timer => self.stream.handle_timeout(now.into_std()),
+            }
+        }
+    }
+
+    /// Acts on every pending stream event; returns the ending once the stream is closed.
+    async fn process_events(&mut self) -> Option<Ending> {
+        while let Some(event) = self.stream.poll_event() {
+            let now = Instant::now().into_std();
+            match event {
+                StreamEvent::StartTls => {
+                    if self.flush().await.is_err() {
+                        self.stream.handle_eof(now);
+                        continue;
+                    }
+                    let Some(acceptor) = self.c2s.tls.clone() else {
+                        self.stream.handle_eof(now);
+                        continue;
+                    };
+                    match tokio::time::timeout(WRITE_TIMEOUT, self.transport.start_tls(&acceptor))
+                        .await
+                    {
+                        Ok(Ok(())) => self
+                            .stream
+                            .handle_tls_established(Instant::now().into_std()),
+                        Ok(Err(error)) => {
+                            tracing::info!(%error, "TLS handshake failed.");
+                            self.stream.handle_eof(now);
+                        }
+                        Err(_) => {
+                            tracing::info!("TLS handshake timed out.");
+                            self.stream.handle_eof(now);
+                        }
+                    }
+                }
+                StreamEvent::NeedKeys { jid, mechanism } => {
+                    let answer = lookup_keys(&self.c2s, self.peer, &jid, mechanism).await;
+                    self.stream.handle_keys(Instant::now().into_std(), answer);
+                }
+                StreamEvent::AuthFailed {
+                    username,
+                    condition,
+                } => {
+                    if !matches!(condition, "aborted" | "temporary-auth-failure") {
+                        self.c2s.auth_limiter.record(self.peer.ip(), now);
+                    }
+                    tracing::info!(
+                        username = username.as_deref().unwrap_or(""),
+                        condition,
+                        "Authentication failed."
+                    );
+                }
+                StreamEvent::Authenticated { jid } => tracing::info!(%jid, "Authenticated."),
+                StreamEvent::Bind { requested } => self.bind(requested).await,
+                StreamEvent::Resume { previd, h } => self.resume(&previd, h).await,
+                StreamEvent::SmEnabled { id } => {
+                    if let (Some(id), Some(bound)) = (id, &self.bound) {
+                        self.c2s
+                            .router
+                            .register_resumable(&bound.session, &id)
+                            .await;
+                    }
+                }
+                StreamEvent::PreAuthIq(iq) => {
+                    let is_set = iq.attr("type") == Some("set");
+                    let reply = if is_set && !self.c2s.register_limiter.allows(self.peer.ip(), now)
+                    {
+                        let text =
+                            Some("Too many registrations from your address; try again later.");
+                        rookery_router::stanza::error_reply(
+                            &iq,
+                            rookery_router::stanza::ErrorCondition::RESOURCE_CONSTRAINT,
+                            text,
+                            None,
+                        )
+                    } else {
+                        if is_set {
+                            self.c2s.register_limiter.record(self.peer.ip(), now);
+                        }
+                        self.c2s.router.handle_unauthenticated_iq(&iq).await
+                    };
+                    self.stream.send_element(&reply);
+                }
+                StreamEvent::Stanza(stanza) => {
+                    if let Some(bound) = &mut self.bound {
+                        self.c2s
+                            .router
+                            .handle_stanza(&mut bound.session, stanza)
+                            .await;
+                        self.drain_outbox();
+                    }
+                }
+                StreamEvent::ClientState { inactive } => {
+                    if let Some(bound) = &mut self.bound {
+                        self.c2s
+                            .router
+                            .set_client_state(&mut bound.session, inactive);
+                        self.drain_outbox();
+                    }
+                }
+                StreamEvent::Closed(reason) => {
+                    tracing::debug!(?reason, "Stream closed.");
+                    let _ = self.flush().await;
+                    return Some(self.ending(reason));
+                }
+            }
+        }
+        None
+    }
+
+    /// Decides what becomes of the session when the stream closed.
+    fn ending(&mut self, reason: CloseReason) -> Ending {
+        if let Some(bound) = &mut self.bound {
+            if matches!(
+                &reason,
+                CloseReason::Local(Some(StreamError {
+                    condition: Condition::Conflict,
+                    ..
+                }))
+            ) {
+                bound.session.replaced = true;
+            }
+        }
+        let transient = match &reason {
+            CloseReason::Eof | CloseReason::PeerError(_) => true,
+            CloseReason::Local(Some(error)) => error.condition == Condition::ConnectionTimeout,
+            CloseReason::PeerClosed | CloseReason::Local(None) => false,
+        };
+        let resumable = self.stream.sm().is_some_and(|sm| sm.id.is_some());
+        if transient && resumable && self.bound.is_some() && !self.c2s.shutdown.is_cancelled() {
+            let sm = self.stream.take_sm().expect("checked above");
+            return Ending::Hibernate(sm);
+        }
+        if let Some(mut sm) = self.stream.take_sm() {
+            self.undelivered.splice(0..0, sm.take_unacked());
+        }
+        Ending::End
+    }
+
+    async fn bind(&mut self, requested: Option<jid::FullJid>) {
+        let Some(user) = self.stream.authenticated().cloned() else {
+            return;
+        };
+        let (mailbox, inbox) = Mailbox::new();
+        match self.c2s.router.bind(&user, requested, mailbox).await {
+            Ok(session) => {
+                tracing::Span::current().record("jid", tracing::field::display(&session.jid));
+                tracing::info!("Session bound.");
+                self.stream
+                    .handle_bound(Instant::now().into_std(), session.jid.clone());
+                self.bound = Some(Bound { session, inbox });
+            }
+            Err(error) => {
+                tracing::error!(%error, "Resource could not be bound.");
+                self.stream.handle_bind_error(
+                    Instant::now().into_std(),
+                    "wait",
+                    "internal-server-error",
+                );
+            }
+        }
+    }
+
+    async fn resume(&mut self, previd: &str, h: u32) {
+        let user = self.stream.authenticated().cloned();
+        let route = self
+            .c2s
+            .router
+            .resumable(previd)
+            .filter(|route| Some(route.jid.to_bare()) == user);
+        let snapshot = match route {
+            Some(route) => {
+                let (reply, answer) = oneshot::channel();
+                match route.mailbox.send(Mail::Takeover(reply)) {
+                    Ok(()) => tokio::time::timeout(TAKEOVER_TIMEOUT, answer)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|s| (s, route)),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let Some((snapshot, route)) = snapshot else {
+            tracing::info!(previd, "Nothing to resume.");
+            return self.stream.handle_resume_failed(Instant::now().into_std());
+        };
+        let session = self
+            .c2s
+            .router
+            .restore(&snapshot, route.mailbox.clone())
+            .await;
+        tracing::Span::current().record("jid", tracing::field::display(&session.jid));
+        tracing::info!(h, unacked = snapshot.sm.unacked.len(), "Session resumed.");
+        let SessionSnapshot { jid, sm, inbox, .. } = snapshot;
+        self.stream
+            .handle_resumed(Instant::now().into_std(), jid, sm, h);
+        self.bound = Some(Bound { session, inbox });
+    }
+
+    async fn handle_mail(&mut self, mail: Mail) -> Option<Ending> {
+        let bound = self.bound.as_mut()?;
+        match mail {
+            Mail::Stanza(stanza) => {
+                self.c2s.router.accept_delivery(&mut bound.session, *stanza);
+                self.drain_outbox();
+                None
+            }
+            Mail::Close(condition) => {
+                self.stream.close(Some(condition.into()));
+                None
+            }
+            Mail::Takeover(reply) => {
+                let sm = self.stream.take_sm().unwrap_or_default();
+                self.stream.close(Some(StreamError::new(
+                    Condition::Conflict,
+                    "The session was resumed on another connection.",
+                )));
+                let _ = self.flush().await;
+                let bound = self.bound.take().expect("checked above");
+                let undelivered = std::mem::take(&mut self.undelivered);
+                hand_over(&self.c2s, bound, sm, undelivered, reply).await;
+                Some(Ending::HandedOver)
+            }
+        }
+    }
+
+    /// Moves what the router queued for the client into the stream.
+    fn drain_outbox(&mut self) {
+        let Some(bound) = &mut self.bound else { return };
+        for stanza in bound.session.take_outbox() {
+            if let Err(stanza) = self.stream.send_stanza(stanza) {
+                self.undelivered.push(stanza);
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        while let Some(data) = self.stream.poll_transmit() {
+            match tokio::time::timeout(WRITE_TIMEOUT, self.transport.send(data)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "write timed out",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Looks up the stored keys for a login, unless the address is rate limited.
+async fn lookup_keys(
+    c2s: &C2s,
+    peer: SocketAddr,
+    jid: &jid::BareJid,
+    mechanism: AuthMechanism,
+) -> KeysAnswer {
+    if !c2s
+        .auth_limiter
+        .allows(peer.ip(), Instant::now().into_std())
+    {
+        tracing::warn!(%jid, "Too many failed logins from this address; refusing for now.");
+        return KeysAnswer::TemporaryFailure;
+    }
+    let store = c2s.router.store();
+    let keys = match mechanism {
+        AuthMechanism::Scram(hash) => store.keys(jid, hash).await,
+        AuthMechanism::Plain => match store.keys(jid, ScramHash::Sha256).await {
+            Ok(None) => store.keys(jid, ScramHash::Sha1).await,
+            other => other,
+        },
+    };
+    match keys {
+        Ok(keys) => KeysAnswer::Keys(keys),
+        Err(error) => {
+            tracing::error!(%jid, %error, "Credentials could not be read.");
+            KeysAnswer::TemporaryFailure
+        }
+    }
+}
+
+async fn recv_mail(bound: &mut Option<Bound>) -> Option<Mail> {
+    match bound {
+        Some(bound) => bound.inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Gives the session to a resuming connection; if it went away, the session ends here.
+async fn hand_over(
+    c2s: &C2s,
+    bound: Bound,
+    mut sm: SmState,
+    undelivered: Vec<Element>,
+    reply: oneshot::Sender<SessionSnapshot>,
+) {
+    for stanza in undelivered {
+        sm.sent(stanza);
+    }
+    let Bound { mut session, inbox } = bound;
+    let snapshot = SessionSnapshot {
+        jid: session.jid.clone(),
+        session: session.id,
+        info: session.info.clone(),
+        sm,
+        directed: session.directed.drain().collect(),
+        inactive: session.inactive,
+        held: std::mem::take(&mut session.held),
+        inbox,
+    };
+    if let Err(mut snapshot) = reply.send(snapshot) {
+        tracing::info!("The resuming connection went away; ending the session.");
+        let restored = c2s.router.restore(&snapshot, session.mailbox.clone()).await;
+        let undelivered = snapshot.sm.take_unacked();
+        finish(
+            c2s,
+            Bound {
+                session: restored,
+                inbox: snapshot.inbox,
+            },
+            undelivered,
+        )
+        .await;
+    }
+}
+
+/// Waits without a connection for the client to resume (XEP-0198), queueing deliveries.
+async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Vec<Element>) {
+    let Bound {
+        mut session,
+        mut inbox,
+    } = bound;
+    for stanza in undelivered {
+        sm.sent(stanza);
+    }
+    let id = sm.id.clone().unwrap_or_default();
+    tracing::info!(timeout = ?c2s.resume_timeout, unacked = sm.unacked.len(), "Connection lost; session kept for resumption.");
+    let deadline = Instant::now() + c2s.resume_timeout;
+    loop {
+        let mail = tokio::select! {
+            mail = inbox.recv() => mail,
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = c2s.shutdown.cancelled() => None,
+        };
+        match mail {
+            Some(Mail::Stanza(stanza)) => {
+                c2s.router.accept_delivery(&mut session, *stanza);
+                for stanza in session.take_outbox() {
+                    sm.sent(stanza);
+                }
+            }
+            Some(Mail::Takeover(reply)) => {
+                return hand_over(&c2s, Bound { session, inbox }, sm, Vec::new(), reply).await;
+            }
+            Some(Mail::Close(condition)) => {
+                session.replaced = condition == Condition::Conflict;
+                break;
+            }
+            None => break,
+        }
+    }
+    tracing::info!("Session not resumed in time; ending it.");
+    c2s.router.unregister_resumable(&id).await;
+    let undelivered = sm.take_unacked();
+    finish(&c2s, Bound { session, inbox }, undelivered).await;
+}
+
+/// Ends a session: nothing more reaches the inbox, and whatever the client did
+/// not get goes back to the router.
+async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
+    let Bound { session, mut inbox } = bound;
+    inbox.close();
+    while let Ok(mail) = inbox.try_recv() {
+        if let Mail::Stanza(stanza) = mail {
+            undelivered.push(*stanza);
+        }
+    }
+    tracing::info!(undelivered = undelivered.len(), "Session ended.");
+    c2s.router.end_session(session, undelivered).await;
+}
