@@ -158,13 +158,12 @@ impl Router {
             }
             return;
         }
-        let delivered = match self.bus.route(to) {
-            Some(route) => self.send_to(&route, iq).map_err(Some),
-            None => Err(None),
+        let returned = match self.bus.route(to) {
+            Some(route) => self.send_to(&route, iq).err(),
+            None => Some(iq),
         };
-        if let Err(returned) = delivered {
+        if let Some(iq) = returned {
             if is_request {
-                let iq = returned.unwrap_or_else(|| Element::bare("iq", ns::CLIENT));
                 session.outbox.push(error_reply(
                     &iq,
                     ErrorCondition::SERVICE_UNAVAILABLE,

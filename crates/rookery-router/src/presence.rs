@@ -137,6 +137,17 @@ impl Router {
             }
         }
         if initial {
+            // The user's other available resources (section 4.2.2).
+            for route in &own {
+                if route.jid != session.jid {
+                    if let Some(presence) = &route.info.presence {
+                        let mut presence = Element::clone(presence);
+                        set_attr(&mut presence, "from", route.jid.to_string());
+                        set_attr(&mut presence, "to", session.jid.to_string());
+                        self.accept_delivery(session, presence);
+                    }
+                }
+            }
             // Probes (section 4.3), answered from the registry for local contacts.
             for item in roster
                 .items
