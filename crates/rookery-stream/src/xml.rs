@@ -181,6 +181,11 @@ impl StreamReader {
             if input.is_empty() {
                 return Ok(None);
             }
+            if input[0] != b'<' {
+                // Not XML at all (an HTTP request, a TLS handshake on the wrong port):
+                // refuse at once instead of waiting for a '<' that never comes.
+                return Err(Condition::NotWellFormed);
+            }
             self.started = true;
         }
         loop {
