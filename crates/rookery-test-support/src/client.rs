@@ -286,20 +286,34 @@ impl TestClient {
 
     /// Enables stream management (XEP-0198); returns the resumption id if resumable.
     pub async fn enable_sm(&mut self, resume: bool) -> Option<String> {
-        self.send(&format!("<enable xmlns='urn:xmpp:sm:3' resume='{resume}'/>")).await;
-        let enabled = self.expect(|e| e.has_ns(SM) && matches!(e.name(), "enabled" | "failed")).await;
+        self.send(&format!(
+            "<enable xmlns='urn:xmpp:sm:3' resume='{resume}'/>"
+        ))
+        .await;
+        let enabled = self
+            .expect(|e| e.has_ns(SM) && matches!(e.name(), "enabled" | "failed"))
+            .await;
         assert_eq!(enabled.name(), "enabled", "{}", String::from(&enabled));
         enabled.attr("id").map(str::to_owned)
     }
 
     /// Resumes a session after authentication; returns the server's `h`, or the failure.
     pub async fn resume(&mut self, previd: &str, h: u32) -> Result<u32, String> {
-        self.send(&format!("<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='{h}'/>")).await;
-        let answer = self.expect(|e| e.has_ns(SM) && matches!(e.name(), "resumed" | "failed")).await;
+        self.send(&format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='{h}'/>"
+        ))
+        .await;
+        let answer = self
+            .expect(|e| e.has_ns(SM) && matches!(e.name(), "resumed" | "failed"))
+            .await;
         if answer.name() == "resumed" {
             Ok(answer.attr("h").and_then(|h| h.parse().ok()).expect("h"))
         } else {
-            Err(answer.children().next().map(|c| c.name().to_owned()).unwrap_or_default())
+            Err(answer
+                .children()
+                .next()
+                .map(|c| c.name().to_owned())
+                .unwrap_or_default())
         }
     }
 

@@ -13,7 +13,10 @@ const SHORT: Duration = Duration::from_millis(300);
 async fn bound(server: &TestServer) -> TestClient {
     let mut client = TestClient::connect_tls(server.direct_tls()).await;
     client.open().await;
-    client.authenticate_plain("mallory", "secret").await.unwrap();
+    client
+        .authenticate_plain("mallory", "secret")
+        .await
+        .unwrap();
     client.bind(Some("bad")).await;
     client
 }
@@ -33,8 +36,13 @@ async fn server() -> TestServer {
 /// Alice and bob keep chatting while someone misbehaves.
 async fn bystanders_unaffected(alice: &mut TestClient, bob: &mut TestClient, n: u32) {
     alice.send(&format!("<message to='bob@localhost/desk' type='chat' id='ok{n}'><body>still fine {n}</body></message>")).await;
-    let message = bob.expect(|e| e.attr("id") == Some(&format!("ok{n}"))).await;
-    assert_eq!(message.get_child("body", "jabber:client").unwrap().text(), format!("still fine {n}"));
+    let message = bob
+        .expect(|e| e.attr("id") == Some(&format!("ok{n}")))
+        .await;
+    assert_eq!(
+        message.get_child("body", "jabber:client").unwrap().text(),
+        format!("still fine {n}")
+    );
 }
 
 #[tokio::test]
@@ -43,39 +51,101 @@ async fn malformed_streams_get_the_right_stream_errors() {
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (b"<message><body>unclosed</message>".to_vec(), "not-well-formed"),
-        (b"<message to='bob@localhost'><body>\xff\xfe\xfd</body></message>".to_vec(), "unsupported-encoding"),
-        (b"<!DOCTYPE lol [<!ENTITY lol 'lol'>]><message/>".to_vec(), "restricted-xml"),
-        (b"<message><body>&lol1;</body></message>".to_vec(), "restricted-xml"),
-        (b"<message><!-- hidden --></message>".to_vec(), "restricted-xml"),
+        (
+            b"<message><body>unclosed</message>".to_vec(),
+            "not-well-formed",
+        ),
+        (
+            b"<message to='bob@localhost'><body>\xff\xfe\xfd</body></message>".to_vec(),
+            "unsupported-encoding",
+        ),
+        (
+            b"<!DOCTYPE lol [<!ENTITY lol 'lol'>]><message/>".to_vec(),
+            "restricted-xml",
+        ),
+        (
+            b"<message><body>&lol1;</body></message>".to_vec(),
+            "restricted-xml",
+        ),
+        (
+            b"<message><!-- hidden --></message>".to_vec(),
+            "restricted-xml",
+        ),
         (b"<?evil instruction?>".to_vec(), "restricted-xml"),
-        (b"<message><x:y/></message>".to_vec(), "bad-namespace-prefix"),
-        (b"<unknown xmlns='urn:example:unknown'/>".to_vec(), "unsupported-stanza-type"),
-        (b"<message xmlns='jabber:server' to='bob@localhost'/>".to_vec(), "invalid-namespace"),
-        (b"<message from='bob@localhost/desk' to='alice@localhost'><body>spoof</body></message>".to_vec(), "invalid-from"),
-        (format!("<message><body>{}</body></message>", "x".repeat(30_000)).into_bytes(), "policy-violation"),
-        (format!("<message>{}", "<a xmlns='urn:x'>".repeat(100)).into_bytes(), "policy-violation"),
-        (b"plain text where elements belong<presence/>".to_vec(), "bad-format"),
+        (
+            b"<message><x:y/></message>".to_vec(),
+            "bad-namespace-prefix",
+        ),
+        (
+            b"<unknown xmlns='urn:example:unknown'/>".to_vec(),
+            "unsupported-stanza-type",
+        ),
+        (
+            b"<message xmlns='jabber:server' to='bob@localhost'/>".to_vec(),
+            "invalid-namespace",
+        ),
+        (
+            b"<message from='bob@localhost/desk' to='alice@localhost'><body>spoof</body></message>"
+                .to_vec(),
+            "invalid-from",
+        ),
+        (
+            format!("<message><body>{}</body></message>", "x".repeat(30_000)).into_bytes(),
+            "policy-violation",
+        ),
+        (
+            format!("<message>{}", "<a xmlns='urn:x'>".repeat(100)).into_bytes(),
+            "policy-violation",
+        ),
+        (
+            b"plain text where elements belong<presence/>".to_vec(),
+            "bad-format",
+        ),
     ];
     for (n, (bytes, expected)) in cases.into_iter().enumerate() {
         let mut mallory = bound(&server).await;
         mallory.send_bytes(&bytes).await;
-        assert_eq!(mallory.expect_stream_error().await, expected, "case {n}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)]));
+        assert_eq!(
+            mallory.expect_stream_error().await,
+            expected,
+            "case {n}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        );
         bystanders_unaffected(&mut alice, &mut bob, n as u32).await;
     }
     // The spoofed message never reached alice.
-    alice.assert_none(SHORT, |e| e.get_child("body", "jabber:client").is_some_and(|b| b.text() == "spoof")).await;
+    alice
+        .assert_none(SHORT, |e| {
+            e.get_child("body", "jabber:client")
+                .is_some_and(|b| b.text() == "spoof")
+        })
+        .await;
 }
 
 #[tokio::test]
 async fn bad_stream_headers() {
     let server = server().await;
     let cases = [
-        ("<stream:stream xmlns='jabber:client' xmlns:stream='urn:wrong' to='localhost' version='1.0'>", "invalid-namespace"),
-        ("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.org' version='1.0'>", "host-unknown"),
-        ("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost'>", "unsupported-version"),
-        ("<stream:stream xmlns='jabber:client' to='localhost' version='1.0'>", "bad-namespace-prefix"),
-        ("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "not-well-formed"),
+        (
+            "<stream:stream xmlns='jabber:client' xmlns:stream='urn:wrong' to='localhost' version='1.0'>",
+            "invalid-namespace",
+        ),
+        (
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.org' version='1.0'>",
+            "host-unknown",
+        ),
+        (
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost'>",
+            "unsupported-version",
+        ),
+        (
+            "<stream:stream xmlns='jabber:client' to='localhost' version='1.0'>",
+            "bad-namespace-prefix",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            "not-well-formed",
+        ),
     ];
     for (header, expected) in cases {
         let mut client = TestClient::connect(server.starttls()).await;
@@ -91,18 +161,27 @@ async fn stanzas_before_authentication_are_refused() {
     // Before TLS on the STARTTLS port.
     let mut client = TestClient::connect(server.starttls()).await;
     client.open().await;
-    client.send("<message to='alice@localhost/phone'><body>sneaky</body></message>").await;
+    client
+        .send("<message to='alice@localhost/phone'><body>sneaky</body></message>")
+        .await;
     assert_eq!(client.expect_stream_error().await, "policy-violation");
     // After TLS, before SASL.
     let mut client = TestClient::connect_tls(server.direct_tls()).await;
     client.open().await;
-    client.send("<message to='alice@localhost/phone'><body>sneaky</body></message>").await;
+    client
+        .send("<message to='alice@localhost/phone'><body>sneaky</body></message>")
+        .await;
     assert_eq!(client.expect_stream_error().await, "not-authorized");
     // After SASL, before binding.
     let mut client = TestClient::connect_tls(server.direct_tls()).await;
     client.open().await;
-    client.authenticate_plain("mallory", "secret").await.unwrap();
-    client.send("<message to='alice@localhost/phone'><body>sneaky</body></message>").await;
+    client
+        .authenticate_plain("mallory", "secret")
+        .await
+        .unwrap();
+    client
+        .send("<message to='alice@localhost/phone'><body>sneaky</body></message>")
+        .await;
     assert_eq!(client.expect_stream_error().await, "not-authorized");
     alice.assert_none(SHORT, |e| e.name() == "message").await;
 }
@@ -117,8 +196,14 @@ async fn plain_authentication_needs_tls() {
     server.create_user("alice", "secret").await;
     let mut client = TestClient::connect(server.starttls()).await;
     let features = client.open().await;
-    assert!(!features.has_child("mechanisms", "urn:ietf:params:xml:ns:xmpp-sasl"), "no SASL in the clear by default");
-    assert_eq!(client.authenticate_plain("alice", "secret").await, Err("encryption-required".into()));
+    assert!(
+        !features.has_child("mechanisms", "urn:ietf:params:xml:ns:xmpp-sasl"),
+        "no SASL in the clear by default"
+    );
+    assert_eq!(
+        client.authenticate_plain("alice", "secret").await,
+        Err("encryption-required".into())
+    );
 }
 
 #[tokio::test]
@@ -147,7 +232,10 @@ async fn failed_logins_are_rate_limited_per_address() {
     // Even the right password is refused while the address is limited.
     let mut client = TestClient::connect_tls(server.direct_tls()).await;
     client.open().await;
-    assert_eq!(client.authenticate_plain("alice", "secret").await, Err("temporary-auth-failure".into()));
+    assert_eq!(
+        client.authenticate_plain("alice", "secret").await,
+        Err("temporary-auth-failure".into())
+    );
 }
 
 #[tokio::test]
@@ -156,7 +244,10 @@ async fn too_many_failures_on_one_stream_close_it() {
     let mut client = TestClient::connect_tls(server.direct_tls()).await;
     client.open().await;
     for _ in 0..2 {
-        assert_eq!(client.authenticate_plain("alice", "wrong").await, Err("not-authorized".into()));
+        assert_eq!(
+            client.authenticate_plain("alice", "wrong").await,
+            Err("not-authorized".into())
+        );
     }
     client.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHdyb25n</auth>").await;
     assert_eq!(client.expect_stream_error().await, "policy-violation");
@@ -197,16 +288,30 @@ async fn a_stanza_trickled_after_binding_times_out() {
 async fn stanza_level_errors_keep_the_stream_open() {
     let server = server().await;
     let mut mallory = bound(&server).await;
-    let bad_iq = mallory.iq("<iq type='fetch'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    let bad_iq = mallory
+        .iq("<iq type='fetch'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
     assert_eq!(bad_iq.attr("type"), Some("error"));
     mallory.send("<presence type='bogus'/>").await;
-    let error = mallory.expect(|e| e.name() == "presence" && e.attr("type") == Some("error")).await;
+    let error = mallory
+        .expect(|e| e.name() == "presence" && e.attr("type") == Some("error"))
+        .await;
     assert!(String::from(&error).contains("bad-request"));
-    mallory.send("<message to='a@b@c'><body>x</body></message>").await;
-    let error = mallory.expect(|e| e.name() == "message" && e.attr("type") == Some("error")).await;
+    mallory
+        .send("<message to='a@b@c'><body>x</body></message>")
+        .await;
+    let error = mallory
+        .expect(|e| e.name() == "message" && e.attr("type") == Some("error"))
+        .await;
     assert!(String::from(&error).contains("jid-malformed"));
-    let ping = mallory.iq("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
-    assert_eq!(ping.attr("type"), Some("result"), "the stream is still usable");
+    let ping = mallory
+        .iq("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    assert_eq!(
+        ping.attr("type"),
+        Some("result"),
+        "the stream is still usable"
+    );
 }
 
 #[tokio::test]
@@ -224,12 +329,18 @@ async fn floods_are_throttled_without_losing_stanzas() {
     let started = tokio::time::Instant::now();
     let mut flood = String::new();
     for n in 0..300 {
-        flood.push_str(&format!("<message to='bob@localhost/desk' id='f{n}'><body>{padding}</body></message>"));
+        flood.push_str(&format!(
+            "<message to='bob@localhost/desk' id='f{n}'><body>{padding}</body></message>"
+        ));
     }
     alice.send(&flood).await;
     for n in 0..300 {
         bob.expect(|e| e.attr("id") == Some(&format!("f{n}"))).await;
     }
     // ~330 kB at 20 kB/s after a 256 kB burst: several seconds, not instant.
-    assert!(started.elapsed() >= Duration::from_secs(2), "the sender was throttled ({:?})", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the sender was throttled ({:?})",
+        started.elapsed()
+    );
 }

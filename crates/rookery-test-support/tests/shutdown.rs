@@ -16,7 +16,10 @@ async fn shutdown_closes_streams_and_keeps_unacked_messages_offline() {
     alice.send("<presence/>").await;
     alice.expect(|e| e.name() == "presence").await;
     for n in 0..5 {
-        bob.send(&format!("<message to='alice@localhost' type='chat' id='s{n}'><body>{n}</body></message>")).await;
+        bob.send(&format!(
+            "<message to='alice@localhost' type='chat' id='s{n}'><body>{n}</body></message>"
+        ))
+        .await;
     }
     for _ in 0..5 {
         alice.expect_message().await;
@@ -33,5 +36,7 @@ async fn shutdown_closes_streams_and_keeps_unacked_messages_offline() {
     }
     ids.sort();
     assert_eq!(ids, ["s0", "s1", "s2", "s3", "s4"]);
-    alice.assert_none(Duration::from_millis(300), |e| e.name() == "message").await;
+    alice
+        .assert_none(Duration::from_millis(300), |e| e.name() == "message")
+        .await;
 }

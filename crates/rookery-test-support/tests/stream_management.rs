@@ -9,7 +9,10 @@ use rookery_test_support::{TestClient, TestServer};
 const SHORT: Duration = Duration::from_millis(300);
 
 fn body(message: &Element) -> String {
-    message.get_child("body", "jabber:client").map(|b| b.text()).unwrap_or_default()
+    message
+        .get_child("body", "jabber:client")
+        .map(|b| b.text())
+        .unwrap_or_default()
 }
 
 async fn server(resume_timeout: u64) -> TestServer {
@@ -33,7 +36,10 @@ async fn resume(server: &TestServer, previd: &str, h: u32) -> (TestClient, Resul
     let mut client = TestClient::connect(server.starttls()).await;
     client.open().await;
     client.starttls().await;
-    client.authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256).await.unwrap();
+    client
+        .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
+        .await
+        .unwrap();
     let result = client.resume(previd, h).await;
     (client, result)
 }
@@ -44,7 +50,11 @@ async fn acks_count_handled_stanzas_both_ways() {
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
     let (mut alice, _) = resumable_alice(&server).await;
     for n in 0..3 {
-        alice.send(&format!("<message to='bob@localhost/desk' id='a{n}'><body>{n}</body></message>")).await;
+        alice
+            .send(&format!(
+                "<message to='bob@localhost/desk' id='a{n}'><body>{n}</body></message>"
+            ))
+            .await;
     }
     alice.send("<r xmlns='urn:xmpp:sm:3'/>").await;
     let ack = alice.expect(|e| e.name() == "a").await;
@@ -53,7 +63,8 @@ async fn acks_count_handled_stanzas_both_ways() {
         bob.expect(|e| e.attr("id") == Some(&format!("a{n}"))).await;
     }
     // The server asks for acks of what it sends.
-    bob.send("<message to='alice@localhost/phone'><body>x</body></message>").await;
+    bob.send("<message to='alice@localhost/phone'><body>x</body></message>")
+        .await;
     alice.expect_message().await;
     alice.expect(|e| e.name() == "r").await;
 }
@@ -62,26 +73,39 @@ async fn acks_count_handled_stanzas_both_ways() {
 async fn a_dropped_session_resumes_with_what_arrived_meanwhile() {
     let server = server(60).await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    bob.iq("<iq type='set'><query xmlns='jabber:iq:roster'><item jid='alice@localhost'/></query></iq>").await;
+    bob.iq(
+        "<iq type='set'><query xmlns='jabber:iq:roster'><item jid='alice@localhost'/></query></iq>",
+    )
+    .await;
     let (mut alice, id) = resumable_alice(&server).await;
-    bob.send("<message to='alice@localhost' type='chat'><body>before</body></message>").await;
+    bob.send("<message to='alice@localhost' type='chat'><body>before</body></message>")
+        .await;
     assert_eq!(body(&alice.expect_message().await), "before");
     alice.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
     for n in 0..3 {
-        bob.send(&format!("<message to='alice@localhost' type='chat'><body>meanwhile {n}</body></message>")).await;
+        bob.send(&format!(
+            "<message to='alice@localhost' type='chat'><body>meanwhile {n}</body></message>"
+        ))
+        .await;
     }
-    bob.assert_none(SHORT, |e| e.attr("type") == Some("error")).await;
+    bob.assert_none(SHORT, |e| e.attr("type") == Some("error"))
+        .await;
     assert_eq!(server.sessions(), 2, "the session waits for the client");
     // alice had handled her presence echo and "before" (h=2).
     let (mut alice, resumed) = resume(&server, &id, 2).await;
     assert_eq!(resumed, Ok(1), "the server handled alice's presence");
     for n in 0..3 {
-        assert_eq!(body(&alice.expect_message().await), format!("meanwhile {n}"));
+        assert_eq!(
+            body(&alice.expect_message().await),
+            format!("meanwhile {n}")
+        );
     }
     alice.assert_none(SHORT, |e| body(e) == "before").await;
     // The session goes on as before.
-    alice.send("<message to='bob@localhost/desk' type='chat'><body>back</body></message>").await;
+    alice
+        .send("<message to='bob@localhost/desk' type='chat'><body>back</body></message>")
+        .await;
     assert_eq!(body(&bob.expect_message().await), "back");
     assert_eq!(server.sessions(), 2);
 }
@@ -91,12 +115,17 @@ async fn resuming_from_a_new_connection_takes_over_a_half_dead_one() {
     let server = server(60).await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
     let (mut old, id) = resumable_alice(&server).await;
-    bob.send("<message to='alice@localhost/phone'><body>unacked</body></message>").await;
+    bob.send("<message to='alice@localhost/phone'><body>unacked</body></message>")
+        .await;
     assert_eq!(body(&old.expect_message().await), "unacked");
     // The old connection is still open when the client resumes elsewhere.
     let (mut alice, resumed) = resume(&server, &id, 1).await;
     assert!(resumed.is_ok());
-    assert_eq!(body(&alice.expect_message().await), "unacked", "retransmitted, since it was not acknowledged");
+    assert_eq!(
+        body(&alice.expect_message().await),
+        "unacked",
+        "retransmitted, since it was not acknowledged"
+    );
     assert_eq!(old.expect_stream_error().await, "conflict");
 }
 
@@ -115,18 +144,26 @@ async fn unknown_resumption_ids_fail_and_the_client_can_bind() {
 async fn an_expired_session_sends_its_unacked_messages_to_offline_storage() {
     let server = server(1).await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    bob.iq("<iq type='set'><query xmlns='jabber:iq:roster'><item jid='alice@localhost'/></query></iq>").await;
+    bob.iq(
+        "<iq type='set'><query xmlns='jabber:iq:roster'><item jid='alice@localhost'/></query></iq>",
+    )
+    .await;
     let (mut alice, _) = resumable_alice(&server).await;
-    bob.send("<message to='alice@localhost' type='chat'><body>never acked</body></message>").await;
+    bob.send("<message to='alice@localhost' type='chat'><body>never acked</body></message>")
+        .await;
     assert_eq!(body(&alice.expect_message().await), "never acked");
     alice.kill();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    bob.send("<message to='alice@localhost' type='chat'><body>while hibernating</body></message>").await;
+    bob.send("<message to='alice@localhost' type='chat'><body>while hibernating</body></message>")
+        .await;
     // After the resumption timeout the session ends.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(server.sessions(), 1);
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "laptop").await;
-    let mut bodies = vec![body(&alice.expect_message().await), body(&alice.expect_message().await)];
+    let mut bodies = vec![
+        body(&alice.expect_message().await),
+        body(&alice.expect_message().await),
+    ];
     bodies.sort();
     assert_eq!(bodies, ["never acked", "while hibernating"]);
 }
@@ -137,7 +174,10 @@ async fn unacked_stanzas_of_a_closed_session_go_to_the_other_resources() {
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
     let mut laptop = TestClient::online(server.starttls(), "alice", "secret", "laptop").await;
     let (mut phone, _) = resumable_alice(&server).await;
-    bob.send("<message to='alice@localhost/phone' type='chat'><body>for the phone</body></message>").await;
+    bob.send(
+        "<message to='alice@localhost/phone' type='chat'><body>for the phone</body></message>",
+    )
+    .await;
     assert_eq!(body(&phone.expect_message().await), "for the phone");
     // A clean close ends the session; the phone never acknowledged the message.
     phone.close().await;
@@ -154,7 +194,10 @@ async fn without_stream_management_queued_mail_is_not_lost_on_close() {
     phone.send("</stream:stream>").await;
     // Sent while the phone's session is closing: it ends up on the laptop, not nowhere.
     for n in 0..20 {
-        bob.send(&format!("<message to='alice@localhost/phone' type='chat' id='c{n}'><body>{n}</body></message>")).await;
+        bob.send(&format!(
+            "<message to='alice@localhost/phone' type='chat' id='c{n}'><body>{n}</body></message>"
+        ))
+        .await;
     }
     let mut received = 0;
     while let Some(message) = phone.recv_timeout(SHORT).await {
@@ -167,5 +210,8 @@ async fn without_stream_management_queued_mail_is_not_lost_on_close() {
             received += 1;
         }
     }
-    assert_eq!(received, 20, "every message reached one of alice's resources");
+    assert_eq!(
+        received, 20,
+        "every message reached one of alice's resources"
+    );
 }

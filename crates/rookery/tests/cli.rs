@@ -10,7 +10,11 @@ use rookery_test_support::TestClient;
 
 fn rookery(dir: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_rookery"));
-    command.current_dir(dir).args(args).env_remove("ROOKERY_CONFIG").env("RUST_LOG", "");
+    command
+        .current_dir(dir)
+        .args(args)
+        .env_remove("ROOKERY_CONFIG")
+        .env("RUST_LOG", "");
     for (key, _) in std::env::vars() {
         if key.starts_with("ROOKERY_") {
             command.env_remove(key);
@@ -28,7 +32,11 @@ fn stderr(output: &Output) -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A config on free loopback ports with the test certificate.
@@ -47,20 +55,38 @@ fn write_config(dir: &Path) -> (u16, u16, u16) {
 #[test]
 fn config_check_names_the_bad_key_and_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("good.toml"), "[server]\ndomain = \"example.org\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("good.toml"),
+        "[server]\ndomain = \"example.org\"\n",
+    )
+    .unwrap();
     let ok = run(dir.path(), &["config", "check", "good.toml"]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("valid"));
 
-    std::fs::write(dir.path().join("bad.toml"), "[server]\ndomain = \"example.org\"\n[c2s]\nrequire_tsl = true\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[server]\ndomain = \"example.org\"\n[c2s]\nrequire_tsl = true\n",
+    )
+    .unwrap();
     let bad = run(dir.path(), &["config", "check", "bad.toml"]);
     assert_eq!(bad.status.code(), Some(64));
     let message = stderr(&bad);
-    assert!(message.contains("bad.toml") && message.contains("require_tsl"), "{message}");
+    assert!(
+        message.contains("bad.toml") && message.contains("require_tsl"),
+        "{message}"
+    );
 
-    let env = rookery(dir.path(), &["config", "check", "good.toml"]).env("ROOKERY_C2S__MAX_STANZA_SIZE", "huge").output().unwrap();
+    let env = rookery(dir.path(), &["config", "check", "good.toml"])
+        .env("ROOKERY_C2S__MAX_STANZA_SIZE", "huge")
+        .output()
+        .unwrap();
     assert_eq!(env.status.code(), Some(64));
-    assert!(stderr(&env).contains("ROOKERY_C2S__MAX_STANZA_SIZE"), "{}", stderr(&env));
+    assert!(
+        stderr(&env).contains("ROOKERY_C2S__MAX_STANZA_SIZE"),
+        "{}",
+        stderr(&env)
+    );
 }
 
 #[test]
@@ -75,9 +101,16 @@ fn a_bad_config_stops_serve_before_any_port_is_bound() {
     let started = Instant::now();
     let output = run(dir.path(), &["serve"]);
     assert_eq!(output.status.code(), Some(64));
-    assert!(stderr(&output).contains("c2s.max_stanza_size"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("c2s.max_stanza_size"),
+        "{}",
+        stderr(&output)
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "the port was never taken");
+    assert!(
+        TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "the port was never taken"
+    );
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
 
@@ -85,29 +118,59 @@ fn a_bad_config_stops_serve_before_any_port_is_bound() {
 fn user_administration() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path());
-    let add = rookery(dir.path(), &["user", "add", "alice"]).stdin(Stdio::piped()).spawn().and_then(|mut child| {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"from stdin\n")?;
-        child.wait_with_output()
-    });
+    let add = rookery(dir.path(), &["user", "add", "alice"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"from stdin\n")?;
+            child.wait_with_output()
+        });
     let add = add.unwrap();
     assert!(add.status.success(), "{}", stderr(&add));
-    assert!(run(dir.path(), &["user", "add", "bob@localhost", "--password", "pw"]).status.success());
+    assert!(
+        run(
+            dir.path(),
+            &["user", "add", "bob@localhost", "--password", "pw"]
+        )
+        .status
+        .success()
+    );
     let duplicate = run(dir.path(), &["user", "add", "bob", "--password", "pw"]);
-    assert!(!duplicate.status.success() && stderr(&duplicate).contains("already exists"), "{}", stderr(&duplicate));
-    let foreign = run(dir.path(), &["user", "add", "eve@elsewhere.example", "--password", "pw"]);
+    assert!(
+        !duplicate.status.success() && stderr(&duplicate).contains("already exists"),
+        "{}",
+        stderr(&duplicate)
+    );
+    let foreign = run(
+        dir.path(),
+        &["user", "add", "eve@elsewhere.example", "--password", "pw"],
+    );
     assert!(!foreign.status.success());
     let list = run(dir.path(), &["user", "list"]);
-    assert_eq!(String::from_utf8_lossy(&list.stdout), "alice@localhost\nbob@localhost\n");
-    assert!(run(dir.path(), &["user", "passwd", "bob", "--password", "new"]).status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout),
+        "alice@localhost\nbob@localhost\n"
+    );
+    assert!(
+        run(dir.path(), &["user", "passwd", "bob", "--password", "new"])
+            .status
+            .success()
+    );
     assert!(run(dir.path(), &["user", "remove", "bob"]).status.success());
     assert!(!run(dir.path(), &["user", "remove", "bob"]).status.success());
-    assert_eq!(String::from_utf8_lossy(&run(dir.path(), &["user", "list"]).stdout), "alice@localhost\n");
+    assert_eq!(
+        String::from_utf8_lossy(&run(dir.path(), &["user", "list"]).stdout),
+        "alice@localhost\n"
+    );
     // Only salted keys are stored: the password appears nowhere in the database.
     let database = std::fs::read(dir.path().join("data/rookery.sqlite")).unwrap();
     let wal = std::fs::read(dir.path().join("data/rookery.sqlite-wal")).unwrap_or_default();
     for haystack in [database, wal] {
-        assert!(!haystack.windows(10).any(|w| w == b"from stdin"), "plaintext password stored");
+        assert!(
+            !haystack.windows(10).any(|w| w == b"from stdin"),
+            "plaintext password stored"
+        );
     }
 }
 
@@ -115,8 +178,18 @@ fn user_administration() {
 async fn serve_logs_in_clients_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (starttls, _, http) = write_config(dir.path());
-    assert!(run(dir.path(), &["user", "add", "alice", "--password", "secret"]).status.success());
-    let server = rookery(dir.path(), &["serve"]).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(
+        run(
+            dir.path(),
+            &["user", "add", "alice", "--password", "secret"]
+        )
+        .status
+        .success()
+    );
+    let server = rookery(dir.path(), &["serve"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], starttls));
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(address).await.is_err() {
@@ -128,11 +201,26 @@ async fn serve_logs_in_clients_and_stops_on_sigterm() {
     assert!(live.is_ok());
     // SIGTERM: the stream ends with system-shutdown and the process exits 0.
     let pid = server.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_eq!(alice.expect_stream_error().await, "system-shutdown");
-    let status = tokio::task::spawn_blocking(move || server.wait_with_output()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || server.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.status.success(), "exit status {:?}", status.status);
     let log = String::from_utf8_lossy(&status.stderr);
-    assert!(log.contains("Rookery starting.") && log.contains("version"), "the first line names the version: {log}");
-    assert!(log.contains("SIGTERM received.") && log.contains("Stopped."), "{log}");
+    assert!(
+        log.contains("Rookery starting.") && log.contains("version"),
+        "the first line names the version: {log}"
+    );
+    assert!(
+        log.contains("SIGTERM received.") && log.contains("Stopped."),
+        "{log}"
+    );
 }

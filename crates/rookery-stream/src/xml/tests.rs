@@ -154,9 +154,16 @@ fn attribute_helpers_set_and_remove() {
 
 #[test]
 fn input_that_is_not_xml_is_refused_at_once() {
-    for garbage in [&b"GET / HTTP/1.1\r\n"[..], b"\x16\x03\x01\x02\x00", b"  hello"] {
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n"[..],
+        b"\x16\x03\x01\x02\x00",
+        b"  hello",
+    ] {
         let mut reader = StreamReader::new(Limits::default());
         let mut input = garbage;
-        assert_eq!(reader.read(&mut input).unwrap_err(), Condition::NotWellFormed);
+        assert_eq!(
+            reader.read(&mut input).unwrap_err(),
+            Condition::NotWellFormed
+        );
     }
 }
