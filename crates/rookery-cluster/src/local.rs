@@ -44,15 +44,14 @@ impl Bus for LocalBus {
         info: RouteInfo,
     ) -> Result<(), BusError> {
         let mut users = self.users.write().expect("bus lock");
-        if let Some(routes) = users.get_mut(&jid.to_bare()) {
-            if let Some(route) = routes
+        if let Some(routes) = users.get_mut(&jid.to_bare())
+            && let Some(route) = routes
                 .iter_mut()
                 .find(|route| route.jid == *jid && route.session == session)
-            {
-                let mut updated = Route::clone(route);
-                updated.info = info;
-                *route = Arc::new(updated);
-            }
+        {
+            let mut updated = Route::clone(route);
+            updated.info = info;
+            *route = Arc::new(updated);
         }
         Ok(())
     }

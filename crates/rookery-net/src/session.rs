@@ -287,16 +287,16 @@ impl<T: Transport> Connection<T> {
 
     /// Decides what becomes of the session when the stream closed.
     fn ending(&mut self, reason: CloseReason) -> Ending {
-        if let Some(bound) = &mut self.bound {
-            if matches!(
+        if let Some(bound) = &mut self.bound
+            && matches!(
                 &reason,
                 CloseReason::Local(Some(StreamError {
                     condition: Condition::Conflict,
                     ..
                 }))
-            ) {
-                bound.session.replaced = true;
-            }
+            )
+        {
+            bound.session.replaced = true;
         }
         let transient = match &reason {
             CloseReason::Eof | CloseReason::PeerError(_) => true,

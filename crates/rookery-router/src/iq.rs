@@ -66,17 +66,17 @@ impl Router {
         };
         // Responses to the server or an account are consumed here.
         let Some(iq_type) = iq_type else { return };
-        if let IqTarget::Account(account) = &target {
-            if *account != session.user() {
-                let blocked = self.blocks(account, &Jid::from(session.jid.clone())).await;
-                if blocked || !self.account_exists(account).await {
-                    return session.outbox.push(error_reply(
-                        &iq,
-                        ErrorCondition::SERVICE_UNAVAILABLE,
-                        None,
-                        None,
-                    ));
-                }
+        if let IqTarget::Account(account) = &target
+            && *account != session.user()
+        {
+            let blocked = self.blocks(account, &Jid::from(session.jid.clone())).await;
+            if blocked || !self.account_exists(account).await {
+                return session.outbox.push(error_reply(
+                    &iq,
+                    ErrorCondition::SERVICE_UNAVAILABLE,
+                    None,
+                    None,
+                ));
             }
         }
         let payload = iq.children().next().expect("checked above").clone();
@@ -162,15 +162,15 @@ impl Router {
             Some(route) => self.send_to(&route, iq).err(),
             None => Some(iq),
         };
-        if let Some(iq) = returned {
-            if is_request {
-                session.outbox.push(error_reply(
-                    &iq,
-                    ErrorCondition::SERVICE_UNAVAILABLE,
-                    None,
-                    None,
-                ));
-            }
+        if let Some(iq) = returned
+            && is_request
+        {
+            session.outbox.push(error_reply(
+                &iq,
+                ErrorCondition::SERVICE_UNAVAILABLE,
+                None,
+                None,
+            ));
         }
     }
 }

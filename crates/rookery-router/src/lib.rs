@@ -396,7 +396,7 @@ impl Router {
     pub async fn handle_stanza(&self, session: &mut Session, stanza: Element) {
         let to = match stanza::to(&stanza) {
             Ok(to) => to,
-            Err(()) => {
+            Err(_) => {
                 if !stanza::is_error_or_result(&stanza) {
                     session.outbox.push(error_reply(
                         &stanza,
@@ -408,10 +408,11 @@ impl Router {
                 return;
             }
         };
-        if let Some(to) = &to {
-            if !self.is_own(session, to) && self.blocks(&session.user(), to).await {
-                return self.refuse_to_blocked(session, &stanza);
-            }
+        if let Some(to) = &to
+            && !self.is_own(session, to)
+            && self.blocks(&session.user(), to).await
+        {
+            return self.refuse_to_blocked(session, &stanza);
         }
         match Kind::of(&stanza) {
             Some(Kind::Message) => self.handle_message(session, stanza, to).await,
@@ -452,10 +453,10 @@ impl Router {
             Some(Kind::Message) => self.route_message_to(stanza, &to, None).await,
             Some(Kind::Presence) => self.deliver_presence(stanza, &to).await,
             Some(Kind::Iq) => {
-                if let Ok(full) = to.try_as_full() {
-                    if let Some(route) = self.bus.route(full) {
-                        let _ = self.bus.send(&route, Mail::Stanza(Box::new(stanza)));
-                    }
+                if let Ok(full) = to.try_as_full()
+                    && let Some(route) = self.bus.route(full)
+                {
+                    let _ = self.bus.send(&route, Mail::Stanza(Box::new(stanza)));
                 }
             }
             None => {}

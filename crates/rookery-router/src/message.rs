@@ -82,10 +82,7 @@ impl Router {
             // except any that received the message itself.
             let user = session.user();
             for route in self.bus.routes(&user) {
-                if route.info.carbons
-                    && route.jid != session.jid
-                    && Jid::from(route.jid.clone()) != to
-                {
+                if route.info.carbons && route.jid != session.jid && route.jid.clone() != to {
                     let _ = self.send_to(&route, carbon("sent", &user, &route.jid, &original));
                 }
             }
@@ -100,16 +97,16 @@ impl Router {
         sender: Option<&Session>,
     ) {
         let user = to.to_bare();
-        if let Some(from) = crate::stanza::from(&message) {
-            if from.to_bare() != user && self.blocks(&user, &from).await {
-                // XEP-0191 section 3.5: the blocked sender learns nothing more.
-                if MessageType::of(&message) != MessageType::Error {
-                    let error =
-                        error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
-                    self.reply(sender, error).await;
-                }
-                return;
+        if let Some(from) = crate::stanza::from(&message)
+            && from.to_bare() != user
+            && self.blocks(&user, &from).await
+        {
+            // XEP-0191 section 3.5: the blocked sender learns nothing more.
+            if MessageType::of(&message) != MessageType::Error {
+                let error = error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
+                self.reply(sender, error).await;
             }
+            return;
         }
         let routes = self.bus.routes(&user);
         let message_type = MessageType::of(&message);

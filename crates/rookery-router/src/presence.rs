@@ -139,13 +139,13 @@ impl Router {
         if initial {
             // The user's other available resources (section 4.2.2).
             for route in &own {
-                if route.jid != session.jid {
-                    if let Some(presence) = &route.info.presence {
-                        let mut presence = Element::clone(presence);
-                        set_attr(&mut presence, "from", route.jid.to_string());
-                        set_attr(&mut presence, "to", session.jid.to_string());
-                        self.accept_delivery(session, presence);
-                    }
+                if route.jid != session.jid
+                    && let Some(presence) = &route.info.presence
+                {
+                    let mut presence = Element::clone(presence);
+                    set_attr(&mut presence, "from", route.jid.to_string());
+                    set_attr(&mut presence, "to", session.jid.to_string());
+                    self.accept_delivery(session, presence);
                 }
             }
             // Probes (section 4.3), answered from the registry for local contacts.
@@ -210,10 +210,11 @@ impl Router {
             return;
         }
         let user = to.to_bare();
-        if let Some(from) = stanza::from(&presence) {
-            if from.to_bare() != user && self.blocks(&user, &from).await {
-                return;
-            }
+        if let Some(from) = stanza::from(&presence)
+            && from.to_bare() != user
+            && self.blocks(&user, &from).await
+        {
+            return;
         }
         let routes = self.bus.routes(&user);
         match to.try_as_full() {
@@ -286,10 +287,11 @@ impl Router {
                 }
             }
         }
-        if before.pending_in && !after.pending_in {
-            if let Err(error) = self.store.remove_subscription_request(user, contact).await {
-                tracing::warn!(%user, %error, "Subscription request could not be removed.");
-            }
+        if before.pending_in
+            && !after.pending_in
+            && let Err(error) = self.store.remove_subscription_request(user, contact).await
+        {
+            tracing::warn!(%user, %error, "Subscription request could not be removed.");
         }
     }
 
@@ -374,14 +376,14 @@ impl Router {
         }
         let (item, before) = self.sub_state(recipient, sender).await;
         let outcome = subscription::inbound(before, kind);
-        if kind == PresenceType::Subscribe && outcome.next.pending_in {
-            if let Err(error) = self
+        if kind == PresenceType::Subscribe
+            && outcome.next.pending_in
+            && let Err(error) = self
                 .store
                 .put_subscription_request(recipient, sender, &String::from(&presence))
                 .await
-            {
-                tracing::error!(%recipient, %error, "Subscription request could not be stored.");
-            }
+        {
+            tracing::error!(%recipient, %error, "Subscription request could not be stored.");
         }
         self.save_sub_state(recipient, sender, item, before, outcome.next)
             .await;

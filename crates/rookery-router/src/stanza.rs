@@ -122,12 +122,9 @@ impl PresenceType {
     }
 }
 
-/// The `to` of a stanza, parsed. `Err` holds the raw value when it is not a valid JID.
-pub fn to(stanza: &Element) -> Result<Option<Jid>, ()> {
-    match stanza.attr("to") {
-        None => Ok(None),
-        Some(raw) => Jid::new(raw).map(Some).map_err(|_| ()),
-    }
+/// The `to` of a stanza, parsed; an error when it is not a valid JID.
+pub fn to(stanza: &Element) -> Result<Option<Jid>, jid::Error> {
+    stanza.attr("to").map(Jid::new).transpose()
 }
 
 /// The `from` of a stanza the server stamped; always a valid full or bare JID.

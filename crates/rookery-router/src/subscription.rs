@@ -103,27 +103,21 @@ pub fn inbound(state: SubState, kind: PresenceType) -> Inbound {
                 deliver = true;
             }
         }
-        PresenceType::Subscribed => {
-            if state.ask {
-                next.subscription = with(state.subscription, Some(true), None);
-                next.ask = false;
-                deliver = true;
-            }
+        PresenceType::Subscribed if state.ask => {
+            next.subscription = with(state.subscription, Some(true), None);
+            next.ask = false;
+            deliver = true;
         }
-        PresenceType::Unsubscribe => {
-            if state.subscription.has_from() || state.pending_in {
-                next.subscription = with(state.subscription, None, Some(false));
-                next.pending_in = false;
-                next.approved = false;
-                deliver = true;
-            }
+        PresenceType::Unsubscribe if (state.subscription.has_from() || state.pending_in) => {
+            next.subscription = with(state.subscription, None, Some(false));
+            next.pending_in = false;
+            next.approved = false;
+            deliver = true;
         }
-        PresenceType::Unsubscribed => {
-            if state.subscription.has_to() || state.ask {
-                next.subscription = with(state.subscription, Some(false), None);
-                next.ask = false;
-                deliver = true;
-            }
+        PresenceType::Unsubscribed if (state.subscription.has_to() || state.ask) => {
+            next.subscription = with(state.subscription, Some(false), None);
+            next.ask = false;
+            deliver = true;
         }
         _ => {}
     }

@@ -49,7 +49,8 @@ fn describe(outcome: &MessageOutcome) -> String {
 #[test]
 fn messages_to_the_bare_jid() {
     use MessageType::*;
-    let cases: &[(MessageType, &[(&str, Option<i8>)], &str)] = &[
+    type Case<'a> = (MessageType, &'a [(&'a str, Option<i8>)], &'a str);
+    let cases: &[Case] = &[
         (Chat, &[("a", Some(1)), ("b", Some(5))], "deliver b"),
         (
             Chat,
