@@ -72,6 +72,11 @@ enum UserCommand {
     },
     /// List the accounts of the domain.
     List,
+    /// Create many accounts from lines of "user password" (a file, or standard input with "-").
+    Import {
+        /// The file to read.
+        file: PathBuf,
+    },
 }
 
 fn config_path(cli: &Cli) -> Option<PathBuf> {
@@ -166,6 +171,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         "Rookery starting."
     );
+    // One socket per client: take every file descriptor the system allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "File descriptor limit."),
+        Err(error) => tracing::warn!(%error, "Could not raise the file descriptor limit."),
+    }
     let app = App::build(config).await?;
     app.run(shutdown_signal()).await
 }
@@ -188,6 +198,46 @@ fn account(config: &Config, user: &str) -> anyhow::Result<jid::BareJid> {
         bail!("{user} is not an account of {}", config.server.domain);
     }
     Ok(rookery_ext::register::account_jid(name, domain)?)
+}
+
+/// Creates the accounts of "user password" lines, deriving keys on every core.
+async fn import(
+    config: &Config,
+    store: std::sync::Arc<rookery_store_sqlite::SqliteStore>,
+    text: &str,
+    iterations: u32,
+) -> anyhow::Result<(usize, usize)> {
+    let mut accounts = Vec::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+    {
+        let Some((user, password)) = line.trim().split_once(char::is_whitespace) else {
+            bail!("line {}: expected \"user password\"", number + 1);
+        };
+        accounts.push((account(config, user)?, password.trim().to_owned()));
+    }
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = Vec::with_capacity(accounts.len());
+    for (jid, password) in accounts {
+        let permit = semaphore.clone().acquire_owned().await?;
+        let keys = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            rookery_ext::register::derive_keys(&password, iterations)
+        });
+        tasks.push((jid, keys));
+    }
+    let (mut created, mut existing) = (0, 0);
+    for (jid, keys) in tasks {
+        match rookery_store::AccountStore::create_account(&*store, &jid, &keys.await??).await {
+            Ok(()) => created += 1,
+            Err(rookery_store::StoreError::AlreadyExists) => existing += 1,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok((created, existing))
 }
 
 fn password(given: Option<String>) -> anyhow::Result<String> {
@@ -235,6 +285,17 @@ async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
             rookery_ext::register::set_password(&*store, &jid, &password(given)?, iterations)
                 .await?;
             println!("Changed the password of {jid}.");
+        }
+        UserCommand::Import { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin().lock())
+                    .context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let (created, existing) = import(&config, store.clone(), &text, iterations).await?;
+            println!("Created {created} accounts ({existing} existed already).");
         }
         UserCommand::List => {
             for jid in

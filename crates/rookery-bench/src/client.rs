@@ -1,0 +1,376 @@
+//! A lean XMPP client for load: STARTTLS, direct TLS or plain TCP; SCRAM or
+//! PLAIN; binding, presence and roster. It speaks to any server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::BytesMut;
+use minidom::Element;
+use rookery_stream::xml::{Limits, StreamReader, XmlEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::either::Either;
+
+/// How to reach the server.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Server address.
+    pub address: SocketAddr,
+    /// XMPP domain.
+    pub domain: String,
+    /// Transport security.
+    pub tls: TlsMode,
+    /// SASL mechanism.
+    pub mechanism: String,
+    /// Local addresses to spread connections over (127.0.0.x), to get past the
+    /// ephemeral port limit of one source address.
+    pub sources: Vec<IpAddr>,
+}
+
+/// Transport security of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum TlsMode {
+    /// Plain TCP, STARTTLS negotiated.
+    Starttls,
+    /// TLS from the first byte (XEP-0368).
+    Direct,
+    /// No TLS at all (the server must allow it).
+    None,
+}
+
+type Io = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A logged-in connection.
+pub struct Connection {
+    io: Io,
+    reader: StreamReader,
+    buffer: BytesMut,
+    /// The bound JID.
+    pub jid: String,
+}
+
+/// Accepts any certificate: the bench measures servers on loopback, often self-signed.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        Arc::new(config)
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
+}
+
+async fn tls(tcp: TcpStream, domain: &str) -> anyhow::Result<Io> {
+    let name = rustls::pki_types::ServerName::try_from(domain.to_owned())?;
+    Ok(Either::Right(tls_connector().connect(name, tcp).await?))
+}
+
+impl Connection {
+    /// Connects, authenticates `user` and binds `resource`.
+    pub async fn login(
+        target: &Target,
+        index: usize,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> anyhow::Result<Connection> {
+        let tcp = connect(target, index).await?;
+        let io = match target.tls {
+            TlsMode::Direct => tls(tcp, &target.domain).await?,
+            _ => Either::Left(tcp),
+        };
+        let mut connection = Connection {
+            io,
+            reader: new_reader(),
+            buffer: BytesMut::new(),
+            jid: String::new(),
+        };
+        connection.open(&target.domain).await?;
+        if target.tls == TlsMode::Starttls {
+            connection
+                .send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                .await?;
+            let proceed = connection.next().await?;
+            if proceed.name() != "proceed" {
+                bail!("STARTTLS refused");
+            }
+            let Either::Left(tcp) = connection.io else {
+                bail!("STARTTLS on a TLS stream")
+            };
+            connection = Connection {
+                io: tls(tcp, &target.domain).await?,
+                reader: new_reader(),
+                buffer: BytesMut::new(),
+                jid: String::new(),
+            };
+            connection.open(&target.domain).await?;
+        }
+        connection
+            .authenticate(&target.mechanism, user, password)
+            .await?;
+        connection.open(&target.domain).await?;
+        connection
+            .send(&format!("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"))
+            .await?;
+        let bound = connection.until(|e| e.attr("id") == Some("bind")).await?;
+        connection.jid = bound
+            .get_child("bind", "urn:ietf:params:xml:ns:xmpp-bind")
+            .and_then(|b| b.get_child("jid", "urn:ietf:params:xml:ns:xmpp-bind"))
+            .map(Element::text)
+            .context("bind failed")?;
+        Ok(connection)
+    }
+
+    /// Fetches the roster and sends initial presence, as a client going online does.
+    pub async fn go_online(&mut self) -> anyhow::Result<()> {
+        self.send("<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+            .await?;
+        self.until(|e| e.attr("id") == Some("roster")).await?;
+        Ok(())
+    }
+
+    async fn open(&mut self, domain: &str) -> anyhow::Result<()> {
+        self.reader = new_reader();
+        self.send(&format!(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>"
+        ))
+        .await?;
+        self.until(|e| e.name() == "features").await?;
+        Ok(())
+    }
+
+    async fn authenticate(
+        &mut self,
+        mechanism: &str,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<()> {
+        const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+        let binding = sasl::common::ChannelBinding::None;
+        let mut client: Box<dyn sasl::client::Mechanism + Send> = match mechanism {
+            "SCRAM-SHA-256" => Box::new(
+                sasl::client::mechanisms::Scram::<sasl::common::scram::Sha256>::new(
+                    user, password, binding,
+                )
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            ),
+            "SCRAM-SHA-1" => Box::new(
+                sasl::client::mechanisms::Scram::<sasl::common::scram::Sha1>::new(
+                    user, password, binding,
+                )
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            ),
+            "PLAIN" => Box::new(sasl::client::mechanisms::Plain::new(user, password)),
+            other => bail!("unsupported mechanism {other}"),
+        };
+        let initial = BASE64.encode(client.initial());
+        self.send(&format!(
+            "<auth xmlns='{SASL}' mechanism='{mechanism}'>{initial}</auth>"
+        ))
+        .await?;
+        loop {
+            let answer = self.until(|e| e.has_ns(SASL)).await?;
+            match answer.name() {
+                "challenge" => {
+                    let challenge = BASE64.decode(answer.text().trim())?;
+                    let response = client
+                        .response(&challenge)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    self.send(&format!(
+                        "<response xmlns='{SASL}'>{}</response>",
+                        BASE64.encode(response)
+                    ))
+                    .await?;
+                }
+                "success" => return Ok(()),
+                _ => bail!(
+                    "authentication failed for {user}: {}",
+                    String::from(&answer)
+                ),
+            }
+        }
+    }
+
+    /// Sends raw XML.
+    pub async fn send(&mut self, xml: &str) -> anyhow::Result<()> {
+        self.io.write_all(xml.as_bytes()).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// The next element.
+    pub async fn next(&mut self) -> anyhow::Result<Element> {
+        loop {
+            let mut input = &self.buffer[..];
+            let before = input.len();
+            let event = self
+                .reader
+                .read(&mut input)
+                .map_err(|c| anyhow::anyhow!("server sent bad XML: {c}"))?;
+            let consumed = before - input.len();
+            let _ = self.buffer.split_to(consumed);
+            match event {
+                Some(XmlEvent::Element(element)) => return Ok(element),
+                Some(XmlEvent::StreamClose) => bail!("stream closed by the server"),
+                Some(_) => continue,
+                None => {
+                    self.buffer.reserve(8192);
+                    if self.io.read_buf(&mut self.buffer).await? == 0 {
+                        bail!("connection closed by the server");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first element matching `matches`, dropping others.
+    pub async fn until(&mut self, matches: impl Fn(&Element) -> bool) -> anyhow::Result<Element> {
+        loop {
+            let element = self.next().await?;
+            if element.is("error", "http://etherx.jabber.org/streams") {
+                bail!("stream error: {}", String::from(&element));
+            }
+            if matches(&element) {
+                return Ok(element);
+            }
+        }
+    }
+
+    /// Splits into a reading and a writing half.
+    pub fn split(self) -> (Receiver, Sender) {
+        let (read, write) = tokio::io::split(self.io);
+        (
+            Receiver {
+                io: read,
+                reader: self.reader,
+                buffer: self.buffer,
+            },
+            Sender { io: write },
+        )
+    }
+}
+
+/// The reading half of a connection.
+pub struct Receiver {
+    io: ReadHalf<Io>,
+    reader: StreamReader,
+    buffer: BytesMut,
+}
+
+impl Receiver {
+    /// The next element, `None` when the connection ends.
+    pub async fn next(&mut self) -> Option<Element> {
+        loop {
+            let mut input = &self.buffer[..];
+            let before = input.len();
+            let event = self.reader.read(&mut input).ok()?;
+            let consumed = before - input.len();
+            let _ = self.buffer.split_to(consumed);
+            match event {
+                Some(XmlEvent::Element(element)) => return Some(element),
+                Some(XmlEvent::StreamClose) => return None,
+                Some(_) => continue,
+                None => {
+                    self.buffer.reserve(8192);
+                    if self.io.read_buf(&mut self.buffer).await.ok()? == 0 {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The writing half of a connection.
+pub struct Sender {
+    io: WriteHalf<Io>,
+}
+
+impl Sender {
+    /// Sends raw XML.
+    pub async fn send(&mut self, xml: &str) -> anyhow::Result<()> {
+        self.io.write_all(xml.as_bytes()).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+}
+
+fn new_reader() -> StreamReader {
+    StreamReader::new(Limits {
+        max_stanza_bytes: 10 * 1024 * 1024,
+        max_depth: 1000,
+    })
+}
+
+async fn connect(target: &Target, index: usize) -> anyhow::Result<TcpStream> {
+    let socket = if target.address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if !target.sources.is_empty() {
+        socket.bind(SocketAddr::new(
+            target.sources[index % target.sources.len()],
+            0,
+        ))?;
+    }
+    let stream = socket
+        .connect(target.address)
+        .await
+        .with_context(|| format!("connect to {}", target.address))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
