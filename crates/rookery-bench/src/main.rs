@@ -341,19 +341,15 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
     let mut seen: HashMap<u64, u32> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let total = sent.load(Ordering::Relaxed);
-    loop {
-        match tokio::time::timeout_at(deadline, latency_rx.recv()).await {
-            Ok(Some((seq, latency))) => {
-                let count = seen.entry(seq).or_default();
-                *count += 1;
-                if *count == 1 {
-                    latencies.push(latency);
-                }
-                if seen.len() as u64 == total {
-                    break;
-                }
-            }
-            _ => break,
+    while let Ok(Some((seq, latency))) = tokio::time::timeout_at(deadline, latency_rx.recv()).await
+    {
+        let count = seen.entry(seq).or_default();
+        *count += 1;
+        if *count == 1 {
+            latencies.push(latency);
+        }
+        if seen.len() as u64 == total {
+            break;
         }
     }
     let cpu_after = pid.and_then(|pid| process::cpu_seconds(pid).ok());
