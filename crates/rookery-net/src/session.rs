@@ -41,7 +41,7 @@ pub async fn run<T: Transport>(
 ) {
     let span = tracing::info_span!("c2s", %peer, jid = tracing::field::Empty);
     let now = Instant::now();
-    let connection = Connection {
+    let connection = Box::new(Connection {
         stream: ServerStream::new(config, transport.framing(), secure, now.into_std()),
         byte_rate: c2s
             .byte_rate
@@ -54,7 +54,7 @@ pub async fn run<T: Transport>(
         undelivered: Vec::new(),
         throttled_until: None,
         shutdown_seen: false,
-    };
+    });
     connection.run().instrument(span).await;
 }
 
@@ -98,22 +98,24 @@ struct Connection<T> {
 }
 
 impl<T: Transport> Connection<T> {
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         tracing::debug!("Connection accepted.");
-        let ending = self.connected().await;
+        // The connected phase runs boxed: what follows (hibernation, the end of the
+        // session) must not add its state to the future every idle session holds.
+        let ending = Box::pin(self.connected()).await;
         self.transport.shutdown().await;
         match ending {
             Ending::HandedOver => tracing::info!("Session handed over to a resuming connection."),
             Ending::End => {
                 if let Some(bound) = self.bound.take() {
                     let undelivered = std::mem::take(&mut self.undelivered);
-                    finish(&self.c2s, bound, undelivered).await;
+                    Box::pin(finish(&self.c2s, bound, undelivered)).await;
                 }
             }
             Ending::Hibernate(sm) => {
                 let bound = self.bound.take().expect("only bound sessions hibernate");
                 let undelivered = std::mem::take(&mut self.undelivered);
-                hibernate(self.c2s.clone(), bound, sm, undelivered).await;
+                Box::pin(hibernate(self.c2s.clone(), bound, sm, undelivered)).await;
             }
         }
     }
@@ -147,7 +149,7 @@ impl<T: Transport> Connection<T> {
                     )));
                 }
                 Wake::Mail(Some(mail)) => {
-                    if let Some(ending) = self.handle_mail(mail).await {
+                    if let Some(ending) = Box::pin(self.handle_mail(mail)).await {
                         return ending;
                     }
                 }
@@ -155,10 +157,8 @@ impl<T: Transport> Connection<T> {
                 Wake::Input(Ok(Received::Bytes)) => {
                     self.stream.handle_input(now.into_std(), &self.buffer);
                     let read = self.buffer.len();
-                    self.buffer.clear();
-                    if self.buffer.capacity() > 64 * 1024 {
-                        self.buffer = BytesMut::new();
-                    }
+                    // Released: an idle connection keeps no read buffer.
+                    self.buffer = BytesMut::new();
                     if let Some(rate) = &mut self.byte_rate {
                         let wait = rate.consume(read, now.into_std());
                         if !wait.is_zero() {
@@ -194,8 +194,11 @@ impl<T: Transport> Connection<T> {
                         self.stream.handle_eof(now);
                         continue;
                     };
-                    match tokio::time::timeout(WRITE_TIMEOUT, self.transport.start_tls(&acceptor))
-                        .await
+                    match tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        Box::pin(self.transport.start_tls(&acceptor)),
+                    )
+                    .await
                     {
                         Ok(Ok(())) => self
                             .stream
@@ -211,7 +214,7 @@ impl<T: Transport> Connection<T> {
                     }
                 }
                 StreamEvent::NeedKeys { jid, mechanism } => {
-                    let answer = lookup_keys(&self.c2s, self.peer, &jid, mechanism).await;
+                    let answer = Box::pin(lookup_keys(&self.c2s, self.peer, &jid, mechanism)).await;
                     self.stream.handle_keys(Instant::now().into_std(), answer);
                 }
                 StreamEvent::AuthFailed {
@@ -228,14 +231,11 @@ impl<T: Transport> Connection<T> {
                     );
                 }
                 StreamEvent::Authenticated { jid } => tracing::info!(%jid, "Authenticated."),
-                StreamEvent::Bind { requested } => self.bind(requested).await,
-                StreamEvent::Resume { previd, h } => self.resume(&previd, h).await,
+                StreamEvent::Bind { requested } => Box::pin(self.bind(requested)).await,
+                StreamEvent::Resume { previd, h } => Box::pin(self.resume(&previd, h)).await,
                 StreamEvent::SmEnabled { id } => {
                     if let (Some(id), Some(bound)) = (id, &self.bound) {
-                        self.c2s
-                            .router
-                            .register_resumable(&bound.session, &id)
-                            .await;
+                        Box::pin(self.c2s.router.register_resumable(&bound.session, &id)).await;
                     }
                 }
                 StreamEvent::PreAuthIq(iq) => {
@@ -254,16 +254,14 @@ impl<T: Transport> Connection<T> {
                         if is_set {
                             self.c2s.register_limiter.record(self.peer.ip(), now);
                         }
-                        self.c2s.router.handle_unauthenticated_iq(&iq).await
+                        Box::pin(self.c2s.router.handle_unauthenticated_iq(&iq)).await
                     };
                     self.stream.send_element(&reply);
                 }
                 StreamEvent::Stanza(stanza) => {
                     if let Some(bound) = &mut self.bound {
-                        self.c2s
-                            .router
-                            .handle_stanza(&mut bound.session, stanza)
-                            .await;
+                        // Boxed: routing may go deep (storage, modules); idle sessions keep only a pointer's worth.
+                        Box::pin(self.c2s.router.handle_stanza(&mut bound.session, stanza)).await;
                         self.drain_outbox();
                     }
                 }
@@ -566,3 +564,6 @@ async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
     tracing::info!(undelivered = undelivered.len(), "Session ended.");
     c2s.router.end_session(session, undelivered).await;
 }
+
+#[cfg(test)]
+mod tests;

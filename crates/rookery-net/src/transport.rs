@@ -12,6 +12,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
+/// Bytes read at a time.
+const READ_SIZE: usize = 4096;
+
 /// What a read produced.
 #[derive(Debug)]
 pub enum Received {
@@ -39,7 +42,11 @@ pub trait Transport: Send + 'static {
 
 /// A TCP connection, in the clear or in TLS.
 pub struct TcpTransport {
-    conn: Option<Either<TcpStream, TlsStream<TcpStream>>>,
+    /// The TLS state (over a kilobyte) is boxed so plaintext connections stay small.
+    conn: Option<Either<TcpStream, Box<TlsStream<TcpStream>>>>,
+    /// The last TLS read filled the buffer: rustls may hold more plaintext, so
+    /// read again before waiting for the socket.
+    tls_pending: bool,
 }
 
 impl TcpTransport {
@@ -47,17 +54,20 @@ impl TcpTransport {
     pub fn plain(stream: TcpStream) -> Self {
         TcpTransport {
             conn: Some(Either::Left(stream)),
+            tls_pending: false,
         }
     }
 
     /// A connection that completed a TLS handshake (direct TLS, XEP-0368).
     pub fn tls(stream: TlsStream<TcpStream>) -> Self {
         TcpTransport {
-            conn: Some(Either::Right(stream)),
+            conn: Some(Either::Right(Box::new(stream))),
+            // The handshake may have read application data already.
+            tls_pending: true,
         }
     }
 
-    fn conn(&mut self) -> io::Result<&mut Either<TcpStream, TlsStream<TcpStream>>> {
+    fn conn(&mut self) -> io::Result<&mut Either<TcpStream, Box<TlsStream<TcpStream>>>> {
         self.conn.as_mut().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -73,8 +83,28 @@ impl Transport for TcpTransport {
     }
 
     async fn recv(&mut self, buffer: &mut BytesMut) -> io::Result<Received> {
-        buffer.reserve(4096);
-        let read = self.conn()?.read_buf(buffer).await?;
+        // The buffer is only allocated once data is there: an idle connection holds none.
+        let tls_pending = self.tls_pending;
+        let read = match self.conn()? {
+            Either::Left(tcp) => loop {
+                tcp.readable().await?;
+                buffer.reserve(READ_SIZE);
+                match tcp.try_read_buf(buffer) {
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => break result?,
+                }
+            },
+            Either::Right(tls) => {
+                if !tls_pending {
+                    tls.get_ref().0.readable().await?;
+                }
+                buffer.reserve(READ_SIZE);
+                let spare = buffer.capacity() - buffer.len();
+                let read = tls.read_buf(buffer).await?;
+                self.tls_pending = read == spare;
+                read
+            }
+        };
         Ok(if read == 0 {
             Received::Eof
         } else {
@@ -92,7 +122,9 @@ impl Transport for TcpTransport {
         match self.conn.take() {
             Some(Either::Left(tcp)) => {
                 let tls = acceptor.accept(tcp).await?;
-                self.conn = Some(Either::Right(tls));
+                self.conn = Some(Either::Right(Box::new(tls)));
+                // The handshake may have read application data already.
+                self.tls_pending = true;
                 Ok(())
             }
             other => {

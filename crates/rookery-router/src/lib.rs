@@ -306,17 +306,11 @@ impl Router {
         let _ = self.bus.unregister_resumable(id).await;
     }
 
-    /// Ends a session: unavailable presence to whoever saw it, the bus entry
-    /// removed, last activity recorded, and every stanza the client did not
+    /// Ends a session: unavailable presence to whoever saw it (which records the
+    /// last activity), the bus entry removed, and every stanza the client did not
     /// acknowledge rerouted (other resources, offline storage, or an error to
     /// the sender) so that nothing is silently dropped.
     pub async fn end_session(&self, mut session: Session, undelivered: Vec<Element>) {
-        let status = session
-            .info
-            .presence
-            .as_ref()
-            .and_then(|p| p.get_child("status", ns::CLIENT))
-            .map(Element::text);
         if session.info.available() && !session.replaced {
             let mut unavailable = Element::bare("presence", ns::CLIENT);
             set_attr(&mut unavailable, "type", "unavailable");
@@ -330,16 +324,20 @@ impl Router {
         if self.bus.routes(&session.user()).is_empty() {
             self.blocklists.forget(&session.user());
         }
+        let held = std::mem::take(&mut session.held);
+        for stanza in undelivered.into_iter().chain(held) {
+            self.reroute_undelivered(&session, stanza).await;
+        }
+    }
+
+    /// Records when `user` was last seen (XEP-0012).
+    pub(crate) async fn record_last_activity(&self, user: &BareJid, status: Option<String>) {
         let last = LastActivity {
             at: unix_millis() / 1000,
             status,
         };
-        if let Err(error) = self.store.set_last_activity(&session.user(), &last).await {
-            tracing::warn!(jid = %session.jid, %error, "Last activity could not be stored.");
-        }
-        let held = std::mem::take(&mut session.held);
-        for stanza in undelivered.into_iter().chain(held) {
-            self.reroute_undelivered(&session, stanza).await;
+        if let Err(error) = self.store.set_last_activity(user, &last).await {
+            tracing::warn!(%user, %error, "Last activity could not be stored.");
         }
     }
 
@@ -414,10 +412,12 @@ impl Router {
         {
             return self.refuse_to_blocked(session, &stanza);
         }
+        // Presence and iq handling are deep (rosters, storage, modules); boxing them keeps
+        // the future every idle session holds small. Messages, the hot path, stay inline.
         match Kind::of(&stanza) {
             Some(Kind::Message) => self.handle_message(session, stanza, to).await,
-            Some(Kind::Presence) => self.handle_presence(session, stanza, to).await,
-            Some(Kind::Iq) => self.handle_iq(session, stanza, to).await,
+            Some(Kind::Presence) => Box::pin(self.handle_presence(session, stanza, to)).await,
+            Some(Kind::Iq) => Box::pin(self.handle_iq(session, stanza, to)).await,
             None => {}
         }
     }

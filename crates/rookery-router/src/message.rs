@@ -104,13 +104,13 @@ impl Router {
             // XEP-0191 section 3.5: the blocked sender learns nothing more.
             if MessageType::of(&message) != MessageType::Error {
                 let error = error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
-                self.reply(sender, error).await;
+                Box::pin(self.reply(sender, error)).await;
             }
             return;
         }
         let routes = self.bus.routes(&user);
         let message_type = MessageType::of(&message);
-        let outcome = if routes.is_empty() && !self.account_exists(&user).await {
+        let outcome = if routes.is_empty() && !Box::pin(self.account_exists(&user)).await {
             rules::message_to_nobody(message_type)
         } else {
             match to.try_as_full() {
@@ -166,10 +166,10 @@ impl Router {
                     }
                 }
             }
-            MessageOutcome::Offline => self.deliver_offline(user, message, sender).await,
+            MessageOutcome::Offline => Box::pin(self.deliver_offline(user, message, sender)).await,
             MessageOutcome::Bounce(condition) => {
                 let error = error_reply(&message, condition, None, None);
-                self.reply(sender, error).await;
+                Box::pin(self.reply(sender, error)).await;
             }
             MessageOutcome::Drop => {}
         }
@@ -193,7 +193,7 @@ impl Router {
         excluded: &[FullJid],
     ) {
         if self.is_shutting_down() {
-            return self.deliver_offline(user, message, None).await;
+            return Box::pin(self.deliver_offline(user, message, None)).await;
         }
         let routes: Vec<_> = self
             .bus

@@ -87,6 +87,18 @@ impl Router {
         let user = session.user();
         let available = presence.attr("type").is_none();
         let initial = available && !session.info.available();
+        if !available && session.info.available() {
+            // XEP-0012: the user was last seen now, unless another resource stays available.
+            let others = self
+                .bus
+                .routes(&user)
+                .iter()
+                .any(|r| r.jid != session.jid && r.info.available());
+            if !others {
+                let status = presence.get_child("status", ns::CLIENT).map(Element::text);
+                self.record_last_activity(&user, status).await;
+            }
+        }
         if available {
             session.info.priority = priority(&presence);
             session.info.presence = Some(Arc::new(presence.clone()));
