@@ -408,7 +408,7 @@ impl Router {
         };
         if let Some(to) = &to
             && !self.is_own(session, to)
-            && self.blocks(&session.user(), to).await
+            && self.blocks(&session.account, to).await
         {
             return self.refuse_to_blocked(session, &stanza);
         }
@@ -423,7 +423,10 @@ impl Router {
     }
 
     fn is_own(&self, session: &Session, jid: &Jid) -> bool {
-        jid.to_bare() == session.user() || (jid.node().is_none() && self.is_local(jid))
+        (jid.node().is_some()
+            && jid.node() == session.account.node()
+            && jid.domain() == session.account.domain())
+            || (jid.node().is_none() && self.is_local(jid))
     }
 
     /// XEP-0191 section 3.5: the user may not talk to whom they block.

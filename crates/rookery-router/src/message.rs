@@ -59,7 +59,7 @@ impl Router {
         to: Option<Jid>,
     ) {
         // RFC 6120 section 10.3: no `to` means the sender's own bare JID.
-        let to = to.unwrap_or_else(|| Jid::from(session.user()));
+        let to = to.unwrap_or_else(|| Jid::from(session.account.clone()));
         let message_type = MessageType::of(&message);
         if to.node().is_none() || !self.is_local(&to) {
             if message_type != MessageType::Error && message_type != MessageType::Headline {
@@ -74,17 +74,27 @@ impl Router {
             }
             return;
         }
-        let eligible = carbons_eligible(&message);
-        let sent_copy = eligible.then(|| message.clone());
+        // Sent carbons go to the sender's other carbons-enabled resources, except
+        // one that receives the message itself; the copy is only made when needed.
+        let user = &session.account;
+        let copies: Vec<_> = if carbons_eligible(&message) {
+            self.bus
+                .routes(user)
+                .into_iter()
+                .filter(|route| {
+                    route.info.carbons
+                        && route.jid != session.jid
+                        && Jid::from(route.jid.clone()) != to
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let original = (!copies.is_empty()).then(|| message.clone());
         self.route_message_to(message, &to, Some(session)).await;
-        if let Some(original) = sent_copy {
-            // Sent carbons go to the sender's other carbons-enabled resources,
-            // except any that received the message itself.
-            let user = session.user();
-            for route in self.bus.routes(&user) {
-                if route.info.carbons && route.jid != session.jid && route.jid.clone() != to {
-                    let _ = self.send_to(&route, carbon("sent", &user, &route.jid, &original));
-                }
+        if let Some(original) = original {
+            for route in copies {
+                let _ = self.send_to(&route, carbon("sent", user, &route.jid, &original));
             }
         }
     }
@@ -97,9 +107,12 @@ impl Router {
         sender: Option<&Session>,
     ) {
         let user = to.to_bare();
-        if let Some(from) = crate::stanza::from(&message)
+        let blocklist = self.blocklist(&user).await;
+        // Most users block no one: the sender's address is only parsed when it matters.
+        if !blocklist.is_empty()
+            && let Some(from) = crate::stanza::from(&message)
             && from.to_bare() != user
-            && self.blocks(&user, &from).await
+            && crate::is_blocked(&blocklist, &from)
         {
             // XEP-0191 section 3.5: the blocked sender learns nothing more.
             if MessageType::of(&message) != MessageType::Error {
@@ -137,10 +150,18 @@ impl Router {
         match outcome {
             MessageOutcome::Deliver(targets) => {
                 let eligible = carbons_eligible(&message);
+                let wants_copies = eligible && routes.iter().any(|route| route.info.carbons);
                 let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
                 let mut last_failed = None;
-                for target in &targets {
-                    match self.send_to(target, message.clone()) {
+                // The last target gets the message itself, unless carbons still need it.
+                let mut message = Some(message);
+                for (index, target) in targets.iter().enumerate() {
+                    let copy = if index + 1 == targets.len() && !wants_copies {
+                        message.take().expect("taken once, last")
+                    } else {
+                        message.clone().expect("kept until the last target")
+                    };
+                    match self.send_to(target, copy) {
                         Ok(()) => delivered.push(&target.jid),
                         Err(returned) => last_failed = Some(returned),
                     }
@@ -153,7 +174,7 @@ impl Router {
                     }
                     return;
                 }
-                if eligible {
+                if let (true, Some(message)) = (wants_copies, message) {
                     let sender_jid = sender.map(|s| &s.jid);
                     for route in routes {
                         if route.info.carbons

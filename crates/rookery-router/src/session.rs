@@ -14,6 +14,8 @@ use rookery_cluster::{Mailbox, RouteInfo, SessionId};
 pub struct Session {
     /// The bound full JID.
     pub jid: FullJid,
+    /// Its bare JID, the account, kept to spare an allocation per stanza.
+    pub account: BareJid,
     /// This session instance.
     pub id: SessionId,
     /// Routing state, mirrored in the bus.
@@ -39,6 +41,7 @@ impl Session {
     /// A freshly bound session.
     pub fn new(jid: FullJid, id: SessionId, mailbox: Mailbox) -> Self {
         Session {
+            account: jid.to_bare(),
             jid,
             id,
             info: RouteInfo::default(),
@@ -54,7 +57,7 @@ impl Session {
 
     /// The account of the session.
     pub fn user(&self) -> BareJid {
-        self.jid.to_bare()
+        self.account.clone()
     }
 
     /// Takes the stanzas waiting for the client.
