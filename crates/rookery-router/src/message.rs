@@ -84,7 +84,7 @@ impl Router {
                 .filter(|route| {
                     route.info.carbons
                         && route.jid != session.jid
-                        && Jid::from(route.jid.clone()) != to
+                        && to.try_as_full().map_or(true, |full| *full != route.jid)
                 })
                 .collect()
         } else {
