@@ -237,7 +237,7 @@ impl App {
             direct_tls,
             http,
         } = self;
-        let mut servers = TaskTracker::new();
+        let servers = TaskTracker::new();
         if let Some((listener, stream)) = starttls {
             tracing::info!(address = %listener.local_addr()?, "Listening for clients (STARTTLS).");
             servers.spawn(rookery_net::serve_starttls(listener, c2s.clone(), stream));
@@ -279,8 +279,6 @@ impl App {
                 "Some sessions did not end within the grace period."
             );
         }
-        servers = TaskTracker::new();
-        drop(servers);
         store.close().await;
         tracing::info!("Stopped.");
         Ok(())

@@ -69,12 +69,16 @@ impl Bus for LocalBus {
     }
 
     fn routes(&self, user: &BareJid) -> Vec<Arc<Route>> {
-        self.users
-            .read()
-            .expect("bus lock")
-            .get(user)
+        let users = self.users.read().expect("bus lock");
+        let Some(routes) = users.get(user) else {
+            return Vec::new();
+        };
+        // A session whose inbox is gone (its task ended abnormally) is no target.
+        routes
+            .iter()
+            .filter(|route| !route.mailbox.is_closed())
             .cloned()
-            .unwrap_or_default()
+            .collect()
     }
 
     fn route(&self, jid: &FullJid) -> Option<Arc<Route>> {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::FutureExt as _;
 use minidom::Element;
 use rookery_cluster::{Inbox, Mail, Mailbox, SessionSnapshot};
 use rookery_router::Session;
@@ -55,7 +56,19 @@ pub async fn run<T: Transport>(
         throttled_until: None,
         shutdown_seen: false,
     });
-    connection.run().instrument(span).await;
+    // A bug in one session must not take the node down: the panic is contained
+    // here and reported; its routing entry is skipped once its inbox is gone.
+    let outcome = std::panic::AssertUnwindSafe(connection.run().instrument(span.clone()))
+        .catch_unwind()
+        .await;
+    if let Err(panic) = outcome {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        span.in_scope(|| tracing::error!(panic = %message, "Session task panicked; the connection is dropped."));
+    }
 }
 
 /// A bound session and its inbox.

@@ -50,6 +50,8 @@ pub struct TestClient {
     closed: Option<Closed>,
     /// The bound JID, once bound.
     pub jid: Option<FullJid>,
+    /// The stream features of the latest stream (re)start.
+    pub features: Option<Element>,
     counter: u64,
 }
 
@@ -89,6 +91,7 @@ impl TestClient {
             pending: VecDeque::new(),
             closed: None,
             jid: None,
+            features: None,
             counter: 0,
         }
     }
@@ -157,7 +160,9 @@ impl TestClient {
     pub async fn open(&mut self) -> Element {
         self.reader = StreamReader::new(limits());
         self.send(OPEN).await;
-        self.expect(|e| e.is("features", STREAMS)).await
+        let features = self.expect(|e| e.is("features", STREAMS)).await;
+        self.features = Some(features.clone());
+        features
     }
 
     /// Negotiates STARTTLS and restarts the stream.

@@ -633,7 +633,45 @@ async fn server_services_disco_version_ping_last_and_caps() {
         .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
         .await
         .unwrap();
+    // XEP-0115: the caps in the stream features verify against the disco#info of their node.
+    let features = alice
+        .features
+        .clone()
+        .expect("features after authentication");
+    let caps = features
+        .get_child("c", "http://jabber.org/protocol/caps")
+        .expect("server caps in the stream features");
+    assert_eq!(caps.attr("hash"), Some("sha-1"));
+    let node = format!(
+        "{}#{}",
+        caps.attr("node").unwrap(),
+        caps.attr("ver").unwrap()
+    );
     alice.bind(Some("phone")).await;
+    let by_node = alice
+        .iq(&format!("<iq type='get' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info' node='{node}'/></iq>"))
+        .await;
+    let disco = xmpp_parsers::disco::DiscoInfoResult::try_from(
+        by_node
+            .get_child("query", "http://jabber.org/protocol/disco#info")
+            .unwrap()
+            .clone(),
+    )
+    .expect("a valid disco#info result");
+    let hash = xmpp_parsers::caps::hash_caps(
+        &xmpp_parsers::caps::compute_disco(&disco),
+        xmpp_parsers::hashes::Algo::Sha_1,
+    )
+    .unwrap();
+    assert_eq!(
+        hash.to_base64(),
+        caps.attr("ver").unwrap(),
+        "the advertised ver is the hash of the disco#info"
+    );
+    let wrong_node = alice
+        .iq("<iq type='get' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info' node='urn:unknown'/></iq>")
+        .await;
+    assert_eq!(error_condition(&wrong_node), "item-not-found");
 
     let info = alice.iq("<iq type='get' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
     let query = info

@@ -102,3 +102,16 @@ async fn resumption_ids_point_at_the_live_session_only() {
     bus.unregister_resumable("abc").await.unwrap();
     assert!(bus.resumable("abc").is_none());
 }
+
+#[tokio::test]
+async fn sessions_whose_inbox_is_gone_are_not_routed_to() {
+    let bus = LocalBus::new();
+    let (alive, _alive_inbox) = route("alice@localhost/alive", 0);
+    let (dead, dead_inbox) = route("alice@localhost/dead", 0);
+    bus.bind(alive.clone()).await.unwrap();
+    bus.bind(dead).await.unwrap();
+    drop(dead_inbox);
+    let routes = bus.routes(&BareJid::new("alice@localhost").unwrap());
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].jid, alive.jid);
+}
