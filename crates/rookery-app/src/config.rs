@@ -71,6 +71,8 @@ pub struct C2sConfig {
     pub max_stanza_size: usize,
     /// Seconds a client has from connecting to a bound session.
     pub negotiation_timeout: u64,
+    /// Seconds a client has to finish a stanza it started sending.
+    pub stanza_timeout: u64,
     /// Seconds of client silence before the server pings it.
     pub idle_timeout: u64,
     /// Seconds the client has to answer a ping.
@@ -92,6 +94,7 @@ impl Default for C2sConfig {
             allow_plaintext_auth: false,
             max_stanza_size: 256 * 1024,
             negotiation_timeout: 60,
+            stanza_timeout: 60,
             idle_timeout: 300,
             ping_timeout: 60,
             keepalive_interval: 120,
@@ -364,6 +367,7 @@ impl Config {
         }
         for (key, value) in [
             ("c2s.negotiation_timeout", self.c2s.negotiation_timeout),
+            ("c2s.stanza_timeout", self.c2s.stanza_timeout),
             ("c2s.idle_timeout", self.c2s.idle_timeout),
             ("c2s.ping_timeout", self.c2s.ping_timeout),
             ("c2s.keepalive_interval", self.c2s.keepalive_interval),

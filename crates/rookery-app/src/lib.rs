@@ -156,7 +156,7 @@ impl App {
             },
             timeouts: Timeouts {
                 negotiation: Duration::from_secs(c2s_config.negotiation_timeout),
-                stanza: Duration::from_secs(c2s_config.negotiation_timeout),
+                stanza: Duration::from_secs(c2s_config.stanza_timeout),
                 idle: Duration::from_secs(c2s_config.idle_timeout),
                 ping: Duration::from_secs(c2s_config.ping_timeout),
                 keepalive: Duration::from_secs(c2s_config.keepalive_interval),
@@ -177,9 +177,9 @@ impl App {
                 limits.login_failures_burst,
                 limits.login_failures_per_minute,
             ),
-            register_limiter: AddressLimiter::new(
+            register_limiter: AddressLimiter::per_hour(
                 limits.registrations_per_hour.max(1),
-                limits.registrations_per_hour.max(1).div_ceil(60),
+                limits.registrations_per_hour,
             ),
             byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
             resume_timeout: Duration::from_secs(c2s_config.resume_timeout),

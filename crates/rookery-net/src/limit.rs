@@ -41,8 +41,17 @@ pub struct AddressLimiter {
 impl AddressLimiter {
     /// Allows `burst` events at once and `per_minute` per minute after that.
     pub fn new(burst: u32, per_minute: u32) -> Self {
+        Self::with_rate(burst, f64::from(per_minute) / 60.0)
+    }
+
+    /// Allows `burst` events at once and `per_hour` per hour after that.
+    pub fn per_hour(burst: u32, per_hour: u32) -> Self {
+        Self::with_rate(burst, f64::from(per_hour) / 3600.0)
+    }
+
+    fn with_rate(burst: u32, per_second: f64) -> Self {
         AddressLimiter {
-            rate: f64::from(per_minute) / 60.0,
+            rate: per_second,
             burst: f64::from(burst),
             buckets: Mutex::new(HashMap::new()),
         }
@@ -129,6 +138,23 @@ mod tests {
         assert!(
             limiter.allows(a, now + Duration::from_secs(11)),
             "six per minute: one more after ten seconds"
+        );
+    }
+
+    #[test]
+    fn hourly_limits_recover_slowly() {
+        let limiter = AddressLimiter::per_hour(2, 6);
+        let now = Instant::now();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        limiter.record(a, now);
+        limiter.record(a, now);
+        assert!(
+            !limiter.allows(a, now + Duration::from_secs(60)),
+            "six per hour: not after a minute"
+        );
+        assert!(
+            limiter.allows(a, now + Duration::from_secs(601)),
+            "one more after ten minutes"
         );
     }
 

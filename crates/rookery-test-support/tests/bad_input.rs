@@ -273,7 +273,7 @@ async fn silent_and_trickling_clients_are_disconnected() {
 
 #[tokio::test]
 async fn a_stanza_trickled_after_binding_times_out() {
-    let server = TestServer::start_with(|c| c.c2s.negotiation_timeout = 1).await;
+    let server = TestServer::start_with(|c| c.c2s.stanza_timeout = 1).await;
     server.create_user("alice", "secret").await;
     let mut client = TestClient::login(server.starttls(), "alice", "secret", "r").await;
     client.send("<message to='alice@localhost'><body>").await;
