@@ -1,0 +1,562 @@
+//! PostgreSQL storage backend: [`PostgresStore`] implements every `rookery-store`
+//! trait with sqlx, for clusters of nodes sharing one database.
+
+#![forbid(unsafe_code)]
+
+pub mod testing;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jid::{BareJid, Jid};
+use rookery_store::{
+    AccountStore, BlockingStore, DocumentKind, DocumentStore, LastActivity, OfflineMessage,
+    OfflineStore, Roster, RosterItem, RosterStore, StoreError, StoreResult, Subscription,
+};
+use rookery_stream::{ScramHash, ScramKeys};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Row, SqlSafeStr};
+
+/// A Rookery store in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+fn backend(error: sqlx::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        include_str!("../migrations/0001_init.sql").into_sql_str(),
+        false,
+    )])
+}
+
+fn parse_bare(value: &str) -> StoreResult<BareJid> {
+    BareJid::new(value).map_err(|error| StoreError::Corrupt(format!("{value:?}: {error}")))
+}
+
+fn parse_jid(value: &str) -> StoreResult<Jid> {
+    Jid::new(value).map_err(|error| StoreError::Corrupt(format!("{value:?}: {error}")))
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host/database`) and runs pending migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(backend)?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|error| StoreError::Backend(error.to_string()))?;
+        Ok(PostgresStore { pool })
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn bump_roster_version(tx: &mut sqlx::PgConnection, user: &str) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO roster_versions (jid, version) VALUES ($1, 1)
+             ON CONFLICT (jid) DO UPDATE SET version = roster_versions.version + 1 RETURNING version",
+        )
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?;
+        Ok(row.get(0))
+    }
+}
+
+fn roster_item_from_row(row: &PgRow) -> StoreResult<RosterItem> {
+    let contact: String = row.get("contact");
+    let subscription: String = row.get("subscription");
+    Ok(RosterItem {
+        jid: parse_bare(&contact)?,
+        name: row.get("name"),
+        subscription: Subscription::parse(&subscription)
+            .ok_or_else(|| StoreError::Corrupt(format!("subscription {subscription:?}")))?,
+        ask: row.get("ask"),
+        approved: row.get("approved"),
+        groups: row.get("groups"),
+    })
+}
+
+async fn insert_keys(
+    tx: &mut sqlx::PgConnection,
+    jid: &BareJid,
+    key: &ScramKeys,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO account_keys (jid, hash, salt, iterations, stored_key, server_key) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(jid.as_str())
+    .bind(key.hash.name())
+    .bind(&key.salt)
+    .bind(key.iterations as i32)
+    .bind(&key.stored_key)
+    .bind(&key.server_key)
+    .execute(&mut *tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl AccountStore for PostgresStore {
+    async fn create_account(&self, jid: &BareJid, keys: &[ScramKeys]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (jid, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(jid.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        for key in keys {
+            insert_keys(&mut tx, jid, key).await?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn delete_account(&self, jid: &BareJid) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for table in [
+            "account_keys",
+            "last_activity",
+            "roster_versions",
+            "roster_items",
+            "subscription_requests",
+            "offline_messages",
+            "documents",
+            "blocklist",
+        ] {
+            let sql = format!("DELETE FROM {table} WHERE jid = $1");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(jid.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        let deleted = sqlx::query("DELETE FROM accounts WHERE jid = $1")
+            .bind(jid.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn set_keys(&self, jid: &BareJid, keys: &[ScramKeys]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let exists = sqlx::query("SELECT 1 FROM accounts WHERE jid = $1 FOR UPDATE")
+            .bind(jid.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if exists.is_none() {
+            return Err(StoreError::NoSuchAccount);
+        }
+        sqlx::query("DELETE FROM account_keys WHERE jid = $1")
+            .bind(jid.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        for key in keys {
+            insert_keys(&mut tx, jid, key).await?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn keys(&self, jid: &BareJid, hash: ScramHash) -> StoreResult<Option<ScramKeys>> {
+        let row = sqlx::query("SELECT salt, iterations, stored_key, server_key FROM account_keys WHERE jid = $1 AND hash = $2")
+            .bind(jid.as_str())
+            .bind(hash.name())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|row| ScramKeys {
+            hash,
+            salt: row.get(0),
+            iterations: row.get::<i32, _>(1) as u32,
+            stored_key: row.get(2),
+            server_key: row.get(3),
+        }))
+    }
+
+    async fn account_exists(&self, jid: &BareJid) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM accounts WHERE jid = $1")
+            .bind(jid.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.is_some())
+    }
+
+    async fn list_accounts(&self, domain: &str) -> StoreResult<Vec<BareJid>> {
+        let rows = sqlx::query("SELECT jid FROM accounts WHERE jid LIKE '%@' || $1 ORDER BY jid")
+            .bind(domain)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| parse_bare(row.get::<&str, _>(0)))
+            .filter(|jid| {
+                jid.as_ref()
+                    .map_or(true, |jid| jid.domain().as_str() == domain)
+            })
+            .collect()
+    }
+
+    async fn set_last_activity(&self, jid: &BareJid, last: &LastActivity) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO last_activity (jid, at, status) VALUES ($1, $2, $3)
+             ON CONFLICT (jid) DO UPDATE SET at = excluded.at, status = excluded.status",
+        )
+        .bind(jid.as_str())
+        .bind(last.at)
+        .bind(last.status.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn last_activity(&self, jid: &BareJid) -> StoreResult<Option<LastActivity>> {
+        let row = sqlx::query("SELECT at, status FROM last_activity WHERE jid = $1")
+            .bind(jid.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|row| LastActivity {
+            at: row.get(0),
+            status: row.get(1),
+        }))
+    }
+}
+
+#[async_trait]
+impl RosterStore for PostgresStore {
+    async fn roster(&self, user: &BareJid) -> StoreResult<Roster> {
+        let version = sqlx::query("SELECT version FROM roster_versions WHERE jid = $1")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .map_or(0, |row| row.get(0));
+        let rows = sqlx::query("SELECT * FROM roster_items WHERE jid = $1 ORDER BY contact")
+            .bind(user.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let items = rows
+            .iter()
+            .map(roster_item_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Roster { version, items })
+    }
+
+    async fn roster_item(
+        &self,
+        user: &BareJid,
+        contact: &BareJid,
+    ) -> StoreResult<Option<RosterItem>> {
+        let row = sqlx::query("SELECT * FROM roster_items WHERE jid = $1 AND contact = $2")
+            .bind(user.as_str())
+            .bind(contact.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(roster_item_from_row).transpose()
+    }
+
+    async fn put_roster_item(&self, user: &BareJid, item: &RosterItem) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO roster_items (jid, contact, name, subscription, ask, approved, groups) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (jid, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
+             ask = excluded.ask, approved = excluded.approved, groups = excluded.groups",
+        )
+        .bind(user.as_str())
+        .bind(item.jid.as_str())
+        .bind(item.name.as_deref())
+        .bind(item.subscription.as_str())
+        .bind(item.ask)
+        .bind(item.approved)
+        .bind(&item.groups)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(version)
+    }
+
+    async fn remove_roster_item(
+        &self,
+        user: &BareJid,
+        contact: &BareJid,
+    ) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let deleted = sqlx::query("DELETE FROM roster_items WHERE jid = $1 AND contact = $2")
+            .bind(user.as_str())
+            .bind(contact.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(version))
+    }
+
+    async fn put_subscription_request(
+        &self,
+        user: &BareJid,
+        contact: &BareJid,
+        stanza: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO subscription_requests (jid, contact, stanza) VALUES ($1, $2, $3)
+             ON CONFLICT (jid, contact) DO UPDATE SET stanza = excluded.stanza",
+        )
+        .bind(user.as_str())
+        .bind(contact.as_str())
+        .bind(stanza)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn remove_subscription_request(
+        &self,
+        user: &BareJid,
+        contact: &BareJid,
+    ) -> StoreResult<bool> {
+        let deleted =
+            sqlx::query("DELETE FROM subscription_requests WHERE jid = $1 AND contact = $2")
+                .bind(user.as_str())
+                .bind(contact.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn subscription_requests(&self, user: &BareJid) -> StoreResult<Vec<(BareJid, String)>> {
+        let rows = sqlx::query(
+            "SELECT contact, stanza FROM subscription_requests WHERE jid = $1 ORDER BY seq",
+        )
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| Ok((parse_bare(row.get::<&str, _>(0))?, row.get(1))))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl OfflineStore for PostgresStore {
+    async fn push_offline(
+        &self,
+        user: &BareJid,
+        message: &OfflineMessage,
+        limit: usize,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        // Serialises writers for one user, so the quota holds under concurrency.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let inserted = sqlx::query(
+            "INSERT INTO offline_messages (jid, stored_at, stanza)
+             SELECT $1, $2, $3 WHERE (SELECT COUNT(*) FROM offline_messages WHERE jid = $1) < $4",
+        )
+        .bind(user.as_str())
+        .bind(message.stored_at)
+        .bind(&message.stanza)
+        .bind(limit as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::QuotaExceeded);
+        }
+        Ok(())
+    }
+
+    async fn take_offline(&self, user: &BareJid) -> StoreResult<Vec<OfflineMessage>> {
+        let rows = sqlx::query(
+            "DELETE FROM offline_messages WHERE jid = $1 RETURNING id, stored_at, stanza",
+        )
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        let mut messages: Vec<(i64, OfflineMessage)> = rows
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get(0),
+                    OfflineMessage {
+                        stored_at: row.get(1),
+                        stanza: row.get(2),
+                    },
+                )
+            })
+            .collect();
+        messages.sort_by_key(|(id, _)| *id);
+        Ok(messages.into_iter().map(|(_, message)| message).collect())
+    }
+
+    async fn count_offline(&self, user: &BareJid) -> StoreResult<usize> {
+        let row = sqlx::query("SELECT COUNT(*) FROM offline_messages WHERE jid = $1")
+            .bind(user.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.get::<i64, _>(0) as usize)
+    }
+}
+
+#[async_trait]
+impl DocumentStore for PostgresStore {
+    async fn put_document(
+        &self,
+        user: &BareJid,
+        kind: DocumentKind,
+        key: &str,
+        xml: &str,
+    ) -> StoreResult<()> {
+        if xml.is_empty() {
+            sqlx::query("DELETE FROM documents WHERE jid = $1 AND kind = $2 AND key = $3")
+                .bind(user.as_str())
+                .bind(kind.as_str())
+                .bind(key)
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO documents (jid, kind, key, xml) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (jid, kind, key) DO UPDATE SET xml = excluded.xml",
+        )
+        .bind(user.as_str())
+        .bind(kind.as_str())
+        .bind(key)
+        .bind(xml)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn document(
+        &self,
+        user: &BareJid,
+        kind: DocumentKind,
+        key: &str,
+    ) -> StoreResult<Option<String>> {
+        let row =
+            sqlx::query("SELECT xml FROM documents WHERE jid = $1 AND kind = $2 AND key = $3")
+                .bind(user.as_str())
+                .bind(kind.as_str())
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+        Ok(row.map(|row| row.get(0)))
+    }
+}
+
+#[async_trait]
+impl BlockingStore for PostgresStore {
+    async fn blocklist(&self, user: &BareJid) -> StoreResult<Vec<Jid>> {
+        let rows = sqlx::query("SELECT blocked FROM blocklist WHERE jid = $1 ORDER BY blocked")
+            .bind(user.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| parse_jid(row.get::<&str, _>(0)))
+            .collect()
+    }
+
+    async fn block(&self, user: &BareJid, jids: &[Jid]) -> StoreResult<Vec<Jid>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut added = Vec::new();
+        for jid in jids {
+            let inserted = sqlx::query(
+                "INSERT INTO blocklist (jid, blocked) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(user.as_str())
+            .bind(jid.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if inserted.rows_affected() > 0 {
+                added.push(jid.clone());
+            }
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(added)
+    }
+
+    async fn unblock(&self, user: &BareJid, jids: &[Jid]) -> StoreResult<Vec<Jid>> {
+        if jids.is_empty() {
+            let rows = sqlx::query("DELETE FROM blocklist WHERE jid = $1 RETURNING blocked")
+                .bind(user.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+            return rows
+                .iter()
+                .map(|row| parse_jid(row.get::<&str, _>(0)))
+                .collect();
+        }
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut removed = Vec::new();
+        for jid in jids {
+            let deleted = sqlx::query("DELETE FROM blocklist WHERE jid = $1 AND blocked = $2")
+                .bind(user.as_str())
+                .bind(jid.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if deleted.rows_affected() > 0 {
+                removed.push(jid.clone());
+            }
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(removed)
+    }
+}
