@@ -34,6 +34,11 @@ impl SessionId {
     }
 }
 
+/// Identifies a node process: a random number drawn at each start (an
+/// "incarnation"), so that a restarted node is a new node. 0 is the process
+/// of a single-node server.
+pub type NodeId = u64;
+
 /// What routing needs to know about a session (RFC 6121 section 8).
 #[derive(Debug, Clone, Default)]
 pub struct RouteInfo {
@@ -61,10 +66,12 @@ pub struct Route {
     pub jid: FullJid,
     /// This session instance.
     pub session: SessionId,
+    /// The node holding the session.
+    pub node: NodeId,
     /// Routing-relevant state.
     pub info: RouteInfo,
-    /// Where mail for the session goes.
-    pub mailbox: Mailbox,
+    /// The session's inbox, when the session is on this node.
+    pub mailbox: Option<Mailbox>,
 }
 
 /// The sending side of a session's inbox.
@@ -86,17 +93,39 @@ impl Mailbox {
         self.0.send(mail).map_err(|error| error.0)
     }
 
+    /// Puts a stanza (without receipt) in the inbox; gives it back if the session is gone.
+    pub fn send_stanza(&self, stanza: Element) -> Result<(), Element> {
+        self.send(Mail::Stanza {
+            stanza: Box::new(stanza),
+            receipt: None,
+        })
+        .map_err(|mail| match mail {
+            Mail::Stanza { stanza, .. } => *stanza,
+            _ => unreachable!("the channel gives back what it was given"),
+        })
+    }
+
     /// True once the inbox was dropped.
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
     }
 }
 
+/// Proof of a durable delivery, acknowledged through the bus once the stanza is
+/// safe: acknowledged by the client, written out, or rerouted and stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Receipt(pub String);
+
 /// Everything a session can be sent.
 #[derive(Debug)]
 pub enum Mail {
-    /// A stanza for the client.
-    Stanza(Box<Element>),
+    /// A stanza for the client, with the receipt of its durable delivery if any.
+    Stanza {
+        /// The stanza.
+        stanza: Box<Element>,
+        /// To acknowledge once the stanza is safe.
+        receipt: Option<Receipt>,
+    },
     /// End the stream with this error: `conflict` when a newer login bound the
     /// same full JID, `system-shutdown` when the server stops, `not-authorized`
     /// when the account was removed.
@@ -105,25 +134,37 @@ pub enum Mail {
     Takeover(oneshot::Sender<SessionSnapshot>),
 }
 
+/// How much a delivery must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The delivery survives the loss of any node once `deliver` returns (messages).
+    Durable,
+    /// Sent on its way; lost if a node fails at the wrong moment (presence, iq).
+    BestEffort,
+}
+
 /// The state of a session that moves to a resuming connection.
 #[derive(Debug)]
 pub struct SessionSnapshot {
     /// The bound full JID.
     pub jid: FullJid,
-    /// The session instance, kept across resumption.
+    /// The session instance.
     pub session: SessionId,
     /// Routing state.
     pub info: RouteInfo,
     /// Stream management counters and unacknowledged stanzas.
     pub sm: SmState,
+    /// Receipts of unacknowledged stanzas, with the stream management count
+    /// at which each stanza was sent.
+    pub receipts: Vec<(u32, Receipt)>,
     /// Entities that received directed presence from the session.
     pub directed: Vec<Jid>,
     /// Client state indication: the client is inactive.
     pub inactive: bool,
     /// Stanzas held back while inactive.
     pub held: Vec<Element>,
-    /// The inbox, with whatever arrived meanwhile.
-    pub inbox: Inbox,
+    /// The inbox, with whatever arrived meanwhile, when the session stays on this node.
+    pub inbox: Option<Inbox>,
 }
 
 /// Why a bus operation failed.
@@ -134,11 +175,16 @@ pub enum BusError {
     Unavailable(String),
 }
 
+/// How long a take-over may take before the resuming client is told it failed.
+pub const TAKEOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Who is where, and delivery there.
 #[async_trait]
 pub trait Bus: Send + Sync {
+    /// This node.
+    fn node(&self) -> NodeId;
     /// Registers a bound session. If a session with the same full JID exists it
-    /// is replaced, and its route is returned so the caller can end it with `conflict`.
+    /// is replaced, and its route is returned so the caller can close it.
     async fn bind(&self, route: Route) -> Result<Option<Route>, BusError>;
     /// Updates the routing state of a bound session.
     async fn update(
@@ -153,8 +199,19 @@ pub trait Bus: Send + Sync {
     fn routes(&self, user: &BareJid) -> Vec<Arc<Route>>;
     /// The session bound to a full JID.
     fn route(&self, jid: &FullJid) -> Option<Arc<Route>>;
-    /// Delivers mail to a session; gives it back if the session is gone.
-    fn send(&self, route: &Route, mail: Mail) -> Result<(), Mail>;
+    /// Delivers a stanza to a session; gives it back if the session is gone.
+    async fn deliver(
+        &self,
+        route: &Route,
+        stanza: Element,
+        durability: Durability,
+    ) -> Result<(), Element>;
+    /// Tells a session to end its stream with `condition`.
+    async fn close(&self, route: &Route, condition: Condition);
+    /// Takes a session over for a resuming connection.
+    async fn take_over(&self, route: &Route) -> Option<SessionSnapshot>;
+    /// A durable delivery is safe: forget it.
+    async fn acknowledge(&self, receipt: Receipt);
     /// Makes a session resumable under `id`.
     async fn register_resumable(
         &self,
@@ -165,9 +222,19 @@ pub trait Bus: Send + Sync {
     /// Forgets a resumption id.
     async fn unregister_resumable(&self, id: &str) -> Result<(), BusError>;
     /// The session resumable under `id`, if it is still registered.
-    fn resumable(&self, id: &str) -> Option<Arc<Route>>;
+    async fn resumable(&self, id: &str) -> Option<Arc<Route>>;
     /// Number of bound sessions on this node.
     fn local_sessions(&self) -> usize;
-    /// Every local session (for shutdown).
+    /// Every session on this node (for shutdown).
     fn local_routes(&self) -> Vec<Arc<Route>>;
+}
+
+/// Takes over a session on this node through its inbox.
+pub async fn take_over_local(mailbox: &Mailbox) -> Option<SessionSnapshot> {
+    let (reply, answer) = oneshot::channel();
+    mailbox.send(Mail::Takeover(reply)).ok()?;
+    tokio::time::timeout(TAKEOVER_TIMEOUT, answer)
+        .await
+        .ok()?
+        .ok()
 }

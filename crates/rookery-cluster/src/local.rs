@@ -5,8 +5,10 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use jid::{BareJid, FullJid};
+use minidom::Element;
 
-use crate::{Bus, BusError, Mail, Route, RouteInfo, SessionId};
+use crate::{Bus, BusError, Durability, Receipt, Route, RouteInfo, SessionId, SessionSnapshot};
+use rookery_stream::Condition;
 
 /// The in-process bus of a single node.
 #[derive(Debug, Default)]
@@ -26,6 +28,10 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
+    fn node(&self) -> crate::NodeId {
+        0
+    }
+
     async fn bind(&self, route: Route) -> Result<Option<Route>, BusError> {
         let mut users = self.users.write().expect("bus lock");
         let routes = users.entry(route.jid.to_bare()).or_default();
@@ -76,7 +82,12 @@ impl Bus for LocalBus {
         // A session whose inbox is gone (its task ended abnormally) is no target.
         routes
             .iter()
-            .filter(|route| !route.mailbox.is_closed())
+            .filter(|route| {
+                route
+                    .mailbox
+                    .as_ref()
+                    .is_some_and(|mailbox| !mailbox.is_closed())
+            })
             .cloned()
             .collect()
     }
@@ -90,9 +101,30 @@ impl Bus for LocalBus {
             .cloned()
     }
 
-    fn send(&self, route: &Route, mail: Mail) -> Result<(), Mail> {
-        route.mailbox.send(mail)
+    async fn deliver(
+        &self,
+        route: &Route,
+        stanza: Element,
+        _durability: Durability,
+    ) -> Result<(), Element> {
+        // One process: a delivery is as durable as the process itself.
+        match &route.mailbox {
+            Some(mailbox) => mailbox.send_stanza(stanza),
+            None => Err(stanza),
+        }
     }
+
+    async fn close(&self, route: &Route, condition: Condition) {
+        if let Some(mailbox) = &route.mailbox {
+            let _ = mailbox.send(crate::Mail::Close(condition));
+        }
+    }
+
+    async fn take_over(&self, route: &Route) -> Option<SessionSnapshot> {
+        crate::take_over_local(route.mailbox.as_ref()?).await
+    }
+
+    async fn acknowledge(&self, _receipt: Receipt) {}
 
     async fn register_resumable(
         &self,
@@ -112,7 +144,7 @@ impl Bus for LocalBus {
         Ok(())
     }
 
-    fn resumable(&self, id: &str) -> Option<Arc<Route>> {
+    async fn resumable(&self, id: &str) -> Option<Arc<Route>> {
         let (jid, session) = self.resumable.read().expect("bus lock").get(id).cloned()?;
         self.route(&jid).filter(|route| route.session == session)
     }

@@ -132,7 +132,9 @@ impl Extension for Blocking {
                     } else {
                         changed
                     };
-                    cx.router.send_to_all_sessions(&user, &push(name, &pushed));
+                    cx.router
+                        .send_to_all_sessions(&user, &push(name, &pushed))
+                        .await;
                 }
                 iq_result(cx.iq, None)
             }

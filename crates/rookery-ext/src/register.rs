@@ -197,7 +197,8 @@ impl Extension for Register {
                     Ok(_) => {
                         tracing::info!(%user, "Account removed in band.");
                         cx.router
-                            .close_sessions(&user, rookery_stream::Condition::NotAuthorized);
+                            .close_sessions(&user, rookery_stream::Condition::NotAuthorized)
+                            .await;
                         iq_result(cx.iq, None)
                     }
                     Err(error) => account_error(cx.iq, &AccountError::from(error)),

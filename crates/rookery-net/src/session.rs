@@ -13,7 +13,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::FutureExt as _;
 use minidom::Element;
-use rookery_cluster::{Inbox, Mail, Mailbox, SessionSnapshot};
+use std::collections::VecDeque;
+
+use rookery_cluster::{Inbox, Mail, Mailbox, Receipt, SessionSnapshot};
 use rookery_router::Session;
 use rookery_stream::{
     AuthMechanism, CloseReason, Condition, KeysAnswer, ScramHash, ServerStream, SmState,
@@ -27,8 +29,6 @@ use crate::C2s;
 use crate::limit::ByteRate;
 use crate::transport::{Received, Transport};
 
-/// How long a resuming connection waits for the old session to hand over.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,10 +71,48 @@ pub async fn run<T: Transport>(
     }
 }
 
-/// A bound session and its inbox.
+/// A bound session, its inbox, and the receipts of durable deliveries that
+/// are not safe yet.
 struct Bound {
     session: Session,
     inbox: Inbox,
+    receipts: Receipts,
+}
+
+/// Receipts of durable deliveries (cluster mode), acknowledged once the stanza
+/// is safe: the client acknowledged it (XEP-0198), it was written out (no
+/// stream management), or the router rerouted it when the session ended.
+#[derive(Debug, Default)]
+struct Receipts {
+    /// Sent under stream management, with the stanza count at which each was sent.
+    tracked: VecDeque<(u32, Receipt)>,
+    /// Written without stream management: safe once flushed.
+    written: Vec<Receipt>,
+    /// Their stanzas go back to the router when the session ends.
+    rerouted: Vec<Receipt>,
+}
+
+impl Receipts {
+    /// Takes the receipts of stanzas the client acknowledged up to `acked`.
+    fn take_acked(&mut self, acked: u32) -> Vec<Receipt> {
+        let mut safe = Vec::new();
+        // Counts wrap at 2^32: "sent at or before acked" within half the range.
+        while let Some((sent, _)) = self.tracked.front() {
+            if acked.wrapping_sub(*sent) >= 1 << 31 {
+                break;
+            }
+            safe.push(self.tracked.pop_front().expect("checked").1);
+        }
+        safe
+    }
+
+    /// Everything: the session is over and its stanzas were rerouted.
+    fn take_all(&mut self) -> Vec<Receipt> {
+        let mut all: Vec<Receipt> = self.tracked.drain(..).map(|(_, receipt)| receipt).collect();
+        all.append(&mut self.written);
+        all.append(&mut self.rerouted);
+        all
+    }
 }
 
 /// What woke the connected loop.
@@ -142,6 +180,7 @@ impl<T: Transport> Connection<T> {
                 self.stream.handle_eof(Instant::now().into_std());
                 continue;
             }
+            self.settle_receipts().await;
             let timer = self.stream.poll_timeout().map(Instant::from_std);
             let throttled = self.throttled_until;
             let wake = tokio::select! {
@@ -322,6 +361,15 @@ impl<T: Transport> Connection<T> {
         if let Some(mut sm) = self.stream.take_sm() {
             self.undelivered.splice(0..0, sm.take_unacked());
         }
+        if let Some(bound) = &mut self.bound {
+            let tracked: Vec<_> = bound
+                .receipts
+                .tracked
+                .drain(..)
+                .map(|(_, receipt)| receipt)
+                .collect();
+            bound.receipts.rerouted.extend(tracked);
+        }
         Ending::End
     }
 
@@ -336,7 +384,11 @@ impl<T: Transport> Connection<T> {
                 tracing::info!("Session bound.");
                 self.stream
                     .handle_bound(Instant::now().into_std(), session.jid.clone());
-                self.bound = Some(Bound { session, inbox });
+                self.bound = Some(Bound {
+                    session,
+                    inbox,
+                    receipts: Receipts::default(),
+                });
             }
             Err(error) => {
                 tracing::error!(%error, "Resource could not be bound.");
@@ -355,44 +407,55 @@ impl<T: Transport> Connection<T> {
             .c2s
             .router
             .resumable(previd)
+            .await
             .filter(|route| Some(route.jid.to_bare()) == user);
-        let snapshot = match route {
-            Some(route) => {
-                let (reply, answer) = oneshot::channel();
-                match route.mailbox.send(Mail::Takeover(reply)) {
-                    Ok(()) => tokio::time::timeout(TAKEOVER_TIMEOUT, answer)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(|s| (s, route)),
-                    Err(_) => None,
-                }
-            }
+        let taken = match &route {
+            Some(route) => self.c2s.router.bus().take_over(route).await,
             None => None,
         };
-        let Some((snapshot, route)) = snapshot else {
+        let (Some(route), Some(snapshot)) = (route, taken) else {
             tracing::info!(previd, "Nothing to resume.");
             return self.stream.handle_resume_failed(Instant::now().into_std());
         };
-        let session = self
-            .c2s
-            .router
-            .restore(&snapshot, route.mailbox.clone())
-            .await;
+        let (restored, inbox) = match self.c2s.router.restore(snapshot, &route).await {
+            Ok(restored) => restored,
+            Err(error) => {
+                tracing::error!(%error, "A taken-over session could not be registered here.");
+                return self.stream.handle_resume_failed(Instant::now().into_std());
+            }
+        };
+        let rookery_router::Restored {
+            session,
+            sm,
+            receipts,
+            ..
+        } = restored;
         tracing::Span::current().record("jid", tracing::field::display(&session.jid));
-        tracing::info!(h, unacked = snapshot.sm.unacked.len(), "Session resumed.");
-        let SessionSnapshot { jid, sm, inbox, .. } = snapshot;
+        tracing::info!(h, unacked = sm.unacked.len(), "Session resumed.");
+        let jid = session.jid.clone();
         self.stream
             .handle_resumed(Instant::now().into_std(), jid, sm, h);
-        self.bound = Some(Bound { session, inbox });
+        let receipts = Receipts {
+            tracked: receipts.into(),
+            ..Receipts::default()
+        };
+        self.bound = Some(Bound {
+            session,
+            inbox,
+            receipts,
+        });
     }
 
     async fn handle_mail(&mut self, mail: Mail) -> Option<Ending> {
         let bound = self.bound.as_mut()?;
         match mail {
-            Mail::Stanza(stanza) => {
+            Mail::Stanza { stanza, receipt } => {
+                let message = stanza.name() == "message";
                 self.c2s.router.accept_delivery(&mut bound.session, *stanza);
-                self.drain_outbox();
+                let taken = self.drain_outbox();
+                if let Some(receipt) = receipt {
+                    self.keep_receipt(receipt, message, taken).await;
+                }
                 None
             }
             Mail::Close(condition) => {
@@ -414,14 +477,46 @@ impl<T: Transport> Connection<T> {
         }
     }
 
-    /// Moves what the router queued for the client into the stream.
-    fn drain_outbox(&mut self) {
+    /// Files the receipt of a delivery just handed to the stream.
+    async fn keep_receipt(&mut self, receipt: Receipt, message: bool, taken: bool) {
         let Some(bound) = &mut self.bound else { return };
+        if !message {
+            // Presence and iq are not kept across failures.
+            return self.c2s.router.bus().acknowledge(receipt).await;
+        }
+        match (taken, self.stream.sm()) {
+            (true, Some(sm)) => bound.receipts.tracked.push_back((sm.sent_count(), receipt)),
+            (true, None) => bound.receipts.written.push(receipt),
+            (false, _) => bound.receipts.rerouted.push(receipt),
+        }
+    }
+
+    /// Acknowledges deliveries that became safe.
+    async fn settle_receipts(&mut self) {
+        let Some(bound) = &mut self.bound else { return };
+        let mut safe = std::mem::take(&mut bound.receipts.written);
+        if let Some(sm) = self.stream.sm() {
+            safe.extend(bound.receipts.take_acked(sm.acked));
+        }
+        for receipt in safe {
+            self.c2s.router.bus().acknowledge(receipt).await;
+        }
+    }
+
+    /// Moves what the router queued for the client into the stream; false if
+    /// the stream could not take everything (it closed).
+    fn drain_outbox(&mut self) -> bool {
+        let Some(bound) = &mut self.bound else {
+            return true;
+        };
+        let mut taken = true;
         for stanza in bound.session.take_outbox() {
             if let Err(stanza) = self.stream.send_stanza(stanza) {
                 self.undelivered.push(stanza);
+                taken = false;
             }
         }
+        taken
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -496,28 +591,57 @@ async fn hand_over(
     for stanza in undelivered {
         sm.sent(stanza);
     }
-    let Bound { mut session, inbox } = bound;
+    let Bound {
+        mut session,
+        inbox,
+        mut receipts,
+    } = bound;
+    // Receipts of stanzas that were still waiting for the stream become
+    // acknowledged with the last of them.
+    let last = sm.sent_count();
+    let mut tracked: Vec<(u32, Receipt)> = receipts.tracked.drain(..).collect();
+    tracked.extend(
+        receipts
+            .rerouted
+            .drain(..)
+            .chain(receipts.written.drain(..))
+            .map(|receipt| (last, receipt)),
+    );
     let snapshot = SessionSnapshot {
         jid: session.jid.clone(),
         session: session.id,
         info: session.info.clone(),
         sm,
+        receipts: tracked,
         directed: session.directed.drain().collect(),
         inactive: session.inactive,
         held: std::mem::take(&mut session.held),
-        inbox,
+        inbox: Some(inbox),
     };
-    if let Err(mut snapshot) = reply.send(snapshot) {
+    if let Err(snapshot) = reply.send(snapshot) {
         tracing::info!("The resuming connection went away; ending the session.");
-        let restored = c2s.router.restore(&snapshot, session.mailbox.clone()).await;
-        let undelivered = snapshot.sm.take_unacked();
+        let restored = c2s
+            .router
+            .session_from_snapshot(snapshot, session.mailbox.clone());
+        let rookery_router::Restored {
+            session,
+            inbox,
+            mut sm,
+            receipts,
+        } = restored;
+        let receipts = Receipts {
+            rerouted: receipts.into_iter().map(|(_, receipt)| receipt).collect(),
+            ..Receipts::default()
+        };
+        let inbox = inbox.expect("the snapshot was made with the inbox");
         finish(
             c2s,
             Bound {
-                session: restored,
-                inbox: snapshot.inbox,
+                session,
+                inbox,
+                receipts,
             },
-            undelivered,
+            sm.take_unacked(),
         )
         .await;
     }
@@ -528,10 +652,21 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
     let Bound {
         mut session,
         mut inbox,
+        mut receipts,
     } = bound;
     for stanza in undelivered {
         sm.sent(stanza);
     }
+    // Whatever waited for the stream is now in the queue that resumption retransmits.
+    let last = sm.sent_count();
+    let waiting: Vec<Receipt> = receipts
+        .rerouted
+        .drain(..)
+        .chain(receipts.written.drain(..))
+        .collect();
+    receipts
+        .tracked
+        .extend(waiting.into_iter().map(|receipt| (last, receipt)));
     let id = sm.id.clone().unwrap_or_default();
     tracing::info!(timeout = ?c2s.resume_timeout, unacked = sm.unacked.len(), "Connection lost; session kept for resumption.");
     let deadline = Instant::now() + c2s.resume_timeout;
@@ -542,14 +677,33 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
             _ = c2s.shutdown.cancelled() => None,
         };
         match mail {
-            Some(Mail::Stanza(stanza)) => {
+            Some(Mail::Stanza { stanza, receipt }) => {
+                let message = stanza.name() == "message";
                 c2s.router.accept_delivery(&mut session, *stanza);
                 for stanza in session.take_outbox() {
                     sm.sent(stanza);
                 }
+                match receipt {
+                    Some(receipt) if message => {
+                        receipts.tracked.push_back((sm.sent_count(), receipt))
+                    }
+                    Some(receipt) => c2s.router.bus().acknowledge(receipt).await,
+                    None => {}
+                }
             }
             Some(Mail::Takeover(reply)) => {
-                return hand_over(&c2s, Bound { session, inbox }, sm, Vec::new(), reply).await;
+                return hand_over(
+                    &c2s,
+                    Bound {
+                        session,
+                        inbox,
+                        receipts,
+                    },
+                    sm,
+                    Vec::new(),
+                    reply,
+                )
+                .await;
             }
             Some(Mail::Close(condition)) => {
                 session.replaced = condition == Condition::Conflict;
@@ -561,21 +715,39 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
     tracing::info!("Session not resumed in time; ending it.");
     c2s.router.unregister_resumable(&id).await;
     let undelivered = sm.take_unacked();
-    finish(&c2s, Bound { session, inbox }, undelivered).await;
+    finish(
+        &c2s,
+        Bound {
+            session,
+            inbox,
+            receipts,
+        },
+        undelivered,
+    )
+    .await;
 }
 
-/// Ends a session: nothing more reaches the inbox, and whatever the client did
-/// not get goes back to the router.
+/// Ends a session: nothing more reaches the inbox, whatever the client did
+/// not get goes back to the router, and then the deliveries are acknowledged.
 async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
-    let Bound { session, mut inbox } = bound;
+    let Bound {
+        session,
+        mut inbox,
+        mut receipts,
+    } = bound;
     inbox.close();
     while let Ok(mail) = inbox.try_recv() {
-        if let Mail::Stanza(stanza) = mail {
+        if let Mail::Stanza { stanza, receipt } = mail {
             undelivered.push(*stanza);
+            receipts.rerouted.extend(receipt);
         }
     }
     tracing::info!(undelivered = undelivered.len(), "Session ended.");
     c2s.router.end_session(session, undelivered).await;
+    // Rerouted or stored: the original deliveries are safe to forget.
+    for receipt in receipts.take_all() {
+        c2s.router.bus().acknowledge(receipt).await;
+    }
 }
 
 #[cfg(test)]

@@ -166,7 +166,10 @@ fn hot_path(c: &mut Criterion) {
             let stanza = sample.clone();
             node.runtime
                 .block_on(node.router.handle_stanza(&mut node.alice, stanza));
-            let Ok(Mail::Stanza(delivered)) = node.bob_inbox.try_recv() else {
+            let Ok(Mail::Stanza {
+                stanza: delivered, ..
+            }) = node.bob_inbox.try_recv()
+            else {
                 panic!("delivered")
             };
             std::hint::black_box(delivered);
@@ -178,7 +181,10 @@ fn hot_path(c: &mut Criterion) {
             let stanza = parse(&mut node.alice_stream);
             node.runtime
                 .block_on(node.router.handle_stanza(&mut node.alice, stanza));
-            let Ok(Mail::Stanza(delivered)) = node.bob_inbox.try_recv() else {
+            let Ok(Mail::Stanza {
+                stanza: delivered, ..
+            }) = node.bob_inbox.try_recv()
+            else {
                 panic!("delivered")
             };
             node.router.accept_delivery(&mut node.bob, *delivered);

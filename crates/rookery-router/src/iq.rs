@@ -159,7 +159,7 @@ impl Router {
             return;
         }
         let returned = match self.bus.route(to) {
-            Some(route) => self.send_to(&route, iq).err(),
+            Some(route) => self.send_to(&route, iq).await.err(),
             None => Some(iq),
         };
         if let Some(iq) = returned

@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_cluster::{Bus, Mail, Mailbox, Route, RouteInfo, SessionId, SessionSnapshot};
+use rookery_cluster::{
+    Bus, Durability, Inbox, Mailbox, Route, RouteInfo, SessionId, SessionSnapshot,
+};
 use rookery_store::{LastActivity, OfflineMessage, Store, StoreError};
 use rookery_stream::ns;
 use rookery_stream::xml::{remove_attr, set_attr};
@@ -84,6 +86,19 @@ impl RouterConfig {
             csi_hold_limit: 200,
         }
     }
+}
+
+/// A session rebuilt from a snapshot.
+#[derive(Debug)]
+pub struct Restored {
+    /// The router session.
+    pub session: Session,
+    /// The inbox, when it moved with the session.
+    pub inbox: Option<rookery_cluster::Inbox>,
+    /// Stream management state to resume with.
+    pub sm: rookery_stream::SmState,
+    /// Receipts of the unacknowledged stanzas.
+    pub receipts: Vec<(u32, rookery_cluster::Receipt)>,
 }
 
 /// Why binding a resource failed.
@@ -253,8 +268,9 @@ impl Router {
         let route = Route {
             jid: session.jid.clone(),
             session: session.id,
+            node: self.bus.node(),
             info: RouteInfo::default(),
-            mailbox: session.mailbox.clone(),
+            mailbox: Some(session.mailbox.clone()),
         };
         let replaced = self
             .bus
@@ -263,26 +279,71 @@ impl Router {
             .map_err(|_| BindError::Unavailable)?;
         if let Some(replaced) = replaced {
             tracing::info!(jid = %session.jid, "Replacing an older session with the same resource.");
-            if replaced
-                .mailbox
-                .send(Mail::Close(rookery_stream::Condition::Conflict))
-                .is_err()
-            {
-                tracing::debug!(jid = %session.jid, "The replaced session was already gone.");
-            }
+            self.bus
+                .close(&replaced, rookery_stream::Condition::Conflict)
+                .await;
         }
         Ok(session)
     }
 
-    /// Rebuilds a session taken over by a resuming connection.
-    pub async fn restore(&self, snapshot: &SessionSnapshot, mailbox: Mailbox) -> Session {
+    /// Rebuilds a session from a snapshot, without touching the bus.
+    pub fn session_from_snapshot(&self, snapshot: SessionSnapshot, mailbox: Mailbox) -> Restored {
+        let SessionSnapshot {
+            jid,
+            session: id,
+            info,
+            sm,
+            receipts,
+            directed,
+            inactive,
+            held,
+            inbox,
+        } = snapshot;
+        let mut session = Session::new(jid, id, mailbox);
+        session.info = info;
+        session.directed = directed.into_iter().collect();
+        session.inactive = inactive;
+        session.held = held;
+        Restored {
+            session,
+            inbox,
+            sm,
+            receipts,
+        }
+    }
+
+    /// Takes over the session at `previous` for a resuming connection on this
+    /// node: moves its inbox when it was on this node, else registers it here.
+    pub async fn restore(
+        &self,
+        snapshot: SessionSnapshot,
+        previous: &Route,
+    ) -> Result<(Restored, Inbox), BindError> {
         self.load_blocklist(&snapshot.jid.to_bare()).await;
-        let mut session = Session::new(snapshot.jid.clone(), snapshot.session, mailbox);
-        session.info = snapshot.info.clone();
-        session.directed = snapshot.directed.iter().cloned().collect();
-        session.inactive = snapshot.inactive;
-        session.held = snapshot.held.clone();
-        session
+        match (snapshot.inbox.is_some(), &previous.mailbox) {
+            (true, Some(mailbox)) => {
+                let mut restored = self.session_from_snapshot(snapshot, mailbox.clone());
+                let inbox = restored.inbox.take().expect("checked above");
+                Ok((restored, inbox))
+            }
+            _ => {
+                let (mailbox, inbox) = Mailbox::new();
+                let restored = self.session_from_snapshot(snapshot, mailbox.clone());
+                let route = Route {
+                    jid: restored.session.jid.clone(),
+                    session: restored.session.id,
+                    node: self.bus.node(),
+                    info: restored.session.info.clone(),
+                    mailbox: Some(mailbox),
+                };
+                // The previous holder handed the session over: nothing to close there.
+                self.bus
+                    .bind(route)
+                    .await
+                    .map_err(|_| BindError::Unavailable)?;
+                Ok((restored, inbox))
+            }
+        }
     }
 
     /// Makes the session resumable under `id` (XEP-0198).
@@ -297,8 +358,8 @@ impl Router {
     }
 
     /// The session resumable under `id`, if any.
-    pub fn resumable(&self, id: &str) -> Option<Arc<Route>> {
-        self.bus.resumable(id)
+    pub async fn resumable(&self, id: &str) -> Option<Arc<Route>> {
+        self.bus.resumable(id).await
     }
 
     /// Forgets a resumption id.
@@ -459,7 +520,7 @@ impl Router {
                 if let Ok(full) = to.try_as_full()
                     && let Some(route) = self.bus.route(full)
                 {
-                    let _ = self.bus.send(&route, Mail::Stanza(Box::new(stanza)));
+                    let _ = self.send_to(&route, stanza).await;
                 }
             }
             None => {}
@@ -467,40 +528,42 @@ impl Router {
     }
 
     /// Sends a stanza to one session; on failure the stanza is handed back.
-    fn send_to(&self, route: &Route, stanza: Element) -> Result<(), Element> {
-        self.bus
-            .send(route, Mail::Stanza(Box::new(stanza)))
-            .map_err(|mail| match mail {
-                Mail::Stanza(stanza) => *stanza,
-                _ => unreachable!("the bus gives back what it was given"),
-            })
+    /// Messages are delivered durably (they survive a node failure once this
+    /// returns); presence and iq are sent on their way.
+    async fn send_to(&self, route: &Route, stanza: Element) -> Result<(), Element> {
+        let durability = if stanza.name() == "message" {
+            Durability::Durable
+        } else {
+            Durability::BestEffort
+        };
+        self.bus.deliver(route, stanza, durability).await
     }
 
     /// Sends a copy of `stanza` to each route with `to` set to the route's JID.
-    fn send_each(&self, routes: &[Arc<Route>], stanza: &Element) {
+    async fn send_each(&self, routes: &[Arc<Route>], stanza: &Element) {
         for route in routes {
             let mut copy = stanza.clone();
             set_attr(&mut copy, "to", route.jid.to_string());
-            if self.send_to(route, copy).is_err() {
+            if self.send_to(route, copy).await.is_err() {
                 tracing::debug!(jid = %route.jid, "Session went away before delivery.");
             }
         }
     }
 
     /// Pushes `stanza` (an iq set) to every interested resource of `user`.
-    pub fn push_to_interested(&self, user: &BareJid, stanza: &Element) {
+    pub async fn push_to_interested(&self, user: &BareJid, stanza: &Element) {
         let routes: Vec<_> = self
             .bus
             .routes(user)
             .into_iter()
             .filter(|route| route.info.interested)
             .collect();
-        self.send_each(&routes, stanza);
+        self.send_each(&routes, stanza).await;
     }
 
     /// Sends `stanza` to every session of `user`.
-    pub fn send_to_all_sessions(&self, user: &BareJid, stanza: &Element) {
-        self.send_each(&self.bus.routes(user), stanza);
+    pub async fn send_to_all_sessions(&self, user: &BareJid, stanza: &Element) {
+        self.send_each(&self.bus.routes(user), stanza).await;
     }
 
     /// Updates the session's routing state in the bus.
@@ -515,9 +578,9 @@ impl Router {
     }
 
     /// Tells every session of `user` to end with `condition`.
-    pub fn close_sessions(&self, user: &BareJid, condition: rookery_stream::Condition) {
+    pub async fn close_sessions(&self, user: &BareJid, condition: rookery_stream::Condition) {
         for route in self.bus.routes(user) {
-            let _ = self.bus.send(&route, Mail::Close(condition));
+            self.bus.close(&route, condition).await;
         }
     }
 

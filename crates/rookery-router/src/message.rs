@@ -94,7 +94,9 @@ impl Router {
         self.route_message_to(message, &to, Some(session)).await;
         if let Some(original) = original {
             for route in copies {
-                let _ = self.send_to(&route, carbon("sent", user, &route.jid, &original));
+                let _ = self
+                    .send_to(&route, carbon("sent", user, &route.jid, &original))
+                    .await;
             }
         }
     }
@@ -161,7 +163,7 @@ impl Router {
                     } else {
                         message.clone().expect("kept until the last target")
                     };
-                    match self.send_to(target, copy) {
+                    match self.send_to(target, copy).await {
                         Ok(()) => delivered.push(&target.jid),
                         Err(returned) => last_failed = Some(returned),
                     }
@@ -181,8 +183,9 @@ impl Router {
                             && !delivered.contains(&&route.jid)
                             && sender_jid != Some(&route.jid)
                         {
-                            let _ =
-                                self.send_to(route, carbon("received", user, &route.jid, &message));
+                            let _ = self
+                                .send_to(route, carbon("received", user, &route.jid, &message))
+                                .await;
                         }
                     }
                 }
@@ -250,9 +253,7 @@ impl Router {
         match sender {
             Some(session) if reply.attr("to") == Some(session.jid.as_str()) => {
                 // The sender is handling its own stanza right now; its mailbox takes the reply.
-                let _ = session
-                    .mailbox
-                    .send(rookery_cluster::Mail::Stanza(Box::new(reply)));
+                let _ = session.mailbox.send_stanza(reply);
             }
             _ => Box::pin(self.route(reply)).await,
         }

@@ -130,7 +130,7 @@ impl Router {
             .into_iter()
             .filter(|route| route.info.available())
             .collect();
-        self.send_each(&own, &presence);
+        self.send_each(&own, &presence).await;
         if !available {
             for jid in std::mem::take(&mut session.directed) {
                 let subscribed = roster
@@ -233,16 +233,20 @@ impl Router {
             Ok(full) => {
                 if let Some(route) = routes.iter().find(|route| route.jid == *full) {
                     set_attr(&mut presence, "to", full.to_string());
-                    let _ = self.send_to(route, presence);
+                    let _ = self.send_to(route, presence).await;
                     return;
                 }
                 let kind = PresenceType::of(&presence).unwrap_or(PresenceType::Available);
                 if rules::presence_to_missing_full(kind) == PresenceFallback::Drop {
                     return;
                 }
-                self.send_each(&rules::presence_to_bare(&routes), &presence);
+                self.send_each(&rules::presence_to_bare(&routes), &presence)
+                    .await;
             }
-            Err(_) => self.send_each(&rules::presence_to_bare(&routes), &presence),
+            Err(_) => {
+                self.send_each(&rules::presence_to_bare(&routes), &presence)
+                    .await
+            }
         }
     }
 
@@ -293,7 +297,7 @@ impl Router {
             item.ask = after.ask;
             item.approved = after.approved;
             match self.store.put_roster_item(user, &item).await {
-                Ok(version) => self.push_roster_item(user, &item, version),
+                Ok(version) => self.push_roster_item(user, &item, version).await,
                 Err(error) => {
                     tracing::error!(%user, %contact, %error, "Roster item could not be stored.")
                 }
@@ -401,7 +405,7 @@ impl Router {
             .await;
         if outcome.deliver {
             let routes = rules::presence_to_bare(&self.bus.routes(recipient));
-            self.send_each(&routes, &presence);
+            self.send_each(&routes, &presence).await;
         }
         if let Some(reply_kind) = outcome.auto_reply {
             let reply = self.subscription_presence(recipient, sender, reply_kind);
@@ -457,7 +461,8 @@ impl Router {
                 set_attr(&mut presence, "to", contact.to_string());
                 // Delivered without the blocking check: it is the last thing the contact sees.
                 let contact_routes = self.bus.routes(&contact.to_bare());
-                self.send_each(&rules::presence_to_bare(&contact_routes), &presence);
+                self.send_each(&rules::presence_to_bare(&contact_routes), &presence)
+                    .await;
             }
         }
     }

@@ -51,15 +51,16 @@ fn push(item: Element, version: i64) -> Element {
 
 impl Router {
     /// Pushes a changed item to every interested resource of `user` (section 2.1.6).
-    pub(crate) fn push_roster_item(&self, user: &BareJid, item: &RosterItem, version: i64) {
-        self.push_to_interested(user, &push(item_element(item), version));
+    pub(crate) async fn push_roster_item(&self, user: &BareJid, item: &RosterItem, version: i64) {
+        self.push_to_interested(user, &push(item_element(item), version))
+            .await;
     }
 
-    fn push_roster_removal(&self, user: &BareJid, contact: &BareJid, version: i64) {
+    async fn push_roster_removal(&self, user: &BareJid, contact: &BareJid, version: i64) {
         let mut item = Element::bare("item", namespaces::ROSTER);
         set_attr(&mut item, "jid", contact.as_str());
         set_attr(&mut item, "subscription", "remove");
-        self.push_to_interested(user, &push(item, version));
+        self.push_to_interested(user, &push(item, version)).await;
     }
 
     /// A roster get or set from the session's client, addressed to its own account.
@@ -194,7 +195,7 @@ impl Router {
         updated.groups = groups;
         match self.store.put_roster_item(&user, &updated).await {
             Ok(version) => {
-                self.push_roster_item(&user, &updated, version);
+                self.push_roster_item(&user, &updated, version).await;
                 iq_result(iq, None)
             }
             Err(error) => {
@@ -237,7 +238,7 @@ impl Router {
         }
         let _ = self.store.remove_subscription_request(&user, contact).await;
         match self.store.remove_roster_item(&user, contact).await {
-            Ok(Some(version)) => self.push_roster_removal(&user, contact, version),
+            Ok(Some(version)) => self.push_roster_removal(&user, contact, version).await,
             Ok(None) => {}
             Err(error) => {
                 tracing::error!(%user, %error, "Roster item could not be removed.");

@@ -1,18 +1,20 @@
 //! The LocalBus registry contract.
 
 use super::*;
-use crate::Mailbox;
+use crate::{Mail, Mailbox};
+use minidom::Element;
 
 fn route(jid: &str, priority: i8) -> (Route, crate::Inbox) {
     let (mailbox, inbox) = Mailbox::new();
     let route = Route {
         jid: FullJid::new(jid).unwrap(),
         session: SessionId::next(),
+        node: 0,
         info: RouteInfo {
             priority,
             ..RouteInfo::default()
         },
-        mailbox,
+        mailbox: Some(mailbox),
     };
     (route, inbox)
 }
@@ -68,20 +70,25 @@ async fn mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone() {
     let bus = LocalBus::new();
     let (phone, mut inbox) = route("alice@localhost/phone", 0);
     bus.bind(phone.clone()).await.unwrap();
-    bus.send(&phone, Mail::Close(rookery_stream::Condition::Conflict))
-        .unwrap();
+    bus.close(&phone, rookery_stream::Condition::Conflict).await;
     assert!(matches!(
         inbox.recv().await,
         Some(Mail::Close(rookery_stream::Condition::Conflict))
     ));
-    drop(inbox);
+    let stanza = Element::bare("message", "jabber:client");
+    bus.deliver(&phone, stanza.clone(), crate::Durability::Durable)
+        .await
+        .unwrap();
     assert!(matches!(
-        bus.send(
-            &phone,
-            Mail::Close(rookery_stream::Condition::SystemShutdown)
-        ),
-        Err(Mail::Close(_))
+        inbox.recv().await,
+        Some(Mail::Stanza { receipt: None, .. })
     ));
+    drop(inbox);
+    assert_eq!(
+        bus.deliver(&phone, stanza.clone(), crate::Durability::BestEffort)
+            .await,
+        Err(stanza)
+    );
 }
 
 #[tokio::test]
@@ -92,15 +99,15 @@ async fn resumption_ids_point_at_the_live_session_only() {
     bus.register_resumable("abc", &phone.jid, phone.session)
         .await
         .unwrap();
-    assert_eq!(bus.resumable("abc").unwrap().session, phone.session);
+    assert_eq!(bus.resumable("abc").await.unwrap().session, phone.session);
     let (newer, _newer_inbox) = route("alice@localhost/phone", 0);
     bus.bind(newer).await.unwrap();
     assert!(
-        bus.resumable("abc").is_none(),
+        bus.resumable("abc").await.is_none(),
         "a replaced session cannot be resumed"
     );
     bus.unregister_resumable("abc").await.unwrap();
-    assert!(bus.resumable("abc").is_none());
+    assert!(bus.resumable("abc").await.is_none());
 }
 
 #[tokio::test]

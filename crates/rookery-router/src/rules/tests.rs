@@ -18,13 +18,14 @@ fn routes(sessions: &[(&str, Option<i8>)]) -> Vec<Arc<Route>> {
             Arc::new(Route {
                 jid: FullJid::new(&format!("alice@localhost/{resource}")).unwrap(),
                 session: SessionId::next(),
+                node: 0,
                 info: RouteInfo {
                     presence: priority
                         .map(|_| Arc::new(Element::bare("presence", "jabber:client"))),
                     priority: priority.unwrap_or(0),
                     ..RouteInfo::default()
                 },
-                mailbox,
+                mailbox: Some(mailbox),
             })
         })
         .collect()
