@@ -25,6 +25,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Durable storage.
     pub storage: StorageConfig,
+    /// Clustering on NATS; absent for a single node.
+    pub cluster: Option<ClusterConfig>,
     /// Account registration and password hashing.
     pub accounts: AccountsConfig,
     /// Limits that protect the server.
@@ -137,10 +139,14 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Storage backend: "sqlite".
+    /// Storage backend: "sqlite" (one node) or "postgres" (any number of nodes).
     pub backend: String,
     /// SQLite database file; relative paths are inside `data_dir`.
     pub sqlite_path: PathBuf,
+    /// PostgreSQL connection URL, for the "postgres" backend.
+    pub postgres_url: Option<String>,
+    /// Connections to PostgreSQL per node.
+    pub postgres_max_connections: u32,
 }
 
 impl Default for StorageConfig {
@@ -148,6 +154,43 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: "sqlite".into(),
             sqlite_path: "rookery.sqlite".into(),
+            postgres_url: None,
+            postgres_max_connections: 20,
+        }
+    }
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster and stable across restarts.
+    pub node: String,
+    /// NATS servers (with JetStream), as URLs; list them all for a NATS cluster.
+    pub nats: Vec<String>,
+    /// Seconds between this node's heartbeats.
+    pub heartbeat_interval: f64,
+    /// Seconds of silence after which a node counts as dead and its sessions end.
+    pub failure_timeout: f64,
+    /// Replicas of the JetStream state (3 on a three-server NATS cluster).
+    pub nats_replicas: usize,
+    /// Address (host:port) clients reach this node at, for see-other-host redirects;
+    /// default: the STARTTLS listener's address.
+    pub advertise: Option<String>,
+    /// Most sessions on this node before new clients are redirected (0: no limit).
+    pub max_sessions: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node: "rookery".into(),
+            nats: vec!["nats://127.0.0.1:4222".into()],
+            heartbeat_interval: 1.0,
+            failure_timeout: 10.0,
+            nats_replicas: 1,
+            advertise: None,
+            max_sessions: 0,
         }
     }
 }
@@ -341,11 +384,52 @@ impl Config {
         if jid::BareJid::new(&self.server.domain).map_or(true, |jid| jid.node().is_some()) {
             return Err(invalid("server.domain", "not a valid domain name"));
         }
-        if self.storage.backend != "sqlite" {
-            return Err(invalid(
-                "storage.backend",
-                "unknown backend (supported: \"sqlite\")",
-            ));
+        match self.storage.backend.as_str() {
+            "sqlite" if self.cluster.is_some() => {
+                return Err(invalid(
+                    "storage.backend",
+                    "a clustered node needs storage all nodes share: set backend = \"postgres\" and postgres_url",
+                ));
+            }
+            "sqlite" => {}
+            "postgres" if self.storage.postgres_url.is_none() => {
+                return Err(invalid(
+                    "storage.postgres_url",
+                    "the postgres backend needs a URL",
+                ));
+            }
+            "postgres" => {}
+            _ => {
+                return Err(invalid(
+                    "storage.backend",
+                    "unknown backend (supported: \"sqlite\", \"postgres\")",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.node.is_empty()
+                || !cluster
+                    .node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            {
+                return Err(invalid("cluster.node", "use letters, digits, '-' and '_'"));
+            }
+            if cluster.nats.is_empty() {
+                return Err(invalid("cluster.nats", "list at least one NATS server"));
+            }
+            if cluster.heartbeat_interval.is_nan() || cluster.heartbeat_interval <= 0.0 {
+                return Err(invalid("cluster.heartbeat_interval", "must be above 0"));
+            }
+            if cluster.failure_timeout < 2.0 * cluster.heartbeat_interval {
+                return Err(invalid(
+                    "cluster.failure_timeout",
+                    "must be at least two heartbeat intervals",
+                ));
+            }
+            if cluster.nats_replicas == 0 || cluster.nats_replicas > 5 {
+                return Err(invalid("cluster.nats_replicas", "must be between 1 and 5"));
+            }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(invalid(

@@ -1,5 +1,6 @@
 //! The composition root: turns a [`Config`] into a running server. This is the
-//! only crate that names concrete backends (SQLite, the local bus).
+//! only crate that names concrete backends (SQLite or PostgreSQL storage, the
+//! local bus or the NATS bus).
 
 #![forbid(unsafe_code)]
 
@@ -9,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rookery_cluster::LocalBus;
+use rookery_cluster::{Bus, LocalBus};
+use rookery_cluster_nats::{NatsBus, NatsConfig};
 use rookery_net::C2s;
 use rookery_net::limit::AddressLimiter;
 use rookery_router::{Router, RouterConfig};
 use rookery_store::Store;
+use rookery_store_postgres::PostgresStore;
 use rookery_store_sqlite::SqliteStore;
 use rookery_stream::{Limits, StreamConfig, Timeouts, TlsPolicy};
 use tokio::net::TcpListener;
@@ -24,19 +27,61 @@ pub mod config;
 
 pub use config::Config;
 
+/// The configured storage backend.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// One node: a SQLite file.
+    Sqlite(Arc<SqliteStore>),
+    /// Any number of nodes: PostgreSQL.
+    Postgres(Arc<PostgresStore>),
+}
+
+impl StoreBackend {
+    /// The store behind its traits.
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            StoreBackend::Sqlite(store) => store.clone(),
+            StoreBackend::Postgres(store) => store.clone(),
+        }
+    }
+
+    /// Closes connections (SQLite checkpoints its journal).
+    pub async fn close(&self) {
+        match self {
+            StoreBackend::Sqlite(store) => store.close().await,
+            StoreBackend::Postgres(store) => store.close().await,
+        }
+    }
+}
+
 /// Opens the configured store (migrations included).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
-    std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
-        format!(
-            "cannot create data folder {}",
-            config.server.data_dir.display()
-        )
-    })?;
-    let path = config.sqlite_path();
-    let store = SqliteStore::open(&path)
-        .await
-        .with_context(|| format!("cannot open database {}", path.display()))?;
-    Ok(Arc::new(store))
+pub async fn open_store(config: &Config) -> anyhow::Result<StoreBackend> {
+    match config.storage.backend.as_str() {
+        "postgres" => {
+            let url = config
+                .storage
+                .postgres_url
+                .as_deref()
+                .context("storage.postgres_url is not set")?;
+            let store = PostgresStore::connect(url, config.storage.postgres_max_connections)
+                .await
+                .context("cannot open the PostgreSQL database (storage.postgres_url)")?;
+            Ok(StoreBackend::Postgres(Arc::new(store)))
+        }
+        _ => {
+            std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+                format!(
+                    "cannot create data folder {}",
+                    config.server.data_dir.display()
+                )
+            })?;
+            let path = config.sqlite_path();
+            let store = SqliteStore::open(&path)
+                .await
+                .with_context(|| format!("cannot open database {}", path.display()))?;
+            Ok(StoreBackend::Sqlite(Arc::new(store)))
+        }
+    }
 }
 
 /// The certificate and key files to use, generating a self-signed pair on first start.
@@ -91,7 +136,8 @@ pub struct Addresses {
 /// A server with its ports bound, ready to run.
 pub struct App {
     config: Config,
-    store: Arc<SqliteStore>,
+    store: StoreBackend,
+    nats: Option<Arc<NatsBus>>,
     router: Arc<Router>,
     c2s: Arc<C2s>,
     starttls: Option<(TcpListener, Arc<StreamConfig>)>,
@@ -126,13 +172,43 @@ impl App {
             scram_iterations: config.accounts.scram_iterations,
             show_os: false,
         };
-        let store_dyn: Arc<dyn Store> = store.clone();
+        // Ports are bound before the cluster is joined, so peers learn a reachable address.
+        let starttls_listener = bind(config.c2s.starttls_listen, "c2s.starttls_listen").await?;
+        let direct_tls_listener =
+            bind(config.c2s.direct_tls_listen, "c2s.direct_tls_listen").await?;
+        let http_listener = bind(config.http.listen, "http.listen").await?;
+        let (bus, nats): (Arc<dyn Bus>, Option<Arc<NatsBus>>) = match &config.cluster {
+            None => (Arc::new(LocalBus::new()), None),
+            Some(cluster) => {
+                let address = cluster.advertise.clone().or_else(|| {
+                    starttls_listener
+                        .as_ref()
+                        .and_then(|l| l.local_addr().ok())
+                        .map(|a| a.to_string())
+                });
+                let nats = NatsBus::connect(NatsConfig {
+                    name: cluster.node.clone(),
+                    urls: cluster.nats.clone(),
+                    heartbeat: Duration::from_secs_f64(cluster.heartbeat_interval),
+                    failure_timeout: Duration::from_secs_f64(cluster.failure_timeout),
+                    replicas: cluster.nats_replicas,
+                    address,
+                })
+                .await
+                .context("cannot join the cluster (cluster.nats)")?;
+                (nats.clone(), Some(nats))
+            }
+        };
         let router = Arc::new(Router::new(
             router_config,
-            store_dyn,
-            Arc::new(LocalBus::new()),
+            store.store(),
+            bus,
             rookery_ext::all(&ext_config),
         ));
+        if let Some(nats) = &nats {
+            let recovery: Arc<dyn rookery_cluster::Recovery> = router.clone();
+            nats.start(Arc::downgrade(&recovery));
+        }
 
         let mut session_features = router.stream_features();
         session_features.push(rookery_ext::disco::caps_element(&router));
@@ -183,22 +259,22 @@ impl App {
             ),
             byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
             resume_timeout: Duration::from_secs(c2s_config.resume_timeout),
+            max_sessions: config
+                .cluster
+                .as_ref()
+                .map_or(0, |cluster| cluster.max_sessions),
+            redirect: std::sync::Mutex::new(None),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
 
-        let starttls = bind(c2s_config.starttls_listen, "c2s.starttls_listen")
-            .await?
-            .map(|l| (l, Arc::new(base.clone())));
-        let direct_tls = bind(c2s_config.direct_tls_listen, "c2s.direct_tls_listen")
-            .await?
-            .map(|l| (l, Arc::new(unencrypted_listener.clone())));
-        let http = bind(config.http.listen, "http.listen")
-            .await?
-            .map(|l| (l, Arc::new(unencrypted_listener.clone())));
+        let starttls = starttls_listener.map(|l| (l, Arc::new(base.clone())));
+        let direct_tls = direct_tls_listener.map(|l| (l, Arc::new(unencrypted_listener.clone())));
+        let http = http_listener.map(|l| (l, Arc::new(unencrypted_listener.clone())));
         Ok(App {
             config,
             store,
+            nats,
             router,
             c2s,
             starttls,
@@ -231,6 +307,7 @@ impl App {
         let App {
             config,
             store,
+            nats,
             router,
             c2s,
             starttls,
@@ -262,6 +339,21 @@ impl App {
         tracing::info!(domain = %config.server.domain, "Rookery is ready.");
         shutdown.await;
         tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
+        if let Some(nats) = &nats {
+            // Peers stop sending new clients here; ours are sent to the least loaded peer.
+            nats.stop_accepting();
+            let target = router
+                .bus()
+                .peers()
+                .into_iter()
+                .filter(|peer| peer.address.is_some())
+                .min_by_key(|peer| peer.sessions)
+                .and_then(|peer| peer.address);
+            if let Some(target) = &target {
+                tracing::info!(%target, "Clients are redirected to another node.");
+            }
+            *c2s.redirect.lock().expect("redirect lock") = target;
+        }
         router.begin_shutdown();
         c2s.shutdown.cancel();
         servers.close();
@@ -278,6 +370,9 @@ impl App {
                 remaining = c2s.tasks.len(),
                 "Some sessions did not end within the grace period."
             );
+        }
+        if let Some(nats) = &nats {
+            nats.leave().await;
         }
         store.close().await;
         tracing::info!("Stopped.");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_stream::{Condition, SmState};
+use rookery_stream::{SmState, StreamError};
 use tokio::sync::{mpsc, oneshot};
 
 mod local;
@@ -129,7 +129,7 @@ pub enum Mail {
     /// End the stream with this error: `conflict` when a newer login bound the
     /// same full JID, `system-shutdown` when the server stops, `not-authorized`
     /// when the account was removed.
-    Close(Condition),
+    Close(StreamError),
     /// A resuming connection takes the session over (XEP-0198).
     Takeover(oneshot::Sender<SessionSnapshot>),
 }
@@ -206,8 +206,8 @@ pub trait Bus: Send + Sync {
         stanza: Element,
         durability: Durability,
     ) -> Result<(), Element>;
-    /// Tells a session to end its stream with `condition`.
-    async fn close(&self, route: &Route, condition: Condition);
+    /// Tells a session to end its stream with `error`.
+    async fn close(&self, route: &Route, error: StreamError);
     /// Takes a session over for a resuming connection.
     async fn take_over(&self, route: &Route) -> Option<SessionSnapshot>;
     /// A durable delivery is safe: forget it.
@@ -227,6 +227,35 @@ pub trait Bus: Send + Sync {
     fn local_sessions(&self) -> usize;
     /// Every session on this node (for shutdown).
     fn local_routes(&self) -> Vec<Arc<Route>>;
+    /// The other live nodes, for redirecting clients (see-other-host).
+    fn peers(&self) -> Vec<Peer> {
+        Vec::new()
+    }
+    /// False while the bus cannot route beyond this node (NATS lost).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Another live node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its name.
+    pub name: String,
+    /// Where clients reach it (`host:port`), if it said.
+    pub address: Option<String>,
+    /// Its bound sessions.
+    pub sessions: usize,
+}
+
+/// What a clustered bus asks of the router when deliveries or sessions are
+/// stranded (a session ended or moved, a node died).
+#[async_trait]
+pub trait Recovery: Send + Sync {
+    /// A stanza for `to` reached this node, but that session is not here: route it again.
+    async fn reroute(&self, to: FullJid, stanza: Element);
+    /// A session vanished with its node: its contacts learn it is gone.
+    async fn session_lost(&self, route: Route);
 }
 
 /// Takes over a session on this node through its inbox.

@@ -8,7 +8,7 @@ use jid::{BareJid, FullJid};
 use minidom::Element;
 
 use crate::{Bus, BusError, Durability, Receipt, Route, RouteInfo, SessionId, SessionSnapshot};
-use rookery_stream::Condition;
+use rookery_stream::StreamError;
 
 /// The in-process bus of a single node.
 #[derive(Debug, Default)]
@@ -114,9 +114,9 @@ impl Bus for LocalBus {
         }
     }
 
-    async fn close(&self, route: &Route, condition: Condition) {
+    async fn close(&self, route: &Route, error: StreamError) {
         if let Some(mailbox) = &route.mailbox {
-            let _ = mailbox.send(crate::Mail::Close(condition));
+            let _ = mailbox.send(crate::Mail::Close(error));
         }
     }
 

@@ -38,6 +38,10 @@ pub struct C2s {
     pub byte_rate: Option<(u64, u64)>,
     /// How long a dropped session waits for the client to resume it.
     pub resume_timeout: Duration,
+    /// Most sessions on this node before new clients are redirected (0: no limit).
+    pub max_sessions: usize,
+    /// Where clients go when this node shuts down (see-other-host), if anywhere.
+    pub redirect: std::sync::Mutex<Option<String>>,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -50,6 +54,45 @@ impl std::fmt::Debug for C2s {
             .field("tls", &self.tls.is_some())
             .field("resume_timeout", &self.resume_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+impl C2s {
+    /// Whether a new connection is served here: `Err` is the stream error to
+    /// end it with (a redirect to a less loaded node, or a refusal).
+    pub fn admit(&self) -> Result<(), rookery_stream::StreamError> {
+        use rookery_stream::{Condition, StreamError};
+        let bus = self.router.bus();
+        if !bus.healthy() {
+            return Err(StreamError::new(
+                Condition::ResourceConstraint,
+                "This node lost its cluster; try again shortly.",
+            ));
+        }
+        let sessions = bus.local_sessions();
+        if self.max_sessions > 0 && sessions >= self.max_sessions {
+            let peer = bus
+                .peers()
+                .into_iter()
+                .filter(|peer| peer.address.is_some() && peer.sessions < sessions)
+                .min_by_key(|peer| peer.sessions);
+            return Err(match peer.and_then(|peer| peer.address) {
+                Some(address) => StreamError::see_other_host(address),
+                None => StreamError::new(Condition::ResourceConstraint, "This node is full."),
+            });
+        }
+        Ok(())
+    }
+
+    /// The stream error that ends sessions when the server stops.
+    pub fn shutdown_error(&self) -> rookery_stream::StreamError {
+        match self.redirect.lock().expect("redirect lock").clone() {
+            Some(address) => rookery_stream::StreamError::see_other_host(address),
+            None => rookery_stream::StreamError::new(
+                rookery_stream::Condition::SystemShutdown,
+                "The server is shutting down.",
+            ),
+        }
     }
 }
 

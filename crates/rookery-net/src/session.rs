@@ -151,6 +151,13 @@ struct Connection<T> {
 impl<T: Transport> Connection<T> {
     async fn run(mut self: Box<Self>) {
         tracing::debug!("Connection accepted.");
+        if let Err(error) = self.c2s.admit() {
+            tracing::info!(condition = %error.condition, "Connection not admitted.");
+            self.stream.close(Some(error));
+            let _ = self.flush().await;
+            self.transport.shutdown().await;
+            return;
+        }
         // The connected phase runs boxed: what follows (hibernation, the end of the
         // session) must not add its state to the future every idle session holds.
         let ending = Box::pin(self.connected()).await;
@@ -195,10 +202,7 @@ impl<T: Transport> Connection<T> {
             match wake {
                 Wake::Shutdown => {
                     self.shutdown_seen = true;
-                    self.stream.close(Some(StreamError::new(
-                        Condition::SystemShutdown,
-                        "The server is shutting down.",
-                    )));
+                    self.stream.close(Some(self.c2s.shutdown_error()));
                 }
                 Wake::Mail(Some(mail)) => {
                     if let Some(ending) = Box::pin(self.handle_mail(mail)).await {
@@ -458,8 +462,8 @@ impl<T: Transport> Connection<T> {
                 }
                 None
             }
-            Mail::Close(condition) => {
-                self.stream.close(Some(condition.into()));
+            Mail::Close(error) => {
+                self.stream.close(Some(error));
                 None
             }
             Mail::Takeover(reply) => {
@@ -705,8 +709,8 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
                 )
                 .await;
             }
-            Some(Mail::Close(condition)) => {
-                session.replaced = condition == Condition::Conflict;
+            Some(Mail::Close(error)) => {
+                session.replaced = error.condition == Condition::Conflict;
                 break;
             }
             None => break,

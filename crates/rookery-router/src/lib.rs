@@ -280,7 +280,7 @@ impl Router {
         if let Some(replaced) = replaced {
             tracing::info!(jid = %session.jid, "Replacing an older session with the same resource.");
             self.bus
-                .close(&replaced, rookery_stream::Condition::Conflict)
+                .close(&replaced, rookery_stream::Condition::Conflict.into())
                 .await;
         }
         Ok(session)
@@ -404,18 +404,24 @@ impl Router {
 
     /// Handles a stanza the session could not get to its client.
     async fn reroute_undelivered(&self, session: &Session, stanza: Element) {
+        self.reroute_stranded(&session.jid, stanza).await;
+    }
+
+    /// Handles a stanza that could not reach the session `to`: messages go to
+    /// the user's other resources or offline storage, requests get an error.
+    async fn reroute_stranded(&self, to: &FullJid, stanza: Element) {
         match Kind::of(&stanza) {
             Some(Kind::Message) => {
                 if message::is_carbon_copy(&stanza) {
                     // The original went to another resource of the same account.
-                    tracing::debug!(jid = %session.jid, "Dropping an undelivered carbon copy; its original was delivered elsewhere.");
+                    tracing::debug!(jid = %to, "Dropping an undelivered carbon copy; its original was delivered elsewhere.");
                     return;
                 }
                 if stanza::MessageType::of(&stanza) == stanza::MessageType::Error {
-                    tracing::debug!(jid = %session.jid, "Dropping an undelivered error message.");
+                    tracing::debug!(jid = %to, "Dropping an undelivered error message.");
                     return;
                 }
-                self.route_to_user_except(stanza, &session.user(), Some(&session.jid))
+                self.route_to_user_except(stanza, &to.to_bare(), Some(to))
                     .await;
             }
             Some(Kind::Iq) if !stanza::is_error_or_result(&stanza) => {
@@ -423,7 +429,7 @@ impl Router {
                 self.route(error).await;
             }
             _ => {
-                tracing::debug!(jid = %session.jid, name = stanza.name(), "Dropping undelivered presence or iq response.")
+                tracing::debug!(jid = %to, name = stanza.name(), "Dropping undelivered presence or iq response.")
             }
         }
     }
@@ -580,7 +586,7 @@ impl Router {
     /// Tells every session of `user` to end with `condition`.
     pub async fn close_sessions(&self, user: &BareJid, condition: rookery_stream::Condition) {
         for route in self.bus.routes(user) {
-            self.bus.close(&route, condition).await;
+            self.bus.close(&route, condition.into()).await;
         }
     }
 
@@ -592,6 +598,36 @@ impl Router {
             }
         }
         error_reply(iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None)
+    }
+}
+
+#[async_trait::async_trait]
+impl rookery_cluster::Recovery for Router {
+    async fn reroute(&self, to: FullJid, stanza: Element) {
+        // A session that moved to another node (resumption) is followed there.
+        if let Some(route) = self.bus.route(&to)
+            && route.node != self.bus.node()
+        {
+            match self.send_to(&route, stanza).await {
+                Ok(()) => return,
+                Err(stanza) => return self.reroute_stranded(&to, stanza).await,
+            }
+        }
+        self.reroute_stranded(&to, stanza).await
+    }
+
+    async fn session_lost(&self, route: Route) {
+        let (mailbox, _inbox) = Mailbox::new();
+        let mut session = Session::new(route.jid.clone(), route.session, mailbox);
+        session.info = route.info.clone();
+        if session.info.available() {
+            let mut unavailable = Element::bare("presence", ns::CLIENT);
+            set_attr(&mut unavailable, "type", "unavailable");
+            set_attr(&mut unavailable, "from", session.jid.to_string());
+            self.handle_broadcast_presence(&mut session, unavailable)
+                .await;
+        }
+        tracing::info!(jid = %route.jid, "Session lost with its node.");
     }
 }
 

@@ -216,14 +216,14 @@ impl Router {
         user: &BareJid,
         excluded: &[FullJid],
     ) {
-        if self.is_shutting_down() {
-            return Box::pin(self.deliver_offline(user, message, None)).await;
-        }
+        // While this node stops, its own sessions are closing: only the others count.
+        let stopping = self.is_shutting_down();
+        let node = self.bus.node();
         let routes: Vec<_> = self
             .bus
             .routes(user)
             .into_iter()
-            .filter(|r| !excluded.contains(&r.jid))
+            .filter(|r| !excluded.contains(&r.jid) && !(stopping && r.node == node))
             .collect();
         let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
         // Boxed: a failed delivery may come back here once more.

@@ -53,6 +53,8 @@ pub enum Condition {
     PolicyViolation,
     /// The server lacks resources to serve the stream.
     ResourceConstraint,
+    /// Connect to another host instead (the host is the error's content).
+    SeeOtherHost,
     /// Comments, processing instructions, DTDs or entity references.
     RestrictedXml,
     /// The server is going down.
@@ -86,6 +88,7 @@ impl Condition {
             Condition::NotWellFormed => "not-well-formed",
             Condition::PolicyViolation => "policy-violation",
             Condition::ResourceConstraint => "resource-constraint",
+            Condition::SeeOtherHost => "see-other-host",
             Condition::RestrictedXml => "restricted-xml",
             Condition::SystemShutdown => "system-shutdown",
             Condition::UndefinedCondition => "undefined-condition",
@@ -110,6 +113,8 @@ pub struct StreamError {
     pub condition: Condition,
     /// Human-readable explanation.
     pub text: Option<String>,
+    /// The condition element's content: the host of `see-other-host`.
+    pub content: Option<String>,
 }
 
 impl StreamError {
@@ -118,6 +123,16 @@ impl StreamError {
         StreamError {
             condition,
             text: Some(text.into()),
+            content: None,
+        }
+    }
+
+    /// `see-other-host` pointing at `host` (`host:port`, IPv6 in brackets).
+    pub fn see_other_host(host: impl Into<String>) -> Self {
+        StreamError {
+            condition: Condition::SeeOtherHost,
+            text: None,
+            content: Some(host.into()),
         }
     }
 }
@@ -127,6 +142,7 @@ impl From<Condition> for StreamError {
         StreamError {
             condition,
             text: None,
+            content: None,
         }
     }
 }

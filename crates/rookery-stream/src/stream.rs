@@ -1152,12 +1152,25 @@ impl ServerStream {
                 let _ = write!(xml, "<stream:error xmlns:stream='{}'>", ns::STREAM);
             }
         }
-        let _ = write!(
-            xml,
-            "<{} xmlns='{}'/>",
-            error.condition.as_str(),
-            ns::STREAM_ERRORS
-        );
+        match &error.content {
+            Some(content) => {
+                let _ = write!(
+                    xml,
+                    "<{0} xmlns='{1}'>{2}</{0}>",
+                    error.condition.as_str(),
+                    ns::STREAM_ERRORS,
+                    escape_text(content)
+                );
+            }
+            None => {
+                let _ = write!(
+                    xml,
+                    "<{} xmlns='{}'/>",
+                    error.condition.as_str(),
+                    ns::STREAM_ERRORS
+                );
+            }
+        }
         if let Some(text) = &error.text {
             let _ = write!(
                 xml,

@@ -4,10 +4,13 @@
 
 pub mod certs;
 pub mod client;
+pub mod cluster;
+pub mod nats;
 pub mod server;
 pub mod xmpp_rs;
 
 pub use client::TestClient;
+pub use cluster::TestCluster;
 pub use server::TestServer;
 
 /// Logs to the test output when `RUST_LOG` is set.

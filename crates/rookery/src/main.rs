@@ -203,7 +203,7 @@ fn account(config: &Config, user: &str) -> anyhow::Result<jid::BareJid> {
 /// Creates the accounts of "user password" lines, deriving keys on every core.
 async fn import(
     config: &Config,
-    store: std::sync::Arc<rookery_store_sqlite::SqliteStore>,
+    store: &dyn rookery_store::Store,
     text: &str,
     iterations: u32,
 ) -> anyhow::Result<(usize, usize)> {
@@ -231,7 +231,7 @@ async fn import(
     }
     let (mut created, mut existing) = (0, 0);
     for (jid, keys) in tasks {
-        match rookery_store::AccountStore::create_account(&*store, &jid, &keys.await??).await {
+        match store.create_account(&jid, &keys.await??).await {
             Ok(()) => created += 1,
             Err(rookery_store::StoreError::AlreadyExists) => existing += 1,
             Err(error) => return Err(error.into()),
@@ -258,7 +258,8 @@ fn password(given: Option<String>) -> anyhow::Result<String> {
 }
 
 async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
-    let store = rookery_app::open_store(&config).await?;
+    let backend = rookery_app::open_store(&config).await?;
+    let store = backend.store();
     let iterations = config.accounts.scram_iterations;
     match command {
         UserCommand::Add {
@@ -294,7 +295,7 @@ async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?
             };
-            let (created, existing) = import(&config, store.clone(), &text, iterations).await?;
+            let (created, existing) = import(&config, &*store, &text, iterations).await?;
             println!("Created {created} accounts ({existing} existed already).");
         }
         UserCommand::List => {
@@ -305,6 +306,6 @@ async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
             }
         }
     }
-    store.close().await;
+    backend.close().await;
     Ok(())
 }

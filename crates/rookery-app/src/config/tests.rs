@@ -93,6 +93,32 @@ fn errors_name_the_key_and_the_source() {
 }
 
 #[test]
+fn a_cluster_section_with_postgres() {
+    let file = write(
+        "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://db/rookery\"\n[cluster]\nnode = \"node2\"\nnats = [\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\n",
+    );
+    let config = Config::load(
+        Some(file.path()),
+        env(&[("ROOKERY_CLUSTER__FAILURE_TIMEOUT", "5.0")]),
+    )
+    .unwrap();
+    let cluster = config.cluster.unwrap();
+    assert_eq!(
+        (
+            cluster.node.as_str(),
+            cluster.nats.len(),
+            cluster.failure_timeout
+        ),
+        ("node2", 2, 5.0)
+    );
+    assert_eq!(cluster.heartbeat_interval, 1.0, "defaults fill the rest");
+    assert!(
+        Config::load(None, []).unwrap().cluster.is_none(),
+        "no [cluster]: a single node"
+    );
+}
+
+#[test]
 fn missing_files_are_reported() {
     let error = Config::load(Some(Path::new("/nonexistent/rookery.toml")), [])
         .unwrap_err()

@@ -70,10 +70,14 @@ async fn mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone() {
     let bus = LocalBus::new();
     let (phone, mut inbox) = route("alice@localhost/phone", 0);
     bus.bind(phone.clone()).await.unwrap();
-    bus.close(&phone, rookery_stream::Condition::Conflict).await;
+    bus.close(&phone, rookery_stream::Condition::Conflict.into())
+        .await;
     assert!(matches!(
         inbox.recv().await,
-        Some(Mail::Close(rookery_stream::Condition::Conflict))
+        Some(Mail::Close(rookery_stream::StreamError {
+            condition: rookery_stream::Condition::Conflict,
+            ..
+        }))
     ));
     let stanza = Element::bare("message", "jabber:client");
     bus.deliver(&phone, stanza.clone(), crate::Durability::Durable)

@@ -37,6 +37,8 @@ async fn session_futures_stay_small() {
         register_limiter: AddressLimiter::new(5, 5),
         byte_rate: None,
         resume_timeout: Duration::from_secs(1),
+        max_sessions: 0,
+        redirect: std::sync::Mutex::new(None),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });

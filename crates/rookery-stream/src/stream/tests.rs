@@ -1020,3 +1020,15 @@ fn client_state_nonzas_become_events() {
         [StreamEvent::ClientState { inactive: false }]
     ));
 }
+
+#[test]
+fn see_other_host_names_the_host() {
+    let mut h = Harness::secure();
+    h.bind("r");
+    h.stream
+        .close(Some(StreamError::see_other_host("[::1]:5222")));
+    assert_eq!(
+        h.output(),
+        "<stream:error><see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>[::1]:5222</see-other-host></stream:error></stream:stream>"
+    );
+}

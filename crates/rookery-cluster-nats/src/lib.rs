@@ -1,0 +1,1101 @@
+//! [`NatsBus`]: the bus of a Rookery cluster, on NATS.
+//!
+//! - **Registry**: bound sessions live in the JetStream KV bucket
+//!   `rookery_sessions`; every node watches it and answers `routes()` from its
+//!   local view. The newest bind of a full JID wins; the node holding the older
+//!   session sees it in its watch and closes that session with `conflict`.
+//! - **Delivery**: every delivery is one publish to the recipient node's subject
+//!   on the `ROOKERY_DELIVER` work-queue stream. Messages are published with an
+//!   awaited acknowledgement, so once `deliver` returns they survive any node.
+//!   The receiving node hands each stanza to the session with a receipt; the
+//!   JetStream message is acknowledged when the stanza is safe.
+//! - **Membership**: nodes publish heartbeats. A node silent for
+//!   `failure_timeout`, or replaced by a new process of the same name, is dead:
+//!   one live node (the winner of a KV lock) removes its sessions, tells their
+//!   contacts, and replays its unacknowledged deliveries through the router.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use jid::{BareJid, FullJid};
+use minidom::Element;
+use rookery_cluster::{
+    Bus, BusError, Durability, Mail, Mailbox, NodeId, Peer, Receipt, Recovery, Route, RouteInfo,
+    SessionId, SessionSnapshot,
+};
+use rookery_stream::{Condition, StreamError};
+use tokio::task::JoinHandle;
+
+mod codec;
+pub mod subjects;
+
+use codec::{Control, Heartbeat, ResumeRecord, SessionRecord, WireSnapshot};
+
+/// Settings of the clustered bus.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// This node's name (stable across restarts).
+    pub name: String,
+    /// NATS server URLs.
+    pub urls: Vec<String>,
+    /// Interval between heartbeats.
+    pub heartbeat: Duration,
+    /// Silence after which a node counts as dead.
+    pub failure_timeout: Duration,
+    /// Replicas of the JetStream state (3 on a three-server NATS cluster).
+    pub replicas: usize,
+    /// Where clients reach this node (`host:port`), for see-other-host.
+    pub address: Option<String>,
+}
+
+const HEADER_TO: &str = "Rookery-To";
+const HEADER_DURABLE: &str = "Rookery-Durable";
+/// How long a durable publish waits for JetStream's acknowledgement.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn unavailable(error: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(error.to_string())
+}
+
+/// What this node knows of the registry.
+#[derive(Debug, Default)]
+struct View {
+    users: HashMap<BareJid, Vec<Arc<Route>>>,
+    revisions: HashMap<FullJid, u64>,
+}
+
+impl View {
+    fn get(&self, jid: &FullJid) -> Option<&Arc<Route>> {
+        self.users
+            .get(&jid.to_bare())?
+            .iter()
+            .find(|route| route.jid == *jid)
+    }
+
+    fn upsert(&mut self, route: Route, revision: u64) {
+        let jid = route.jid.clone();
+        let routes = self.users.entry(jid.to_bare()).or_default();
+        routes.retain(|existing| existing.jid != jid);
+        routes.push(Arc::new(route));
+        self.revisions.insert(jid, revision);
+    }
+
+    fn remove(&mut self, jid: &FullJid) {
+        let bare = jid.to_bare();
+        if let Some(routes) = self.users.get_mut(&bare) {
+            routes.retain(|route| route.jid != *jid);
+            if routes.is_empty() {
+                self.users.remove(&bare);
+            }
+        }
+        self.revisions.remove(jid);
+    }
+}
+
+/// A live node as known from its heartbeats.
+#[derive(Debug, Clone)]
+struct Member {
+    last_seen: Instant,
+    heartbeat: Heartbeat,
+}
+
+/// The clustered bus.
+pub struct NatsBus {
+    node: NodeId,
+    config: NatsConfig,
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    sessions: kv::Store,
+    resume: kv::Store,
+    cleanup: kv::Store,
+    deliveries: stream::Stream,
+    view: RwLock<View>,
+    /// Sessions on this node: the session instance and its inbox.
+    local: RwLock<HashMap<FullJid, (SessionId, Mailbox)>>,
+    members: RwLock<HashMap<NodeId, Member>>,
+    recovery: OnceLock<Weak<dyn Recovery>>,
+    accepting: AtomicBool,
+    started: Instant,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("name", &self.config.name)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a KV bucket, creating its stream if needed. The stream is created
+/// directly with the standard KV layout: asking async-nats to create the bucket
+/// also queries account details that NATS 2.9 (Debian's) does not answer in the
+/// form it expects.
+async fn bucket(
+    jetstream: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store, BusError> {
+    if let Ok(store) = jetstream.get_key_value(name).await {
+        return Ok(store);
+    }
+    jetstream
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_bytes: -1,
+            max_message_size: -1,
+            max_age,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            deny_purge: false,
+            allow_direct: true,
+            num_replicas: replicas,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    jetstream.get_key_value(name).await.map_err(unavailable)
+}
+
+impl NatsBus {
+    /// Connects to NATS, creates the JetStream state if needed, and loads the registry.
+    pub async fn connect(config: NatsConfig) -> Result<Arc<NatsBus>, BusError> {
+        let node: NodeId = rand::random::<u64>() | 1;
+        let addresses = config
+            .urls
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>().map_err(unavailable))
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = config.name.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("rookery {name}"))
+            .event_callback(move |event| {
+                let name = name.clone();
+                async move { tracing::info!(node = %name, %event, "NATS connection event.") }
+            })
+            .connect(addresses)
+            .await
+            .map_err(unavailable)?;
+        let jetstream = jetstream::new(client.clone());
+        let sessions = bucket(
+            &jetstream,
+            subjects::SESSIONS,
+            config.replicas,
+            Duration::ZERO,
+        )
+        .await?;
+        let resume = bucket(
+            &jetstream,
+            subjects::RESUME,
+            config.replicas,
+            Duration::from_secs(24 * 3600),
+        )
+        .await?;
+        let cleanup = bucket(
+            &jetstream,
+            subjects::CLEANUP,
+            config.replicas,
+            Duration::from_secs(3600),
+        )
+        .await?;
+        let deliveries = jetstream
+            .get_or_create_stream(stream::Config {
+                name: subjects::DELIVER_STREAM.to_owned(),
+                subjects: vec![subjects::DELIVER_ALL.to_owned()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let bus = Arc::new(NatsBus {
+            node,
+            config,
+            client,
+            jetstream,
+            sessions,
+            resume,
+            cleanup,
+            deliveries,
+            view: RwLock::new(View::default()),
+            local: RwLock::new(HashMap::new()),
+            members: RwLock::new(HashMap::new()),
+            recovery: OnceLock::new(),
+            accepting: AtomicBool::new(true),
+            started: Instant::now(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let (loaded, watch) = tokio::sync::oneshot::channel();
+        bus.spawn(watch_sessions(bus.clone(), Some(loaded)));
+        tokio::time::timeout(Duration::from_secs(30), watch)
+            .await
+            .map_err(|_| BusError::Unavailable("the session registry did not load in time".into()))?
+            .map_err(|_| BusError::Unavailable("the session registry watch ended".into()))?;
+        bus.spawn(serve_control(bus.clone()));
+        bus.spawn(publish_heartbeats(bus.clone()));
+        bus.spawn(follow_members(bus.clone()));
+        tracing::info!(node = %bus.config.name, incarnation = format!("{node:016x}"), "Joined the cluster.");
+        Ok(bus)
+    }
+
+    /// Starts receiving deliveries and watching for dead nodes; `recovery` (the
+    /// router) reroutes what is stranded.
+    pub fn start(self: &Arc<Self>, recovery: Weak<dyn Recovery>) {
+        let _ = self.recovery.set(recovery);
+        self.spawn(consume_deliveries(self.clone()));
+        self.spawn(detect_failures(self.clone()));
+    }
+
+    /// Stops taking new sessions (announced in heartbeats).
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// True while this node takes new sessions.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Leaves the cluster: a last heartbeat says so, so peers clean up at once.
+    pub async fn leave(&self) {
+        self.stop_accepting();
+        let heartbeat = self.heartbeat(true);
+        let _ = self
+            .client
+            .publish(
+                subjects::heartbeat(self.node),
+                serde_json::to_vec(&heartbeat).unwrap_or_default().into(),
+            )
+            .await;
+        let _ = self.client.flush().await;
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+        tracing::info!(node = %self.config.name, "Left the cluster.");
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks
+            .lock()
+            .expect("tasks lock")
+            .push(tokio::spawn(task));
+    }
+
+    fn recovery(&self) -> Option<Arc<dyn Recovery>> {
+        self.recovery.get().and_then(Weak::upgrade)
+    }
+
+    fn heartbeat(&self, leaving: bool) -> Heartbeat {
+        Heartbeat {
+            name: self.config.name.clone(),
+            node: self.node,
+            sessions: self.local.read().expect("local lock").len(),
+            address: self.config.address.clone(),
+            accepting: self.accepting() && !leaving,
+            leaving,
+        }
+    }
+
+    fn local_mailbox(&self, jid: &FullJid) -> Option<Mailbox> {
+        self.local
+            .read()
+            .expect("local lock")
+            .get(jid)
+            .map(|(_, mailbox)| mailbox.clone())
+    }
+
+    /// Applies one registry change to the view; closes a local session a newer bind replaced.
+    fn apply(
+        &self,
+        key: &str,
+        operation: kv::Operation,
+        value: &[u8],
+        revision: u64,
+    ) -> Option<FullJid> {
+        let jid = subjects::session_jid(key)?;
+        let mut view = self.view.write().expect("view lock");
+        if view
+            .revisions
+            .get(&jid)
+            .is_some_and(|known| *known >= revision)
+        {
+            return Some(jid);
+        }
+        match operation {
+            kv::Operation::Put => {
+                let record: SessionRecord = serde_json::from_slice(value).ok()?;
+                let session = SessionId(record.session);
+                let mailbox = {
+                    let mut local = self.local.write().expect("local lock");
+                    match local.get(&jid) {
+                        Some((own, mailbox)) if record.node == self.node && *own == session => {
+                            Some(mailbox.clone())
+                        }
+                        Some((_, mailbox)) => {
+                            // A newer login elsewhere (or a resumption) took this full JID.
+                            let _ = mailbox.send(Mail::Close(Condition::Conflict.into()));
+                            local.remove(&jid);
+                            None
+                        }
+                        None => None,
+                    }
+                };
+                let route = Route {
+                    jid: jid.clone(),
+                    session,
+                    node: record.node,
+                    info: record.info(),
+                    mailbox,
+                };
+                view.upsert(route, revision);
+            }
+            kv::Operation::Delete | kv::Operation::Purge => view.remove(&jid),
+        }
+        Some(jid)
+    }
+
+    async fn publish_delivery(
+        &self,
+        route: &Route,
+        stanza: &Element,
+        durability: Durability,
+    ) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_TO, route.jid.as_str());
+        let durable = durability == Durability::Durable;
+        headers.insert(HEADER_DURABLE, if durable { "1" } else { "0" });
+        let payload = Bytes::from(String::from(stanza));
+        let subject = subjects::deliver(route.node);
+        if durable {
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(unavailable)?;
+            tokio::time::timeout(PUBLISH_TIMEOUT, ack)
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+        } else {
+            self.client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a dead node's sessions, tells their contacts, and replays its deliveries.
+    async fn clean_up(&self, dead: NodeId) {
+        if self
+            .cleanup
+            .create(
+                subjects::cleanup_key(dead),
+                Bytes::from(self.node.to_string()),
+            )
+            .await
+            .is_err()
+        {
+            return; // Another node does it.
+        }
+        let Some(recovery) = self.recovery() else {
+            return;
+        };
+        let started = Instant::now();
+        let lost: Vec<(Arc<Route>, Option<u64>)> = {
+            let view = self.view.read().expect("view lock");
+            view.users
+                .values()
+                .flatten()
+                .filter(|route| route.node == dead)
+                .map(|route| (route.clone(), view.revisions.get(&route.jid).copied()))
+                .collect()
+        };
+        for (route, revision) in &lost {
+            let key = subjects::session_key(&route.jid);
+            if self
+                .sessions
+                .delete_expect_revision(&key, *revision)
+                .await
+                .is_ok()
+            {
+                self.view.write().expect("view lock").remove(&route.jid);
+            }
+        }
+        for (route, _) in &lost {
+            recovery.session_lost(Route::clone(route)).await;
+        }
+        let replayed = self.replay(dead, &*recovery).await;
+        tracing::warn!(
+            dead = format!("{dead:016x}"),
+            sessions = lost.len(),
+            replayed,
+            took = ?started.elapsed(),
+            "Cleaned up after a dead node."
+        );
+    }
+
+    /// Routes again every delivery a dead node did not acknowledge.
+    async fn replay(&self, dead: NodeId, recovery: &dyn Recovery) -> usize {
+        let _ = self
+            .deliveries
+            .delete_consumer(&subjects::deliver_consumer(dead))
+            .await;
+        let name = subjects::recover_consumer(dead);
+        let consumer = match self
+            .deliveries
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects::deliver(dead),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                tracing::error!(%error, "The dead node's deliveries could not be read.");
+                return 0;
+            }
+        };
+        let mut replayed = 0;
+        loop {
+            let batch = consumer
+                .fetch()
+                .max_messages(256)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await;
+            let Ok(mut batch) = batch else { break };
+            let mut count = 0;
+            while let Some(Ok(message)) = batch.next().await {
+                count += 1;
+                if let Some((to, stanza, _)) = decode_delivery(&message) {
+                    recovery.reroute(to, stanza).await;
+                    replayed += 1;
+                }
+                let _ = message.ack().await;
+            }
+            if count == 0 {
+                break;
+            }
+        }
+        let _ = self.deliveries.delete_consumer(&name).await;
+        replayed
+    }
+}
+
+/// Reads a delivery: recipient, stanza, durability.
+fn decode_delivery(message: &jetstream::Message) -> Option<(FullJid, Element, bool)> {
+    let headers = message.headers.as_ref()?;
+    let to = FullJid::new(headers.get(HEADER_TO)?.as_str()).ok()?;
+    let durable = headers
+        .get(HEADER_DURABLE)
+        .is_some_and(|value| value.as_str() == "1");
+    let stanza = std::str::from_utf8(&message.payload)
+        .ok()?
+        .parse::<Element>()
+        .ok()?;
+    Some((to, stanza, durable))
+}
+
+/// Keeps the view in step with the registry; `loaded` fires once it caught up.
+async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::oneshot::Sender<()>>) {
+    loop {
+        match bus.sessions.watch_all().await {
+            Ok(mut watch) => {
+                let mut seen: Option<HashSet<FullJid>> = Some(HashSet::new());
+                if bus
+                    .sessions
+                    .status()
+                    .await
+                    .is_ok_and(|status| status.values() == 0)
+                {
+                    seen = None;
+                    if let Some(loaded) = loaded.take() {
+                        let _ = loaded.send(());
+                    }
+                }
+                while let Some(entry) = watch.next().await {
+                    let Ok(entry) = entry else { break };
+                    let jid = bus.apply(&entry.key, entry.operation, &entry.value, entry.revision);
+                    if let (Some(seen), Some(jid)) = (&mut seen, jid) {
+                        seen.insert(jid);
+                    }
+                    if entry.delta == 0 {
+                        if let Some(seen) = seen.take() {
+                            // Caught up: whatever the view still has that the registry lacks is stale.
+                            let mut view = bus.view.write().expect("view lock");
+                            let stale: Vec<FullJid> = view
+                                .revisions
+                                .keys()
+                                .filter(|jid| !seen.contains(*jid))
+                                .cloned()
+                                .collect();
+                            for jid in stale {
+                                view.remove(&jid);
+                            }
+                        }
+                        if let Some(loaded) = loaded.take() {
+                            let _ = loaded.send(());
+                        }
+                    }
+                }
+                tracing::warn!("The session registry watch ended; restarting it.");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "The session registry cannot be watched; retrying.")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Hands deliveries for this node to local sessions; reroutes the others.
+async fn consume_deliveries(bus: Arc<NatsBus>) {
+    loop {
+        let name = subjects::deliver_consumer(bus.node);
+        let consumer = bus
+            .deliveries
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects::deliver(bus.node),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    // Receipts are acknowledged when clients acknowledge; failures are handled by cleanup.
+                    ack_wait: Duration::from_secs(24 * 3600),
+                    max_ack_pending: 1_000_000,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let messages = match consumer {
+            Ok(consumer) => consumer.messages().await,
+            Err(error) => {
+                tracing::warn!(%error, "The delivery consumer cannot be created; retrying.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "Deliveries cannot be read; retrying.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else { break };
+            let Some((to, stanza, durable)) = decode_delivery(&message) else {
+                tracing::error!("A delivery could not be decoded; dropping it.");
+                let _ = message.ack().await;
+                continue;
+            };
+            let stranded = match bus.local_mailbox(&to) {
+                Some(mailbox) => {
+                    let receipt = message
+                        .reply
+                        .as_ref()
+                        .filter(|_| durable)
+                        .map(|reply| Receipt(reply.to_string()));
+                    let handed = receipt.is_some();
+                    match mailbox.send(Mail::Stanza {
+                        stanza: Box::new(stanza),
+                        receipt,
+                    }) {
+                        Ok(()) if handed => continue,
+                        Ok(()) => None,
+                        Err(Mail::Stanza { stanza, .. }) => Some(*stanza),
+                        Err(_) => None,
+                    }
+                }
+                None => Some(stanza),
+            };
+            if let (Some(stanza), Some(recovery)) = (stranded, bus.recovery()) {
+                recovery.reroute(to, stanza).await;
+            }
+            let _ = message.ack().await;
+        }
+        tracing::warn!("The delivery stream ended; reconnecting it.");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Answers take-over and close requests from other nodes.
+async fn serve_control(bus: Arc<NatsBus>) {
+    loop {
+        let mut requests = match bus.client.subscribe(subjects::control(bus.node)).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::warn!(%error, "Control requests cannot be received; retrying.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(request) = requests.next().await {
+            let Ok(control) = serde_json::from_slice::<Control>(&request.payload) else {
+                continue;
+            };
+            match control {
+                Control::TakeOver { jid, session } => {
+                    let answer = take_over_here(&bus, &jid, SessionId(session)).await;
+                    if let Some(reply) = request.reply {
+                        let payload = answer
+                            .and_then(|snapshot| serde_json::to_vec(&snapshot).ok())
+                            .unwrap_or_default();
+                        let _ = bus.client.publish(reply, payload.into()).await;
+                    }
+                }
+                Control::Close {
+                    jid,
+                    session,
+                    condition,
+                    content,
+                } => {
+                    let Ok(jid) = FullJid::new(&jid) else {
+                        continue;
+                    };
+                    let local = bus.local.read().expect("local lock").get(&jid).cloned();
+                    if let Some((own, mailbox)) = local
+                        && own == SessionId(session)
+                    {
+                        let _ = mailbox.send(Mail::Close(codec::stream_error(&condition, content)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes a local session over for a node that resumes it, with what waited in its inbox.
+async fn take_over_here(bus: &NatsBus, jid: &str, session: SessionId) -> Option<WireSnapshot> {
+    let jid = FullJid::new(jid).ok()?;
+    let (own, mailbox) = bus.local.read().expect("local lock").get(&jid).cloned()?;
+    if own != session {
+        return None;
+    }
+    let mut snapshot = rookery_cluster::take_over_local(&mailbox).await?;
+    bus.local.write().expect("local lock").remove(&jid);
+    if let Some(mut inbox) = snapshot.inbox.take() {
+        inbox.close();
+        while let Ok(mail) = inbox.try_recv() {
+            if let Mail::Stanza { stanza, receipt } = mail {
+                snapshot.sm.sent(*stanza);
+                if let Some(receipt) = receipt {
+                    snapshot.receipts.push((snapshot.sm.sent_count(), receipt));
+                }
+            }
+        }
+    }
+    Some(WireSnapshot::from_snapshot(&snapshot, bus.node))
+}
+
+async fn publish_heartbeats(bus: Arc<NatsBus>) {
+    let mut ticker = tokio::time::interval(bus.config.heartbeat);
+    loop {
+        ticker.tick().await;
+        let heartbeat = bus.heartbeat(false);
+        let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
+        if let Err(error) = bus
+            .client
+            .publish(subjects::heartbeat(bus.node), payload.into())
+            .await
+        {
+            tracing::debug!(%error, "Heartbeat not sent.");
+        }
+    }
+}
+
+async fn follow_members(bus: Arc<NatsBus>) {
+    loop {
+        let mut heartbeats = match bus.client.subscribe(subjects::HEARTBEAT_ALL).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::warn!(%error, "Heartbeats cannot be received; retrying.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(message) = heartbeats.next().await {
+            let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
+                continue;
+            };
+            if heartbeat.node == bus.node {
+                continue;
+            }
+            let mut dead = Vec::new();
+            {
+                let mut members = bus.members.write().expect("members lock");
+                // A new process under the same name means the old one is gone.
+                dead.extend(
+                    members
+                        .iter()
+                        .filter(|(node, member)| {
+                            **node != heartbeat.node && member.heartbeat.name == heartbeat.name
+                        })
+                        .map(|(node, _)| *node),
+                );
+                if heartbeat.leaving {
+                    members.remove(&heartbeat.node);
+                    dead.push(heartbeat.node);
+                } else {
+                    members.insert(
+                        heartbeat.node,
+                        Member {
+                            last_seen: Instant::now(),
+                            heartbeat,
+                        },
+                    );
+                }
+                for node in &dead {
+                    members.remove(node);
+                }
+            }
+            for node in dead {
+                let bus = bus.clone();
+                tokio::spawn(async move { bus.clean_up(node).await });
+            }
+        }
+    }
+}
+
+/// Declares silent nodes dead, and nodes found only in the registry (from
+/// before a restart of the whole cluster) once they stayed silent as long.
+async fn detect_failures(bus: Arc<NatsBus>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut cleaned: HashSet<NodeId> = HashSet::new();
+    loop {
+        ticker.tick().await;
+        let timeout = bus.config.failure_timeout;
+        let mut dead: Vec<NodeId> = {
+            let mut members = bus.members.write().expect("members lock");
+            let silent: Vec<NodeId> = members
+                .iter()
+                .filter(|(_, member)| member.last_seen.elapsed() > timeout)
+                .map(|(node, _)| *node)
+                .collect();
+            for node in &silent {
+                members.remove(node);
+            }
+            silent
+        };
+        if bus.started.elapsed() > timeout {
+            let members = bus.members.read().expect("members lock");
+            let view = bus.view.read().expect("view lock");
+            let unknown: HashSet<NodeId> = view
+                .users
+                .values()
+                .flatten()
+                .map(|route| route.node)
+                .filter(|node| {
+                    *node != bus.node && !members.contains_key(node) && !cleaned.contains(node)
+                })
+                .collect();
+            dead.extend(unknown);
+        }
+        for node in dead {
+            cleaned.insert(node);
+            tracing::warn!(
+                dead = format!("{node:016x}"),
+                "A node stopped answering; cleaning up after it."
+            );
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.clean_up(node).await });
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn bind(&self, route: Route) -> Result<Option<Route>, BusError> {
+        let key = subjects::session_key(&route.jid);
+        let record = SessionRecord::new(self.node, route.session, &route.info);
+        let previous = self
+            .view
+            .read()
+            .expect("view lock")
+            .get(&route.jid)
+            .filter(|previous| previous.session != route.session || previous.node != self.node)
+            .map(|previous| Route::clone(previous));
+        if let Some(mailbox) = &route.mailbox {
+            self.local
+                .write()
+                .expect("local lock")
+                .insert(route.jid.clone(), (route.session, mailbox.clone()));
+        }
+        let revision = match self
+            .sessions
+            .put(&key, serde_json::to_vec(&record).unwrap_or_default().into())
+            .await
+        {
+            Ok(revision) => revision,
+            Err(error) => {
+                self.local.write().expect("local lock").remove(&route.jid);
+                return Err(unavailable(error));
+            }
+        };
+        self.view
+            .write()
+            .expect("view lock")
+            .upsert(route, revision);
+        Ok(previous)
+    }
+
+    async fn update(
+        &self,
+        jid: &FullJid,
+        session: SessionId,
+        info: RouteInfo,
+    ) -> Result<(), BusError> {
+        let (revision, mailbox) = {
+            let view = self.view.read().expect("view lock");
+            match view.get(jid) {
+                Some(route) if route.session == session && route.node == self.node => (
+                    view.revisions.get(jid).copied().unwrap_or(0),
+                    route.mailbox.clone(),
+                ),
+                _ => return Ok(()),
+            }
+        };
+        let record = SessionRecord::new(self.node, session, &info);
+        let key = subjects::session_key(jid);
+        match self
+            .sessions
+            .update(
+                &key,
+                serde_json::to_vec(&record).unwrap_or_default().into(),
+                revision,
+            )
+            .await
+        {
+            Ok(revision) => {
+                let route = Route {
+                    jid: jid.clone(),
+                    session,
+                    node: self.node,
+                    info,
+                    mailbox,
+                };
+                self.view
+                    .write()
+                    .expect("view lock")
+                    .upsert(route, revision);
+                Ok(())
+            }
+            // Someone else holds the JID now: nothing to update.
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    async fn unbind(&self, jid: &FullJid, session: SessionId) -> Result<(), BusError> {
+        {
+            let mut local = self.local.write().expect("local lock");
+            if local.get(jid).is_some_and(|(own, _)| *own == session) {
+                local.remove(jid);
+            }
+        }
+        let revision = {
+            let view = self.view.read().expect("view lock");
+            match view.get(jid) {
+                Some(route) if route.session == session && route.node == self.node => {
+                    view.revisions.get(jid).copied()
+                }
+                _ => return Ok(()),
+            }
+        };
+        match self
+            .sessions
+            .delete_expect_revision(subjects::session_key(jid), revision)
+            .await
+        {
+            Ok(()) => {
+                self.view.write().expect("view lock").remove(jid);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::debug!(%jid, %error, "Session not unregistered (replaced meanwhile?).");
+                Ok(())
+            }
+        }
+    }
+
+    fn routes(&self, user: &BareJid) -> Vec<Arc<Route>> {
+        self.view
+            .read()
+            .expect("view lock")
+            .users
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn route(&self, jid: &FullJid) -> Option<Arc<Route>> {
+        self.view.read().expect("view lock").get(jid).cloned()
+    }
+
+    async fn deliver(
+        &self,
+        route: &Route,
+        stanza: Element,
+        durability: Durability,
+    ) -> Result<(), Element> {
+        let local = (route.node == self.node)
+            .then(|| self.local_mailbox(&route.jid))
+            .flatten();
+        if self.healthy() {
+            match self.publish_delivery(route, &stanza, durability).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(jid = %route.jid, %error, "Delivery through NATS failed.")
+                }
+            }
+        }
+        // Without NATS, sessions on this node are still served directly.
+        match local {
+            Some(mailbox) => mailbox.send_stanza(stanza),
+            None => Err(stanza),
+        }
+    }
+
+    async fn close(&self, route: &Route, error: StreamError) {
+        if route.node == self.node {
+            if let Some(mailbox) = self.local_mailbox(&route.jid) {
+                let _ = mailbox.send(Mail::Close(error));
+            }
+            return;
+        }
+        let control = Control::Close {
+            jid: route.jid.to_string(),
+            session: route.session.0,
+            condition: error.condition.as_str().to_owned(),
+            content: error.content,
+        };
+        let payload = serde_json::to_vec(&control).unwrap_or_default();
+        let _ = self
+            .client
+            .publish(subjects::control(route.node), payload.into())
+            .await;
+    }
+
+    async fn take_over(&self, route: &Route) -> Option<SessionSnapshot> {
+        if route.node == self.node {
+            let mailbox = self.local_mailbox(&route.jid)?;
+            let snapshot = rookery_cluster::take_over_local(&mailbox).await;
+            if snapshot.is_some() {
+                self.local.write().expect("local lock").remove(&route.jid);
+            }
+            return snapshot;
+        }
+        let control = Control::TakeOver {
+            jid: route.jid.to_string(),
+            session: route.session.0,
+        };
+        let payload = serde_json::to_vec(&control).ok()?;
+        let request = self
+            .client
+            .request(subjects::control(route.node), payload.into());
+        let answer = tokio::time::timeout(rookery_cluster::TAKEOVER_TIMEOUT, request)
+            .await
+            .ok()?
+            .ok()?;
+        serde_json::from_slice::<WireSnapshot>(&answer.payload)
+            .ok()?
+            .into_snapshot()
+    }
+
+    async fn acknowledge(&self, receipt: Receipt) {
+        if let Err(error) = self
+            .client
+            .publish(receipt.0, Bytes::from_static(b"+ACK"))
+            .await
+        {
+            tracing::debug!(%error, "Delivery acknowledgement not sent.");
+        }
+    }
+
+    async fn register_resumable(
+        &self,
+        id: &str,
+        jid: &FullJid,
+        session: SessionId,
+    ) -> Result<(), BusError> {
+        let record = ResumeRecord {
+            jid: jid.to_string(),
+            session: session.0,
+        };
+        self.resume
+            .put(id, serde_json::to_vec(&record).unwrap_or_default().into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn unregister_resumable(&self, id: &str) -> Result<(), BusError> {
+        self.resume.delete(id).await.map_err(unavailable)
+    }
+
+    async fn resumable(&self, id: &str) -> Option<Arc<Route>> {
+        let value = self.resume.get(id).await.ok()??;
+        let record: ResumeRecord = serde_json::from_slice(&value).ok()?;
+        let jid = FullJid::new(&record.jid).ok()?;
+        self.route(&jid)
+            .filter(|route| route.session == SessionId(record.session))
+    }
+
+    fn local_sessions(&self) -> usize {
+        self.local.read().expect("local lock").len()
+    }
+
+    fn local_routes(&self) -> Vec<Arc<Route>> {
+        let view = self.view.read().expect("view lock");
+        view.users
+            .values()
+            .flatten()
+            .filter(|route| route.node == self.node)
+            .cloned()
+            .collect()
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        let members = self.members.read().expect("members lock");
+        members
+            .values()
+            .filter(|member| member.heartbeat.accepting)
+            .map(|member| Peer {
+                name: member.heartbeat.name.clone(),
+                address: member.heartbeat.address.clone(),
+                sessions: member.heartbeat.sessions,
+            })
+            .collect()
+    }
+
+    fn healthy(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
