@@ -1,5 +1,6 @@
-//! One domain, any node: clients on different nodes of a cluster (NATS and
-//! PostgreSQL started for the test) see no difference from a single node.
+//! One domain, any node: clients on different nodes of a cluster (a real NATS
+//! server and a fresh PostgreSQL database, started for each test) see no
+//! difference from a single node.
 
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use minidom::Element;
 use rookery_test_support::{TestClient, TestCluster};
 
 const CLIENT: &str = "jabber:client";
+const ROSTER: &str = "jabber:iq:roster";
+const SHORT: Duration = Duration::from_millis(400);
 
 fn body(message: &Element) -> String {
     message
@@ -15,28 +18,264 @@ fn body(message: &Element) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn chat_and_presence_across_nodes() {
-    let cluster = TestCluster::start(2).await;
-    for user in ["alice", "bob"] {
+async fn cluster(nodes: usize, users: &[&str]) -> TestCluster {
+    let cluster = TestCluster::start(nodes).await;
+    for user in users {
         cluster.create_user(user, "secret").await;
     }
-    let mut alice =
-        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
-    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    cluster
+}
+
+/// Mutual subscription between alice and bob, wherever they are.
+async fn befriend(alice: &mut TestClient, bob: &mut TestClient) {
     alice
         .send("<presence type='subscribe' to='bob@localhost'/>")
         .await;
     bob.expect(|e| e.attr("type") == Some("subscribe")).await;
     bob.send("<presence type='subscribed' to='alice@localhost'/>")
         .await;
-    alice.expect_presence_from("bob@localhost/desk").await;
-    bob.send("<message to='alice@localhost' type='chat'><body>across the cluster</body></message>")
+    bob.send("<presence type='subscribe' to='alice@localhost'/>")
         .await;
-    assert_eq!(body(&alice.expect_message().await), "across the cluster");
+    alice.expect(|e| e.attr("type") == Some("subscribe")).await;
     alice
-        .send("<message to='bob@localhost/desk' type='chat'><body>and back</body></message>")
+        .send("<presence type='subscribed' to='bob@localhost'/>")
         .await;
-    assert_eq!(body(&bob.expect_message().await), "and back");
-    let _ = Duration::ZERO;
+    alice
+        .expect(|e| {
+            e.name() == "presence"
+                && e.attr("type").is_none()
+                && e.attr("from").is_some_and(|f| f.starts_with("bob@"))
+        })
+        .await;
+    bob.expect(|e| {
+        e.name() == "presence"
+            && e.attr("type").is_none()
+            && e.attr("from").is_some_and(|f| f.starts_with("alice@"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn subscriptions_presence_and_chat_across_nodes() {
+    let cluster = cluster(3, &["alice", "bob"]).await;
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    befriend(&mut alice, &mut bob).await;
+    // Roster pushes reach every interested resource, on any node.
+    let mut laptop =
+        TestClient::online(cluster.node(2).starttls(), "alice", "secret", "laptop").await;
+    laptop.expect_presence_from("bob@localhost/desk").await;
+    laptop.expect_presence_from("alice@localhost/phone").await;
+    alice.expect_presence_from("alice@localhost/laptop").await;
+    bob.expect_presence_from("alice@localhost/laptop").await;
+    alice.iq("<iq type='set'><query xmlns='jabber:iq:roster'><item jid='bob@localhost' name='Bobby'/></query></iq>").await;
+    let push = laptop
+        .expect(|e| e.has_child("query", ROSTER) && e.attr("type") == Some("set"))
+        .await;
+    let item = push
+        .get_child("query", ROSTER)
+        .unwrap()
+        .get_child("item", ROSTER)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (item.attr("name"), item.attr("subscription")),
+        (Some("Bobby"), Some("both"))
+    );
+    // Messages both ways, to bare and full JIDs.
+    bob.send(
+        "<message to='alice@localhost/laptop' type='chat'><body>to the laptop</body></message>",
+    )
+    .await;
+    assert_eq!(body(&laptop.expect_message().await), "to the laptop");
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>to bob</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "to bob");
+    // An unclean disconnect on one node is seen on the others.
+    laptop.kill();
+    bob.expect(|e| {
+        e.attr("type") == Some("unavailable") && e.attr("from") == Some("alice@localhost/laptop")
+    })
+    .await;
+    alice
+        .expect(|e| {
+            e.attr("type") == Some("unavailable")
+                && e.attr("from") == Some("alice@localhost/laptop")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn priorities_decide_across_nodes() {
+    let cluster = cluster(3, &["alice", "bob"]).await;
+    let mut bob = TestClient::online(cluster.node(0).starttls(), "bob", "secret", "desk").await;
+    let mut high = TestClient::login(cluster.node(1).starttls(), "alice", "secret", "high").await;
+    high.send("<presence><priority>10</priority></presence>")
+        .await;
+    let mut low = TestClient::login(cluster.node(2).starttls(), "alice", "secret", "low").await;
+    low.send("<presence><priority>1</priority></presence>")
+        .await;
+    high.expect(|e| e.name() == "presence" && e.attr("from") == Some("alice@localhost/low"))
+        .await;
+    bob.send("<message to='alice@localhost' type='chat'><body>most available</body></message>")
+        .await;
+    assert_eq!(body(&high.expect_message().await), "most available");
+    low.assert_none(SHORT, |e| e.name() == "message").await;
+    // An iq between resources on different nodes, and its answer.
+    bob.send(
+        "<iq type='get' id='v' to='alice@localhost/low'><query xmlns='jabber:iq:version'/></iq>",
+    )
+    .await;
+    let request = low.expect(|e| e.attr("id") == Some("v")).await;
+    assert_eq!(request.attr("from"), Some("bob@localhost/desk"));
+    low.send("<iq type='result' id='v' to='bob@localhost/desk'/>")
+        .await;
+    let answer = bob.expect(|e| e.attr("id") == Some("v")).await;
+    assert_eq!(answer.attr("type"), Some("result"));
+    let missing = bob
+        .iq("<iq type='get' to='alice@localhost/none'><query xmlns='jabber:iq:version'/></iq>")
+        .await;
+    assert_eq!(missing.attr("type"), Some("error"));
+}
+
+#[tokio::test]
+async fn carbons_blocking_and_offline_across_nodes() {
+    let cluster = cluster(3, &["alice", "bob"]).await;
+    let mut bob = TestClient::online(cluster.node(0).starttls(), "bob", "secret", "desk").await;
+    let mut phone =
+        TestClient::online(cluster.node(1).starttls(), "alice", "secret", "phone").await;
+    let mut laptop =
+        TestClient::online(cluster.node(2).starttls(), "alice", "secret", "laptop").await;
+    laptop
+        .iq("<iq type='set'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+        .await;
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>carbon me</body></message>")
+        .await;
+    assert_eq!(body(&phone.expect_message().await), "carbon me");
+    laptop
+        .expect(|e| e.has_child("received", "urn:xmpp:carbons:2"))
+        .await;
+    phone
+        .send("<message to='bob@localhost' type='chat'><body>sent from phone</body></message>")
+        .await;
+    bob.expect_message().await;
+    laptop
+        .expect(|e| e.has_child("sent", "urn:xmpp:carbons:2"))
+        .await;
+    // Blocking set on one node holds on every node.
+    laptop
+        .iq("<iq type='get'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
+        .await;
+    phone.iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></block></iq>").await;
+    laptop
+        .expect(|e| e.has_child("block", "urn:xmpp:blocking"))
+        .await;
+    bob.send("<message to='alice@localhost/laptop' type='chat' id='blocked'><body>hello?</body></message>").await;
+    let error = bob.expect(|e| e.attr("id") == Some("blocked")).await;
+    assert_eq!(error.attr("type"), Some("error"));
+    laptop.assert_none(SHORT, |e| body(e) == "hello?").await;
+    phone
+        .iq("<iq type='set'><unblock xmlns='urn:xmpp:blocking'/></iq>")
+        .await;
+    // Offline: stored from one node, delivered on another.
+    phone.close().await;
+    laptop.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.send("<message to='alice@localhost' type='chat'><body>kept for later</body></message>")
+        .await;
+    bob.assert_none(SHORT, |e| e.attr("type") == Some("error"))
+        .await;
+    let mut later =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "later").await;
+    let message = later.expect_message().await;
+    assert_eq!(body(&message), "kept for later");
+    assert!(message.has_child("delay", "urn:xmpp:delay"));
+}
+
+#[tokio::test]
+async fn the_newer_login_wins_whatever_the_nodes() {
+    let cluster = cluster(2, &["alice", "bob"]).await;
+    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    let mut first =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let mut second =
+        TestClient::online(cluster.node(1).starttls(), "alice", "secret", "phone").await;
+    assert_eq!(first.expect_stream_error().await, "conflict");
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>who gets it?</body></message>")
+        .await;
+    assert_eq!(body(&second.expect_message().await), "who gets it?");
+    tokio::time::sleep(SHORT).await;
+    assert_eq!(cluster.node(0).sessions(), 0);
+    assert_eq!(cluster.node(1).sessions(), 2);
+}
+
+#[tokio::test]
+async fn stream_management_resumes_on_another_node() {
+    let cluster = cluster(2, &["alice", "bob"]).await;
+    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    let mut alice = TestClient::login(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let id = alice.enable_sm(true).await.unwrap();
+    alice.send("<presence/>").await;
+    alice.expect(|e| e.name() == "presence").await;
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>before</body></message>")
+        .await;
+    assert_eq!(body(&alice.expect_message().await), "before");
+    alice.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 0..3 {
+        bob.send(&format!(
+            "<message to='alice@localhost/phone' type='chat'><body>meanwhile {n}</body></message>"
+        ))
+        .await;
+    }
+    bob.assert_none(SHORT, |e| e.attr("type") == Some("error"))
+        .await;
+    // The client comes back through the other node.
+    let mut resumed = TestClient::connect(cluster.node(1).starttls()).await;
+    resumed.open().await;
+    resumed.starttls().await;
+    resumed
+        .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
+        .await
+        .unwrap();
+    assert_eq!(resumed.resume(&id, 2).await, Ok(1));
+    for n in 0..3 {
+        assert_eq!(
+            body(&resumed.expect_message().await),
+            format!("meanwhile {n}")
+        );
+    }
+    // It is now served by node 1: new messages go there.
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>after</body></message>")
+        .await;
+    assert_eq!(body(&resumed.expect_message().await), "after");
+    tokio::time::sleep(SHORT).await;
+    assert_eq!(
+        (cluster.node(0).sessions(), cluster.node(1).sessions()),
+        (0, 2)
+    );
+    bob.assert_none(Duration::ZERO, |e| e.attr("type") == Some("unavailable"))
+        .await;
+}
+
+#[tokio::test]
+async fn a_full_node_sends_new_clients_to_the_least_loaded_one() {
+    let cluster = TestCluster::start_with(2, |index, config| {
+        if index == 0 {
+            config.cluster.as_mut().unwrap().max_sessions = 1;
+        }
+    })
+    .await;
+    cluster.create_user("alice", "secret").await;
+    let _first = TestClient::online(cluster.node(0).starttls(), "alice", "secret", "one").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = TestClient::connect(cluster.node(0).starttls()).await;
+    second.send(rookery_test_support::client::OPEN).await;
+    let error = second.expect(|e| e.name() == "error").await;
+    let redirect = error
+        .get_child("see-other-host", "urn:ietf:params:xml:ns:xmpp-streams")
+        .expect("see-other-host");
+    assert_eq!(redirect.text(), cluster.node(1).starttls().to_string());
 }
