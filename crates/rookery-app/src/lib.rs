@@ -336,8 +336,31 @@ impl App {
                 }
             });
         }
+        // Messages stored while the cluster was unreachable go to their
+        // recipients' sessions once it is back.
+        let redelivery = nats.is_some().then(|| {
+            let router = router.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(REDELIVERY_INTERVAL);
+                loop {
+                    ticker.tick().await;
+                    if router.bus().healthy() {
+                        let routed = router.redeliver_deferred().await;
+                        if routed > 0 {
+                            tracing::info!(
+                                routed,
+                                "Messages stored during a cluster outage were delivered."
+                            );
+                        }
+                    }
+                }
+            })
+        });
         tracing::info!(domain = %config.server.domain, "Rookery is ready.");
         shutdown.await;
+        if let Some(redelivery) = redelivery {
+            redelivery.abort();
+        }
         tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
         if let Some(nats) = &nats {
             // Peers stop sending new clients here; ours are sent to the least loaded peer.
@@ -379,6 +402,9 @@ impl App {
         Ok(())
     }
 }
+
+/// How often messages deferred by a cluster outage are retried.
+const REDELIVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 fn rand_secret() -> [u8; 32] {
     rookery_stream::StreamConfig::new("").decoy_secret

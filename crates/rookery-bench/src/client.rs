@@ -50,6 +50,44 @@ pub struct Connection {
     buffer: BytesMut,
     /// The bound JID.
     pub jid: String,
+    /// The features of the latest stream (re)start.
+    pub features: Option<Element>,
+}
+
+/// The server ended the stream with an error (RFC 6120, 4.9).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stream error {condition}{}", text.as_deref().map(|t| format!(": {t}")).unwrap_or_default())]
+pub struct StreamError {
+    /// The defined condition (`see-other-host`, `conflict`, ...).
+    pub condition: String,
+    /// The server's explanation.
+    pub text: Option<String>,
+    /// The content of the condition element: the new address for `see-other-host`.
+    pub content: String,
+}
+
+impl StreamError {
+    /// Reads a `<stream:error/>`; `None` for anything else.
+    pub fn from_element(element: &Element) -> Option<StreamError> {
+        const STREAMS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+        if !element.is("error", "http://etherx.jabber.org/streams") {
+            return None;
+        }
+        let condition = element
+            .children()
+            .find(|c| c.has_ns(STREAMS) && c.name() != "text")?;
+        Some(StreamError {
+            condition: condition.name().to_owned(),
+            text: element.get_child("text", STREAMS).map(Element::text),
+            content: condition.text().trim().to_owned(),
+        })
+    }
+
+    /// The address to reconnect to, for `see-other-host`.
+    pub fn other_host(&self) -> Option<&str> {
+        (self.condition == "see-other-host" && !self.content.is_empty())
+            .then_some(self.content.as_str())
+    }
 }
 
 /// Accepts any certificate: the bench measures servers on loopback, often self-signed.
@@ -127,17 +165,25 @@ impl Connection {
         password: &str,
         resource: &str,
     ) -> anyhow::Result<Connection> {
+        let mut connection = Connection::authenticate(target, index, user, password).await?;
+        connection.bind(resource).await?;
+        Ok(connection)
+    }
+
+    /// Connects and authenticates `user`; the stream is restarted and its
+    /// features (in [`features`](Self::features)) offer binding or resumption.
+    pub async fn authenticate(
+        target: &Target,
+        index: usize,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Connection> {
         let tcp = connect(target, index).await?;
         let io = match target.tls {
             TlsMode::Direct => tls(tcp, &target.domain).await?,
             _ => Either::Left(tcp),
         };
-        let mut connection = Connection {
-            io,
-            reader: new_reader(),
-            buffer: BytesMut::new(),
-            jid: String::new(),
-        };
+        let mut connection = Connection::new(io);
         connection.open(&target.domain).await?;
         if target.tls == TlsMode::Starttls {
             connection
@@ -150,28 +196,35 @@ impl Connection {
             let Either::Left(tcp) = connection.io else {
                 bail!("STARTTLS on a TLS stream")
             };
-            connection = Connection {
-                io: tls(tcp, &target.domain).await?,
-                reader: new_reader(),
-                buffer: BytesMut::new(),
-                jid: String::new(),
-            };
+            connection = Connection::new(tls(tcp, &target.domain).await?);
             connection.open(&target.domain).await?;
         }
-        connection
-            .authenticate(&target.mechanism, user, password)
-            .await?;
+        connection.sasl(&target.mechanism, user, password).await?;
         connection.open(&target.domain).await?;
-        connection
-            .send(&format!("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"))
+        Ok(connection)
+    }
+
+    fn new(io: Io) -> Connection {
+        Connection {
+            io,
+            reader: new_reader(),
+            buffer: BytesMut::new(),
+            jid: String::new(),
+            features: None,
+        }
+    }
+
+    /// Binds `resource` (RFC 6120, 7); the bound JID goes to [`jid`](Self::jid).
+    pub async fn bind(&mut self, resource: &str) -> anyhow::Result<()> {
+        self.send(&format!("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"))
             .await?;
-        let bound = connection.until(|e| e.attr("id") == Some("bind")).await?;
-        connection.jid = bound
+        let bound = self.until(|e| e.attr("id") == Some("bind")).await?;
+        self.jid = bound
             .get_child("bind", "urn:ietf:params:xml:ns:xmpp-bind")
             .and_then(|b| b.get_child("jid", "urn:ietf:params:xml:ns:xmpp-bind"))
             .map(Element::text)
             .context("bind failed")?;
-        Ok(connection)
+        Ok(())
     }
 
     /// Fetches the roster and sends initial presence, as a client going online does.
@@ -188,16 +241,11 @@ impl Connection {
             "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>"
         ))
         .await?;
-        self.until(|e| e.name() == "features").await?;
+        self.features = Some(self.until(|e| e.name() == "features").await?);
         Ok(())
     }
 
-    async fn authenticate(
-        &mut self,
-        mechanism: &str,
-        user: &str,
-        password: &str,
-    ) -> anyhow::Result<()> {
+    async fn sasl(&mut self, mechanism: &str, user: &str, password: &str) -> anyhow::Result<()> {
         const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
         let binding = sasl::common::ChannelBinding::None;
         let mut client: Box<dyn sasl::client::Mechanism + Send> = match mechanism {
@@ -280,8 +328,8 @@ impl Connection {
     pub async fn until(&mut self, matches: impl Fn(&Element) -> bool) -> anyhow::Result<Element> {
         loop {
             let element = self.next().await?;
-            if element.is("error", "http://etherx.jabber.org/streams") {
-                bail!("stream error: {}", String::from(&element));
+            if let Some(error) = StreamError::from_element(&element) {
+                return Err(error.into());
             }
             if matches(&element) {
                 return Ok(element);

@@ -17,10 +17,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-mod client;
-mod process;
-
-use client::{Connection, Target, TlsMode};
+use rookery_bench::client::{Connection, Target, TlsMode};
+use rookery_bench::process;
 
 /// Load generator for XMPP servers.
 #[derive(Debug, Parser)]

@@ -60,6 +60,8 @@ const HEADER_TO: &str = "Rookery-To";
 const HEADER_DURABLE: &str = "Rookery-Durable";
 /// How long a durable publish waits for JetStream's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long joining waits for JetStream to be ready.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())
@@ -191,38 +193,19 @@ impl NatsBus {
             .await
             .map_err(unavailable)?;
         let jetstream = jetstream::new(client.clone());
-        let sessions = bucket(
-            &jetstream,
-            subjects::SESSIONS,
-            config.replicas,
-            Duration::ZERO,
-        )
-        .await?;
-        let resume = bucket(
-            &jetstream,
-            subjects::RESUME,
-            config.replicas,
-            Duration::from_secs(24 * 3600),
-        )
-        .await?;
-        let cleanup = bucket(
-            &jetstream,
-            subjects::CLEANUP,
-            config.replicas,
-            Duration::from_secs(3600),
-        )
-        .await?;
-        let deliveries = jetstream
-            .get_or_create_stream(stream::Config {
-                name: subjects::DELIVER_STREAM.to_owned(),
-                subjects: vec![subjects::DELIVER_ALL.to_owned()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
+        // A NATS cluster that is starting may not have elected its JetStream
+        // leaders yet: keep trying for a while before giving up.
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let (sessions, resume, cleanup, deliveries) = loop {
+            match Self::jetstream_state(&jetstream, config.replicas).await {
+                Ok(state) => break state,
+                Err(error) if Instant::now() < deadline => {
+                    tracing::warn!(%error, "JetStream is not ready; retrying.");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         let bus = Arc::new(NatsBus {
             node,
             config,
@@ -251,6 +234,40 @@ impl NatsBus {
         bus.spawn(follow_members(bus.clone()));
         tracing::info!(node = %bus.config.name, incarnation = format!("{node:016x}"), "Joined the cluster.");
         Ok(bus)
+    }
+
+    /// Opens (creating them if needed) the registry buckets and the delivery stream.
+    async fn jetstream_state(
+        jetstream: &jetstream::Context,
+        replicas: usize,
+    ) -> Result<(kv::Store, kv::Store, kv::Store, stream::Stream), BusError> {
+        let sessions = bucket(jetstream, subjects::SESSIONS, replicas, Duration::ZERO).await?;
+        let resume = bucket(
+            jetstream,
+            subjects::RESUME,
+            replicas,
+            Duration::from_secs(24 * 3600),
+        )
+        .await?;
+        let cleanup = bucket(
+            jetstream,
+            subjects::CLEANUP,
+            replicas,
+            Duration::from_secs(3600),
+        )
+        .await?;
+        let deliveries = jetstream
+            .get_or_create_stream(stream::Config {
+                name: subjects::DELIVER_STREAM.to_owned(),
+                subjects: vec![subjects::DELIVER_ALL.to_owned()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok((sessions, resume, cleanup, deliveries))
     }
 
     /// Starts receiving deliveries and watching for dead nodes; `recovery` (the
@@ -426,24 +443,28 @@ impl NatsBus {
                 .map(|route| (route.clone(), view.revisions.get(&route.jid).copied()))
                 .collect()
         };
-        for (route, revision) in &lost {
+        let mut removed = Vec::with_capacity(lost.len());
+        for (route, revision) in lost {
             let key = subjects::session_key(&route.jid);
-            if self
-                .sessions
-                .delete_expect_revision(&key, *revision)
-                .await
-                .is_ok()
-            {
-                self.view.write().expect("view lock").remove(&route.jid);
+            // A JID bound again meanwhile (the client came back elsewhere) keeps
+            // its new session, and its contacts are not told it went away.
+            match self.sessions.delete_expect_revision(&key, revision).await {
+                Ok(()) => {
+                    self.view.write().expect("view lock").remove(&route.jid);
+                    removed.push(route);
+                }
+                Err(error) => {
+                    tracing::debug!(jid = %route.jid, %error, "Session of a dead node not removed.")
+                }
             }
         }
-        for (route, _) in &lost {
+        for route in &removed {
             recovery.session_lost(Route::clone(route)).await;
         }
         let replayed = self.replay(dead, &*recovery).await;
         tracing::warn!(
             dead = format!("{dead:016x}"),
-            sessions = lost.len(),
+            sessions = removed.len(),
             replayed,
             took = ?started.elapsed(),
             "Cleaned up after a dead node."
@@ -521,7 +542,7 @@ fn decode_delivery(message: &jetstream::Message) -> Option<(FullJid, Element, bo
 /// Keeps the view in step with the registry; `loaded` fires once it caught up.
 async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::oneshot::Sender<()>>) {
     loop {
-        match bus.sessions.watch_all().await {
+        match bus.sessions.watch_with_history(">").await {
             Ok(mut watch) => {
                 let mut seen: Option<HashSet<FullJid>> = Some(HashSet::new());
                 if bus

@@ -53,6 +53,8 @@ pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     if state.c2s.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !state.c2s.router.bus().healthy() {
+        (StatusCode::SERVICE_UNAVAILABLE, "cluster unreachable\n")
     } else {
         (StatusCode::OK, "ready\n")
     }

@@ -119,6 +119,10 @@ pub struct Router {
     shutting_down: AtomicBool,
     /// XEP-0191 block lists of the accounts with sessions on this node.
     blocklists: blocking::BlocklistCache,
+    /// Users whose messages went to offline storage because their sessions
+    /// could not be reached (the cluster was unreachable); see
+    /// [`redeliver_deferred`](Router::redeliver_deferred).
+    deferred: std::sync::Mutex<std::collections::HashSet<BareJid>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -159,6 +163,7 @@ impl Router {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             blocklists: blocking::BlocklistCache::default(),
+            deferred: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -604,9 +609,18 @@ impl Router {
 #[async_trait::async_trait]
 impl rookery_cluster::Recovery for Router {
     async fn reroute(&self, to: FullJid, stanza: Element) {
-        // A session that moved to another node (resumption) is followed there.
+        // The full JID may be bound again by now (a resumption elsewhere, or a
+        // new login after its node died): that session gets it. A route of this
+        // node without a live inbox is the stranded session itself.
+        let live = |route: &Route| {
+            route.node != self.bus.node()
+                || route
+                    .mailbox
+                    .as_ref()
+                    .is_some_and(|mailbox| !mailbox.is_closed())
+        };
         if let Some(route) = self.bus.route(&to)
-            && route.node != self.bus.node()
+            && live(&route)
         {
             match self.send_to(&route, stanza).await {
                 Ok(()) => return,

@@ -223,9 +223,17 @@ impl Router {
             .bus
             .routes(user)
             .into_iter()
-            .filter(|r| !excluded.contains(&r.jid) && !(stopping && r.node == node))
+            .filter(|r| !(excluded.contains(&r.jid) || (stopping && r.node == node)))
             .collect();
         let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
+        if matches!(outcome, MessageOutcome::Offline) && !excluded.is_empty() && !stopping {
+            // Sessions exist but could not be reached: stored now, delivered
+            // to them once the cluster is back.
+            self.deferred
+                .lock()
+                .expect("deferred lock")
+                .insert(user.clone());
+        }
         // Boxed: a failed delivery may come back here once more.
         Box::pin(self.apply_message_outcome(message, user, outcome, &routes, None)).await;
     }
@@ -267,6 +275,51 @@ impl Router {
                 false
             }
         }
+    }
+
+    /// Delivers the offline messages stored while their users' sessions could
+    /// not be reached (see `route_to_user_excluding`) to the sessions available
+    /// now; messages for users still without one stay stored. Returns how many
+    /// messages were routed again.
+    pub async fn redeliver_deferred(&self) -> usize {
+        let users: Vec<BareJid> = self
+            .deferred
+            .lock()
+            .expect("deferred lock")
+            .drain()
+            .collect();
+        let mut routed = 0;
+        for user in users {
+            let available = self
+                .bus
+                .routes(&user)
+                .iter()
+                .any(|route| route.info.available());
+            if !available {
+                continue;
+            }
+            let messages = match self.store.take_offline(&user).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(%user, %error, "Deferred messages could not be read.");
+                    self.deferred.lock().expect("deferred lock").insert(user);
+                    continue;
+                }
+            };
+            let to = Jid::from(user.clone());
+            for stored in messages {
+                match stored.stanza.parse::<Element>() {
+                    Ok(message) => {
+                        Box::pin(self.route_message_to(message, &to, None)).await;
+                        routed += 1;
+                    }
+                    Err(error) => {
+                        tracing::error!(%user, %error, "Stored offline message is not valid XML.")
+                    }
+                }
+            }
+        }
+        routed
     }
 
     /// Delivers stored offline messages to a session that became available.

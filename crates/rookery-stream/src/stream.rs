@@ -567,10 +567,19 @@ impl ServerStream {
         }
     }
 
-    /// Closes the stream, with a stream error if given.
+    /// Closes the stream, with a stream error if given; under stream management
+    /// an `<a/>` first acknowledges everything received.
     pub fn close(&mut self, error: Option<StreamError>) {
         if self.is_closed() {
             return;
+        }
+        // Everything received was handled: say so, so that the client does not
+        // send it again elsewhere (XEP-0198 lets either side ack at any time).
+        if let Some(sm) = &self.sm {
+            let a = Element::builder("a", ns::SM)
+                .attr(name("h"), sm.inbound.to_string())
+                .build();
+            self.write_element(&a);
         }
         match error {
             Some(error) => self.fail(error),

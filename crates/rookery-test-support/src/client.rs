@@ -134,6 +134,34 @@ impl TestClient {
         client
     }
 
+    /// Makes this client's user and `other`'s subscribed to each other (both
+    /// online), and waits until each saw the other's presence.
+    pub async fn befriend(&mut self, other: &mut TestClient) {
+        let me = self.jid.clone().expect("bound").to_bare().to_string();
+        let them = other.jid.clone().expect("bound").to_bare().to_string();
+        self.send(&format!("<presence type='subscribe' to='{them}'/>"))
+            .await;
+        other.expect(|e| e.attr("type") == Some("subscribe")).await;
+        other
+            .send(&format!(
+                "<presence type='subscribed' to='{me}'/><presence type='subscribe' to='{me}'/>"
+            ))
+            .await;
+        self.expect(|e| e.attr("type") == Some("subscribe")).await;
+        self.send(&format!("<presence type='subscribed' to='{them}'/>"))
+            .await;
+        let available_from = |bare: String| {
+            move |e: &Element| {
+                e.name() == "presence"
+                    && e.attr("type").is_none()
+                    && e.attr("from")
+                        .is_some_and(|f| f.starts_with(&format!("{bare}/")))
+            }
+        };
+        self.expect(available_from(them)).await;
+        other.expect(available_from(me)).await;
+    }
+
     /// Sends raw bytes.
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         let result = match &mut self.io {

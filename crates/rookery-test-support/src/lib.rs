@@ -6,6 +6,7 @@ pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod nats;
+pub mod process;
 pub mod server;
 pub mod xmpp_rs;
 
@@ -21,4 +22,13 @@ pub fn init_tracing() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("address")
+        .port()
 }

@@ -1,17 +1,10 @@
 //! Real `nats-server` processes with JetStream on free loopback ports, one or a
 //! three-server cluster, killed when dropped.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("address")
-        .port()
-}
+use crate::free_port;
 
 /// One `nats-server` process.
 #[derive(Debug)]

@@ -26,42 +26,13 @@ async fn cluster(nodes: usize, users: &[&str]) -> TestCluster {
     cluster
 }
 
-/// Mutual subscription between alice and bob, wherever they are.
-async fn befriend(alice: &mut TestClient, bob: &mut TestClient) {
-    alice
-        .send("<presence type='subscribe' to='bob@localhost'/>")
-        .await;
-    bob.expect(|e| e.attr("type") == Some("subscribe")).await;
-    bob.send("<presence type='subscribed' to='alice@localhost'/>")
-        .await;
-    bob.send("<presence type='subscribe' to='alice@localhost'/>")
-        .await;
-    alice.expect(|e| e.attr("type") == Some("subscribe")).await;
-    alice
-        .send("<presence type='subscribed' to='bob@localhost'/>")
-        .await;
-    alice
-        .expect(|e| {
-            e.name() == "presence"
-                && e.attr("type").is_none()
-                && e.attr("from").is_some_and(|f| f.starts_with("bob@"))
-        })
-        .await;
-    bob.expect(|e| {
-        e.name() == "presence"
-            && e.attr("type").is_none()
-            && e.attr("from").is_some_and(|f| f.starts_with("alice@"))
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn subscriptions_presence_and_chat_across_nodes() {
     let cluster = cluster(3, &["alice", "bob"]).await;
     let mut alice =
         TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     // Roster pushes reach every interested resource, on any node.
     let mut laptop =
         TestClient::online(cluster.node(2).starttls(), "alice", "secret", "laptop").await;

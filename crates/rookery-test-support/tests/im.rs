@@ -36,35 +36,6 @@ fn error_condition(stanza: &Element) -> String {
         .unwrap_or_else(|| panic!("no stanza error in {}", String::from(stanza)))
 }
 
-/// Makes alice and bob subscribed to each other.
-async fn befriend(alice: &mut TestClient, bob: &mut TestClient) {
-    alice
-        .send("<presence type='subscribe' to='bob@localhost'/>")
-        .await;
-    bob.expect(|e| e.attr("type") == Some("subscribe")).await;
-    bob.send("<presence type='subscribed' to='alice@localhost'/>")
-        .await;
-    bob.send("<presence type='subscribe' to='alice@localhost'/>")
-        .await;
-    alice.expect(|e| e.attr("type") == Some("subscribe")).await;
-    alice
-        .send("<presence type='subscribed' to='bob@localhost'/>")
-        .await;
-    alice
-        .expect(|e| {
-            e.name() == "presence"
-                && e.attr("type").is_none()
-                && e.attr("from").is_some_and(|f| f.starts_with("bob@"))
-        })
-        .await;
-    bob.expect(|e| {
-        e.name() == "presence"
-            && e.attr("type").is_none()
-            && e.attr("from").is_some_and(|f| f.starts_with("alice@"))
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn every_login_path_works() {
     let server = server_with(&["alice"]).await;
@@ -133,7 +104,7 @@ async fn a_second_login_with_the_same_resource_replaces_the_first() {
     let server = server_with(&["alice", "bob"]).await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     let mut replacement = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     assert_eq!(alice.expect_stream_error().await, "conflict");
     // Bob never saw alice/phone go unavailable: the resource is still online.
@@ -391,7 +362,7 @@ async fn initial_presence_probes_and_disconnects_broadcast_unavailable() {
     let server = server_with(&["alice", "bob"]).await;
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     // A second resource of alice learns bob's presence from the probe at its initial presence.
     let mut tablet = TestClient::login(server.starttls(), "alice", "secret", "tablet").await;
     tablet
@@ -752,7 +723,7 @@ async fn last_activity_of_contacts() {
     let server = server_with(&["alice", "bob", "eve"]).await;
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     let online = alice
         .iq("<iq type='get' to='bob@localhost'><query xmlns='jabber:iq:last'/></iq>")
         .await;
@@ -906,7 +877,7 @@ async fn blocking_command() {
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut laptop = TestClient::online(server.starttls(), "alice", "secret", "laptop").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     laptop.expect_presence_from("bob@localhost/desk").await;
     let list = laptop
         .iq("<iq type='get'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
@@ -986,7 +957,7 @@ async fn client_state_indication_holds_back_presence() {
     let server = server_with(&["alice", "bob"]).await;
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     // Whatever the handshake left in flight arrives before the client turns inactive.
     alice.assert_none(SHORT, |_| false).await;
     while alice.recv_timeout(Duration::ZERO).await.is_some() {}
@@ -1082,7 +1053,7 @@ async fn data_survives_a_restart() {
     let server = server_with(&["alice", "bob"]).await;
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
-    befriend(&mut alice, &mut bob).await;
+    alice.befriend(&mut bob).await;
     alice.close().await;
     bob.send(
         "<message to='alice@localhost' type='chat'><body>while you were away</body></message>",

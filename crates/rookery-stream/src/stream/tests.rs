@@ -677,6 +677,21 @@ fn an_ack_is_only_sent_after_the_previous_stanza_was_handled() {
 }
 
 #[test]
+fn a_server_side_close_acknowledges_what_was_received() {
+    let mut h = Harness::secure();
+    h.bind("r");
+    h.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    h.send("<message to='bob@localhost'><body>1</body></message><message to='bob@localhost'><body>2</body></message>");
+    h.output();
+    h.stream
+        .close(Some(StreamError::see_other_host("127.0.0.1:5333")));
+    let out = h.output();
+    let ack = out.find("<a xmlns='urn:xmpp:sm:3' h='2'/>").expect(&out);
+    let error = out.find("<see-other-host").expect(&out);
+    assert!(ack < error, "the ack comes before the error: {out}");
+}
+
+#[test]
 fn resumption_retransmits_what_the_client_did_not_ack() {
     let mut old = Harness::secure();
     let jid = old.bind("r");

@@ -1,0 +1,250 @@
+//! A cluster of `rookery serve` processes on a real NATS server and a fresh
+//! PostgreSQL database: nodes killed without warning, stopped for a restart,
+//! restarted one after another under traffic; nothing the server acknowledged
+//! is lost.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use rookery_bench::client::{Target, TlsMode};
+use rookery_bench::reliable::{Chat, Report, Settings};
+use rookery_test_support::TestClient;
+use rookery_test_support::nats::NatsServer;
+use rookery_test_support::process::ProcessCluster;
+
+const CLIENT: &str = "jabber:client";
+const STREAMS: &str = "http://etherx.jabber.org/streams";
+const SHORT: Duration = Duration::from_millis(500);
+/// The failure timeout of the test clusters (`cluster_config`).
+const FAILURE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_rookery"))
+}
+
+fn body(message: &Element) -> String {
+    message
+        .get_child("body", CLIENT)
+        .map(|b| b.text())
+        .unwrap_or_default()
+}
+
+fn unavailable_from(jid: &str) -> impl Fn(&Element) -> bool + '_ {
+    move |e| {
+        e.name() == "presence"
+            && e.attr("type") == Some("unavailable")
+            && e.attr("from") == Some(jid)
+    }
+}
+
+fn names(prefix: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|n| format!("{prefix}{n}")).collect()
+}
+
+fn chat_settings(cluster: &ProcessCluster, users: Vec<String>, rate: f64) -> Settings {
+    Settings {
+        nodes: cluster.addresses(),
+        target: Target {
+            address: cluster.addresses()[0],
+            domain: "localhost".into(),
+            tls: TlsMode::Starttls,
+            mechanism: "SCRAM-SHA-256".into(),
+            sources: Vec::new(),
+        },
+        users,
+        password: "secret".into(),
+        resource: "chat".into(),
+        rate,
+        login_concurrency: 20,
+        login_timeout: Duration::from_secs(120),
+    }
+}
+
+fn assert_nothing_lost(report: &Report) {
+    println!("{report}");
+    assert!(report.sent > 0, "nothing was sent: {report}");
+    assert_eq!(report.lost, 0, "acknowledged messages were lost: {report}");
+    assert_eq!(
+        report.unconfirmed, 0,
+        "messages were never confirmed: {report}"
+    );
+    assert_eq!(report.misdelivered, 0, "{report}");
+    assert_eq!(report.bounced, 0, "{report}");
+    assert_eq!(report.acknowledged, report.sent, "{report}");
+}
+
+#[tokio::test]
+async fn a_killed_node_is_cleaned_up_and_its_sessions_stay_gone() {
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, _| {}).await;
+    cluster.create_users(&["alice".into(), "bob".into(), "dave".into()], "secret");
+    let (doomed, survivor) = (cluster.nodes[0].starttls, cluster.nodes[1].starttls);
+    let mut bob = TestClient::online(survivor, "bob", "secret", "desk").await;
+    let mut phone = TestClient::online(doomed, "alice", "secret", "phone").await;
+    phone.befriend(&mut bob).await;
+    let mut laptop = TestClient::online(survivor, "alice", "secret", "laptop").await;
+    bob.expect_presence_from("alice@localhost/laptop").await;
+    let mut dave = TestClient::online(doomed, "dave", "secret", "pc").await;
+    dave.befriend(&mut bob).await;
+
+    let killed = Instant::now();
+    cluster.nodes[0].kill();
+    drop((phone, dave));
+    bob.expect(unavailable_from("alice@localhost/phone")).await;
+    bob.expect(unavailable_from("dave@localhost/pc")).await;
+    let failover = killed.elapsed();
+    println!("contacts saw the killed node's users go unavailable after {failover:?}");
+    assert!(
+        failover < FAILURE_TIMEOUT + Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+
+    // Their messages go to the user's other resource, or to offline storage.
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>to the phone</body></message>")
+        .await;
+    assert_eq!(body(&laptop.expect_message().await), "to the phone");
+    bob.send("<message to='dave@localhost/pc' type='chat'><body>for dave</body></message>")
+        .await;
+
+    // The node comes back under the same name: its old sessions stay gone.
+    cluster.nodes[0].restart().await;
+    bob.assert_none(Duration::from_secs(1), |e| {
+        e.name() == "presence" && e.attr("from") == Some("alice@localhost/phone")
+    })
+    .await;
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>still gone?</body></message>")
+        .await;
+    assert_eq!(body(&laptop.expect_message().await), "still gone?");
+    let mut dave = TestClient::online(cluster.nodes[0].starttls, "dave", "secret", "pc").await;
+    assert_eq!(body(&dave.expect_message().await), "for dave");
+    let roster = laptop
+        .iq("<iq type='get'><query xmlns='jabber:iq:roster'/></iq>")
+        .await;
+    assert!(String::from(&roster).contains("bob@localhost"));
+}
+
+/// The address of a `see-other-host` stream error, once the stream ended with it.
+async fn expect_redirect(client: &mut TestClient) -> String {
+    let error = client.expect(|e| e.is("error", STREAMS)).await;
+    let condition = error
+        .get_child("see-other-host", "urn:ietf:params:xml:ns:xmpp-streams")
+        .unwrap_or_else(|| panic!("not a redirect: {}", String::from(&error)));
+    client.expect_closed().await;
+    condition.text()
+}
+
+#[tokio::test]
+async fn sigterm_redirects_clients_and_hands_over_what_they_did_not_acknowledge() {
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, _| {}).await;
+    cluster.nodes[0].import_users("alice secret\nbob secret\ndave secret\n");
+    let (stopping, staying) = (cluster.nodes[0].starttls, cluster.nodes[1].starttls);
+    let mut bob = TestClient::online(staying, "bob", "secret", "desk").await;
+    let mut laptop = TestClient::online(staying, "alice", "secret", "laptop").await;
+    // The phone and dave take messages under stream management and never acknowledge them.
+    let mut phone = TestClient::online(stopping, "alice", "secret", "phone").await;
+    let phone_id = phone.enable_sm(true).await.expect("resumable");
+    let mut dave = TestClient::online(stopping, "dave", "secret", "pc").await;
+    dave.enable_sm(true).await;
+    for n in 0..10 {
+        bob.send(&format!(
+            "<message to='alice@localhost/phone' type='chat'><body>phone {n}</body></message>"
+        ))
+        .await;
+        bob.send(&format!(
+            "<message to='dave@localhost/pc' type='chat'><body>dave {n}</body></message>"
+        ))
+        .await;
+    }
+    for n in 0..10 {
+        let message = phone.expect_message().await;
+        assert_eq!(body(&message), format!("phone {n}"));
+        assert_eq!(body(&dave.expect_message().await), format!("dave {n}"));
+    }
+
+    cluster.nodes[0].terminate();
+    let target = staying.to_string();
+    assert_eq!(expect_redirect(&mut phone).await, target);
+    assert_eq!(expect_redirect(&mut dave).await, target);
+    let status = cluster.nodes[0]
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the node stops");
+    assert!(status.success(), "exit status {status}");
+
+    // The phone's unacknowledged messages went to alice's other resource...
+    for n in 0..10 {
+        assert_eq!(body(&laptop.expect_message().await), format!("phone {n}"));
+    }
+    // ... and dave's to offline storage, his on the node he was sent to.
+    let mut dave = TestClient::login(staying, "dave", "secret", "pc").await;
+    dave.send("<presence/>").await;
+    for n in 0..10 {
+        assert_eq!(body(&dave.expect_message().await), format!("dave {n}"));
+    }
+    dave.assert_none(SHORT, |e| e.name() == "message").await;
+    // The session ended with its node: resuming it fails cleanly, binding works.
+    let mut phone = TestClient::connect(staying).await;
+    phone.open().await;
+    phone.starttls().await;
+    phone
+        .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
+        .await
+        .expect("login");
+    assert_eq!(
+        phone.resume(&phone_id, 0).await,
+        Err("item-not-found".to_owned())
+    );
+    phone.bind(Some("phone")).await;
+    laptop.assert_none(SHORT, |e| e.name() == "message").await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_traffic_loses_nothing() {
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 3, |_, _| {}).await;
+    let users = names("roll", 60);
+    cluster.create_users(&users, "secret");
+    let chat = Chat::start(chat_settings(&cluster, users, 60.0))
+        .await
+        .expect("everyone logs in");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in &mut cluster.nodes {
+        node.terminate();
+        let status = node.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        node.restart().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let report = chat.finish(Duration::from_secs(60)).await;
+    assert_nothing_lost(&report);
+    assert!(report.redirected > 0, "no client was redirected: {report}");
+}
+
+#[tokio::test]
+async fn no_acknowledged_message_is_lost_when_a_node_is_killed() {
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 3, |_, _| {}).await;
+    let users = names("user", 300);
+    cluster.create_users(&users, "secret");
+    let chat = Chat::start(chat_settings(&cluster, users, 150.0))
+        .await
+        .expect("everyone logs in");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = chat.ledger().sent();
+    cluster.nodes[1].kill();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(chat.ledger().sent() > before, "sending stopped");
+    let report = chat.finish(Duration::from_secs(90)).await;
+    println!(
+        "no-loss: sent {} acknowledged {} delivered {} duplicated {} lost {}",
+        report.sent, report.acknowledged, report.delivered, report.duplicated, report.lost
+    );
+    assert_nothing_lost(&report);
+    assert!(
+        report.reconnects >= 100,
+        "the killed node's clients did not reconnect: {report}"
+    );
+}
