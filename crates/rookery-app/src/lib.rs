@@ -336,9 +336,9 @@ impl App {
                 }
             });
         }
-        // Messages stored while the cluster was unreachable go to their
-        // recipients' sessions once it is back.
-        let redelivery = nats.is_some().then(|| {
+        // Messages stored offline while a cluster fault hid their recipients'
+        // sessions go to those sessions once the registry is current again.
+        let redelivery = {
             let router = router.clone();
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(REDELIVERY_INTERVAL);
@@ -349,18 +349,16 @@ impl App {
                         if routed > 0 {
                             tracing::info!(
                                 routed,
-                                "Messages stored during a cluster outage were delivered."
+                                "Messages stored during a cluster fault were delivered."
                             );
                         }
                     }
                 }
             })
-        });
+        };
         tracing::info!(domain = %config.server.domain, "Rookery is ready.");
         shutdown.await;
-        if let Some(redelivery) = redelivery {
-            redelivery.abort();
-        }
+        redelivery.abort();
         tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
         if let Some(nats) = &nats {
             // Peers stop sending new clients here; ours are sent to the least loaded peer.

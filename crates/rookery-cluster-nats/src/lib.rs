@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,14 @@ pub struct NatsConfig {
 const HEADER_TO: &str = "Rookery-To";
 const HEADER_DURABLE: &str = "Rookery-Durable";
 /// How long a durable publish waits for JetStream's acknowledgement.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a durable publish is retried (a JetStream leader election).
+const PUBLISH_RETRY: Duration = Duration::from_secs(4);
+/// The KV header naming the operation of a registry revision.
+const KV_OPERATION: &str = "KV-Operation";
+/// Most registry revisions read one by one when the watch is behind; beyond
+/// that the watch starts over.
+const CATCH_UP_LIMIT: u64 = 2000;
 /// How long joining waits for JetStream to be ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -126,6 +133,16 @@ pub struct NatsBus {
     recovery: OnceLock<Weak<dyn Recovery>>,
     accepting: AtomicBool,
     started: Instant,
+    /// Since when the NATS connection is up (`None` while it is down).
+    connected_since: Arc<Mutex<Option<Instant>>>,
+    /// The newest registry revision the view has seen.
+    applied: AtomicU64,
+    /// When the view was last found to hold the whole registry.
+    confirmed: Mutex<Option<Instant>>,
+    /// Durable deliveries published, for their message ids.
+    published: AtomicU64,
+    /// Tells the registry watch to start over.
+    rewatch: tokio::sync::Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -183,10 +200,21 @@ impl NatsBus {
             .map(|url| url.parse::<async_nats::ServerAddr>().map_err(unavailable))
             .collect::<Result<Vec<_>, _>>()?;
         let name = config.name.clone();
+        let connected_since = Arc::new(Mutex::new(None));
+        let since = connected_since.clone();
         let client = async_nats::ConnectOptions::new()
             .name(format!("rookery {name}"))
             .event_callback(move |event| {
                 let name = name.clone();
+                match event {
+                    async_nats::Event::Connected => {
+                        *since.lock().expect("connection lock") = Some(Instant::now())
+                    }
+                    async_nats::Event::Disconnected => {
+                        *since.lock().expect("connection lock") = None
+                    }
+                    _ => {}
+                }
                 async move { tracing::info!(node = %name, %event, "NATS connection event.") }
             })
             .connect(addresses)
@@ -221,6 +249,11 @@ impl NatsBus {
             recovery: OnceLock::new(),
             accepting: AtomicBool::new(true),
             started: Instant::now(),
+            connected_since,
+            applied: AtomicU64::new(0),
+            confirmed: Mutex::new(None),
+            published: AtomicU64::new(0),
+            rewatch: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
         });
         let (loaded, watch) = tokio::sync::oneshot::channel();
@@ -230,6 +263,7 @@ impl NatsBus {
             .map_err(|_| BusError::Unavailable("the session registry did not load in time".into()))?
             .map_err(|_| BusError::Unavailable("the session registry watch ended".into()))?;
         bus.spawn(serve_control(bus.clone()));
+        bus.spawn(check_registry(bus.clone()));
         bus.spawn(publish_heartbeats(bus.clone()));
         bus.spawn(follow_members(bus.clone()));
         tracing::info!(node = %bus.config.name, incarnation = format!("{node:016x}"), "Joined the cluster.");
@@ -263,6 +297,8 @@ impl NatsBus {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
+                // Covers the publish retries; a longer window only costs memory.
+                duplicate_window: PUBLISH_RETRY * 3,
                 ..Default::default()
             })
             .await
@@ -313,6 +349,59 @@ impl NatsBus {
             .push(tokio::spawn(task));
     }
 
+    /// Runs a JetStream operation, trying again (for up to `PUBLISH_RETRY`)
+    /// while JetStream elects new leaders after a NATS server failed, unless
+    /// the error is one that `retryable` says a retry cannot fix.
+    async fn retrying<T, E, F, Fut>(
+        &self,
+        mut operation: F,
+        retryable: impl Fn(&E) -> bool,
+    ) -> Result<T, Result<E, BusError>>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = Instant::now() + PUBLISH_RETRY;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let failure = match tokio::time::timeout(PUBLISH_TIMEOUT, operation()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) if !retryable(&error) => return Err(Ok(error)),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+            if Instant::now() + pause > deadline || !self.healthy() {
+                return Err(Err(BusError::Unavailable(failure)));
+            }
+            tracing::debug!(error = %failure, "JetStream did not take it yet; retrying.");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// The registry stream's state, asked of JetStream now (the bucket's own
+    /// status is what it was when the bucket was opened).
+    async fn registry_state(&self) -> Result<stream::State, BusError> {
+        let stream = self
+            .jetstream
+            .get_stream(format!("KV_{}", subjects::SESSIONS))
+            .await
+            .map_err(unavailable)?;
+        Ok(stream.cached_info().state.clone())
+    }
+
+    /// True once this node has been on NATS for a whole failure timeout: only
+    /// then can it tell a silent peer from its own outage.
+    fn heard_long_enough(&self) -> bool {
+        self.healthy()
+            && self
+                .connected_since
+                .lock()
+                .expect("connection lock")
+                .is_some_and(|since| since.elapsed() > self.config.failure_timeout)
+    }
+
     fn recovery(&self) -> Option<Arc<dyn Recovery>> {
         self.recovery.get().and_then(Weak::upgrade)
     }
@@ -344,7 +433,9 @@ impl NatsBus {
         value: &[u8],
         revision: u64,
     ) -> Option<FullJid> {
+        self.applied.fetch_max(revision, Ordering::Relaxed);
         let jid = subjects::session_jid(key)?;
+        tracing::debug!(%jid, ?operation, revision, "Registry change.");
         let mut view = self.view.write().expect("view lock");
         if view
             .revisions
@@ -381,9 +472,27 @@ impl NatsBus {
                 };
                 view.upsert(route, revision);
             }
-            kv::Operation::Delete | kv::Operation::Purge => view.remove(&jid),
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.close_removed(&jid);
+                view.remove(&jid);
+            }
         }
         Some(jid)
+    }
+
+    /// A local session left the registry without this node removing it: a
+    /// peer took this node for dead (it was cut off longer than the failure
+    /// timeout) and cleaned up after it. Nobody can route to the session any
+    /// more, so it ends and its client reconnects, binding anew.
+    fn close_removed(&self, jid: &FullJid) {
+        let Some((_, mailbox)) = self.local.write().expect("local lock").remove(jid) else {
+            return;
+        };
+        tracing::warn!(%jid, "A peer removed this session from the registry; ending it.");
+        let _ = mailbox.send(Mail::Close(StreamError::new(
+            Condition::InternalServerError,
+            "This node was cut off from its cluster; please reconnect.",
+        )));
     }
 
     async fn publish_delivery(
@@ -398,37 +507,76 @@ impl NatsBus {
         headers.insert(HEADER_DURABLE, if durable { "1" } else { "0" });
         let payload = Bytes::from(String::from(stanza));
         let subject = subjects::deliver(route.node);
-        if durable {
-            let ack = self
-                .jetstream
+        if !durable {
+            return self
+                .client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(unavailable)?;
-            tokio::time::timeout(PUBLISH_TIMEOUT, ack)
-                .await
-                .map_err(unavailable)?
-                .map_err(unavailable)?;
-        } else {
-            self.client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(unavailable)?;
+                .map_err(unavailable);
         }
-        Ok(())
+        // Retried while JetStream elects a new leader (a NATS server died);
+        // the message id lets JetStream drop a copy whose ack was lost.
+        let id = format!(
+            "{:016x}-{}",
+            self.node,
+            self.published.fetch_add(1, Ordering::Relaxed)
+        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let jetstream = &self.jetstream;
+        self.retrying(
+            || async {
+                jetstream
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .await?
+                    .await
+                    .map_err(async_nats::Error::from)
+            },
+            |_: &async_nats::Error| true,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| error.map_or_else(|bus| bus, unavailable))
     }
 
     /// Removes a dead node's sessions, tells their contacts, and replays its deliveries.
     async fn clean_up(&self, dead: NodeId) {
-        if self
-            .cleanup
-            .create(
-                subjects::cleanup_key(dead),
-                Bytes::from(self.node.to_string()),
-            )
-            .await
-            .is_err()
+        // One node cleans up: the one that creates the lock. While NATS is
+        // unreachable, keep trying, unless the node turns out to be alive.
+        let key = subjects::cleanup_key(dead);
+        loop {
+            while !self.heard_long_enough() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if self
+                .members
+                .read()
+                .expect("members lock")
+                .contains_key(&dead)
+            {
+                return; // It spoke again.
+            }
+            let lock = self
+                .cleanup
+                .create(&key, Bytes::from(self.node.to_string()));
+            match tokio::time::timeout(PUBLISH_TIMEOUT, lock).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => return,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "Cleanup after a dead node waits for NATS.")
+                }
+                Err(_) => tracing::warn!("Cleanup after a dead node waits for NATS."),
+            }
+        }
+        if !self.heard_long_enough()
+            || self
+                .members
+                .read()
+                .expect("members lock")
+                .contains_key(&dead)
         {
-            return; // Another node does it.
+            // Our connection dropped meanwhile, or the node spoke again: not dead after all.
+            let _ = self.cleanup.delete(&key).await;
+            return;
         }
         let Some(recovery) = self.recovery() else {
             return;
@@ -542,22 +690,26 @@ fn decode_delivery(message: &jetstream::Message) -> Option<(FullJid, Element, bo
 /// Keeps the view in step with the registry; `loaded` fires once it caught up.
 async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::oneshot::Sender<()>>) {
     loop {
-        match bus.sessions.watch_with_history(">").await {
+        // JetStream requests may go unanswered while NATS servers fail over.
+        let watch = tokio::time::timeout(PUBLISH_TIMEOUT, bus.sessions.watch_with_history(">"))
+            .await
+            .unwrap_or_else(|_| Err(kv::WatchError::new(kv::WatchErrorKind::TimedOut)));
+        match watch {
             Ok(mut watch) => {
                 let mut seen: Option<HashSet<FullJid>> = Some(HashSet::new());
-                if bus
-                    .sessions
-                    .status()
-                    .await
-                    .is_ok_and(|status| status.values() == 0)
-                {
+                let empty = tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_state()).await;
+                if matches!(empty, Ok(Ok(state)) if state.messages == 0) {
                     seen = None;
                     if let Some(loaded) = loaded.take() {
                         let _ = loaded.send(());
                     }
                 }
-                while let Some(entry) = watch.next().await {
-                    let Ok(entry) = entry else { break };
+                loop {
+                    let entry = tokio::select! {
+                        entry = watch.next() => entry,
+                        _ = bus.rewatch.notified() => break,
+                    };
+                    let Some(Ok(entry)) = entry else { break };
                     let jid = bus.apply(&entry.key, entry.operation, &entry.value, entry.revision);
                     if let (Some(seen), Some(jid)) = (&mut seen, jid) {
                         seen.insert(jid);
@@ -588,6 +740,98 @@ async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::onesh
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Restarts the registry watch when it falls behind the registry: a watch
+/// whose NATS server died can stay silent for a long time before noticing.
+async fn check_registry(bus: Arc<NatsBus>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut behind = 0;
+    let mut known = 0;
+    loop {
+        ticker.tick().await;
+        if !bus.healthy() {
+            continue;
+        }
+        let asked = Instant::now();
+        let state = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_state()).await {
+            Ok(Ok(state)) => state,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "The session registry cannot be checked.");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("The session registry check timed out.");
+                continue;
+            }
+        };
+        tracing::trace!(
+            registry = state.last_sequence,
+            applied = bus.applied.load(Ordering::Relaxed),
+            "Registry check."
+        );
+        let mut applied = bus.applied.load(Ordering::Relaxed);
+        if applied < known && state.last_sequence - applied <= CATCH_UP_LIMIT {
+            // The watch still lacks revisions that existed a check ago: read
+            // them one at a time, with plain requests, which work while
+            // consumers are being moved.
+            catch_up(&bus, applied + 1, state.last_sequence).await;
+            applied = bus.applied.load(Ordering::Relaxed);
+        }
+        known = state.last_sequence;
+        if state.last_sequence > applied {
+            behind += 1;
+        } else {
+            behind = 0;
+            *bus.confirmed.lock().expect("confirmed lock") = Some(asked);
+        }
+        // Once is a write in flight; twice in a row is a stuck watch.
+        if behind >= 2 {
+            tracing::warn!(
+                registry = state.last_sequence,
+                applied,
+                "The session registry watch fell behind; restarting it."
+            );
+            bus.rewatch.notify_one();
+            behind = 0;
+        }
+    }
+}
+
+/// Applies registry revisions `from..=to` read one by one; stops at the first
+/// that cannot be read (a revision replaced since is skipped: its key has a
+/// later one in the range).
+async fn catch_up(bus: &NatsBus, from: u64, to: u64) {
+    for revision in from..=to {
+        let read = tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            bus.sessions.stream.get_raw_message(revision),
+        )
+        .await;
+        match read {
+            Ok(Ok(message)) => {
+                let Some(key) = message.subject.strip_prefix(bus.sessions.prefix.as_str()) else {
+                    bus.applied.fetch_max(revision, Ordering::Relaxed);
+                    continue;
+                };
+                let operation = match message.headers.get(KV_OPERATION).map(|v| v.as_str()) {
+                    Some("DEL") => kv::Operation::Delete,
+                    Some("PURGE") => kv::Operation::Purge,
+                    _ => kv::Operation::Put,
+                };
+                bus.apply(key, operation, &message.payload, revision);
+            }
+            Ok(Err(error)) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                bus.applied.fetch_max(revision, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, revision, "A registry revision cannot be read.");
+                return;
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -633,6 +877,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                 let _ = message.ack().await;
                 continue;
             };
+            tracing::debug!(%to, durable, "Delivery received.");
             let stranded = match bus.local_mailbox(&to) {
                 Some(mailbox) => {
                     let receipt = message
@@ -809,6 +1054,16 @@ async fn detect_failures(bus: Arc<NatsBus>) {
     loop {
         ticker.tick().await;
         let timeout = bus.config.failure_timeout;
+        if !bus.heard_long_enough() {
+            // Our own outage silences everyone: judge nobody until we have
+            // listened for a whole timeout again.
+            if let Some(grace) = Instant::now().checked_sub(timeout / 2) {
+                for member in bus.members.write().expect("members lock").values_mut() {
+                    member.last_seen = member.last_seen.max(grace);
+                }
+            }
+            continue;
+        }
         let mut dead: Vec<NodeId> = {
             let mut members = bus.members.write().expect("members lock");
             let silent: Vec<NodeId> = members
@@ -869,15 +1124,15 @@ impl Bus for NatsBus {
                 .expect("local lock")
                 .insert(route.jid.clone(), (route.session, mailbox.clone()));
         }
-        let revision = match self
-            .sessions
-            .put(&key, serde_json::to_vec(&record).unwrap_or_default().into())
-            .await
-        {
+        let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+        let put = self
+            .retrying(|| self.sessions.put(&key, value.clone()), |_| true)
+            .await;
+        let revision = match put {
             Ok(revision) => revision,
             Err(error) => {
                 self.local.write().expect("local lock").remove(&route.jid);
-                return Err(unavailable(error));
+                return Err(error.map_or_else(|bus| bus, unavailable));
             }
         };
         self.view
@@ -905,15 +1160,14 @@ impl Bus for NatsBus {
         };
         let record = SessionRecord::new(self.node, session, &info);
         let key = subjects::session_key(jid);
-        match self
-            .sessions
-            .update(
-                &key,
-                serde_json::to_vec(&record).unwrap_or_default().into(),
-                revision,
+        let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+        let updated = self
+            .retrying(
+                || self.sessions.update(&key, value.clone(), revision),
+                |error: &kv::UpdateError| error.kind() != kv::UpdateErrorKind::WrongLastRevision,
             )
-            .await
-        {
+            .await;
+        match updated {
             Ok(revision) => {
                 let route = Route {
                     jid: jid.clone(),
@@ -928,9 +1182,9 @@ impl Bus for NatsBus {
                     .upsert(route, revision);
                 Ok(())
             }
-            // Someone else holds the JID now: nothing to update.
-            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
-            Err(error) => Err(unavailable(error)),
+            // The revision moved on: someone else holds the JID now, nothing to update.
+            Err(Ok(_)) => Ok(()),
+            Err(Err(error)) => Err(error),
         }
     }
 
@@ -989,6 +1243,12 @@ impl Bus for NatsBus {
         let local = (route.node == self.node)
             .then(|| self.local_mailbox(&route.jid))
             .flatten();
+        if durability == Durability::BestEffort
+            && let Some(mailbox) = &local
+        {
+            // Nothing to keep: a session of this node takes it directly.
+            return mailbox.send_stanza(stanza);
+        }
         if self.healthy() {
             match self.publish_delivery(route, &stanza, durability).await {
                 Ok(()) => return Ok(()),
@@ -1118,5 +1378,9 @@ impl Bus for NatsBus {
 
     fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn registry_confirmed(&self) -> Option<Instant> {
+        *self.confirmed.lock().expect("confirmed lock")
     }
 }

@@ -235,6 +235,12 @@ pub trait Bus: Send + Sync {
     fn healthy(&self) -> bool {
         true
     }
+    /// The latest moment this node's view of the registry was known to hold
+    /// every session bound before it (`None`: not known lately). A message
+    /// stored offline before that moment went to a user who was offline.
+    fn registry_confirmed(&self) -> Option<std::time::Instant> {
+        Some(std::time::Instant::now())
+    }
 }
 
 /// Another live node.

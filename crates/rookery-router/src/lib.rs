@@ -119,10 +119,10 @@ pub struct Router {
     shutting_down: AtomicBool,
     /// XEP-0191 block lists of the accounts with sessions on this node.
     blocklists: blocking::BlocklistCache,
-    /// Users whose messages went to offline storage because their sessions
-    /// could not be reached (the cluster was unreachable); see
-    /// [`redeliver_deferred`](Router::redeliver_deferred).
-    deferred: std::sync::Mutex<std::collections::HashSet<BareJid>>,
+    /// Users who got messages in offline storage, and when: if the registry
+    /// view was behind (a cluster fault) or their sessions unreachable, they
+    /// may be online; see [`redeliver_deferred`](Router::redeliver_deferred).
+    deferred: std::sync::Mutex<std::collections::HashMap<BareJid, Instant>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -163,7 +163,7 @@ impl Router {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             blocklists: blocking::BlocklistCache::default(),
-            deferred: std::sync::Mutex::new(std::collections::HashSet::new()),
+            deferred: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 

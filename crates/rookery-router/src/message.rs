@@ -2,6 +2,7 @@
 //! offline storage (XEP-0160).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
@@ -226,21 +227,21 @@ impl Router {
             .filter(|r| !(excluded.contains(&r.jid) || (stopping && r.node == node)))
             .collect();
         let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
-        if matches!(outcome, MessageOutcome::Offline) && !excluded.is_empty() && !stopping {
-            // Sessions exist but could not be reached: stored now, delivered
-            // to them once the cluster is back.
-            self.deferred
-                .lock()
-                .expect("deferred lock")
-                .insert(user.clone());
-        }
         // Boxed: a failed delivery may come back here once more.
         Box::pin(self.apply_message_outcome(message, user, outcome, &routes, None)).await;
     }
 
     async fn deliver_offline(&self, user: &BareJid, message: Element, sender: Option<&Session>) {
         let error = match self.store_offline(user, message.clone()).await {
-            Ok(()) => return,
+            Ok(()) => {
+                // Checked again once the registry is known to be current.
+                self.deferred
+                    .lock()
+                    .expect("deferred lock")
+                    .entry(user.clone())
+                    .or_insert_with(Instant::now);
+                return;
+            }
             Err(StoreError::QuotaExceeded) => ErrorCondition::SERVICE_UNAVAILABLE,
             Err(error) => {
                 tracing::error!(%user, %error, "Offline message could not be stored.");
@@ -277,32 +278,45 @@ impl Router {
         }
     }
 
-    /// Delivers the offline messages stored while their users' sessions could
-    /// not be reached (see `route_to_user_excluding`) to the sessions available
-    /// now; messages for users still without one stay stored. Returns how many
-    /// messages were routed again.
+    /// Delivers offline messages to their users' available sessions when the
+    /// users were online after all: stored while this node's registry view was
+    /// behind or their sessions unreachable (a cluster fault). Each user is
+    /// looked at once the registry is confirmed current past the time of
+    /// storage; normally they are offline and nothing is read. Returns how
+    /// many messages were routed again.
     pub async fn redeliver_deferred(&self) -> usize {
-        let users: Vec<BareJid> = self
-            .deferred
-            .lock()
-            .expect("deferred lock")
-            .drain()
-            .collect();
-        let mut routed = 0;
-        for user in users {
-            let available = self
-                .bus
-                .routes(&user)
+        let Some(confirmed) = self.bus.registry_confirmed() else {
+            return 0;
+        };
+        let due: Vec<BareJid> = {
+            let mut deferred = self.deferred.lock().expect("deferred lock");
+            let due: Vec<BareJid> = deferred
                 .iter()
-                .any(|route| route.info.available());
-            if !available {
+                .filter(|(_, stored)| **stored < confirmed)
+                .map(|(user, _)| user.clone())
+                .collect();
+            for user in &due {
+                deferred.remove(user);
+            }
+            due
+        };
+        let mut routed = 0;
+        for user in due {
+            let routes = self.bus.routes(&user);
+            if !matches!(
+                rules::message_to_bare(MessageType::Chat, &routes),
+                MessageOutcome::Deliver(_)
+            ) {
                 continue;
             }
             let messages = match self.store.take_offline(&user).await {
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!(%user, %error, "Deferred messages could not be read.");
-                    self.deferred.lock().expect("deferred lock").insert(user);
+                    self.deferred
+                        .lock()
+                        .expect("deferred lock")
+                        .insert(user, Instant::now());
                     continue;
                 }
             };

@@ -109,11 +109,17 @@ impl NodeProcess {
             .open(self.log_path())
             .expect("log file");
         let _ = writeln!(log, "===== start =====");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        // The node runs on its file alone, whatever the test's environment says.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ROOKERY_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(self.config_path())
             .arg("serve")
-            .env_remove("ROOKERY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -230,6 +236,13 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+        // TEST_NODE_LOGS=<folder> keeps every node's whole log there.
+        if let Some(folder) = std::env::var_os("TEST_NODE_LOGS") {
+            let target =
+                Path::new(&folder).join(format!("{}-{}.log", self.name, self.starttls.port()));
+            let _ = std::fs::create_dir_all(&folder);
+            let _ = std::fs::copy(self.log_path(), target);
+        }
         if std::thread::panicking() {
             eprintln!("--- log of {} ---\n{}\n---", self.name, self.log_tail(60));
         }

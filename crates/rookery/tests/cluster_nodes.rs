@@ -10,8 +10,8 @@ use minidom::Element;
 use rookery_bench::client::{Target, TlsMode};
 use rookery_bench::reliable::{Chat, Report, Settings};
 use rookery_test_support::TestClient;
-use rookery_test_support::nats::NatsServer;
-use rookery_test_support::process::ProcessCluster;
+use rookery_test_support::nats::{NatsCluster, NatsServer};
+use rookery_test_support::process::{NodeProcess, ProcessCluster, http_status};
 
 const CLIENT: &str = "jabber:client";
 const STREAMS: &str = "http://etherx.jabber.org/streams";
@@ -247,4 +247,95 @@ async fn no_acknowledged_message_is_lost_when_a_node_is_killed() {
         report.reconnects >= 100,
         "the killed node's clients did not reconnect: {report}"
     );
+}
+
+#[tokio::test]
+async fn losing_one_of_three_nats_servers_does_not_interrupt_service() {
+    let mut nats = NatsCluster::start(3);
+    let cluster = ProcessCluster::start(binary(), nats.urls(), 2, |_, config| {
+        if let Some(cluster) = &mut config.cluster {
+            cluster.nats_replicas = 3;
+        }
+    })
+    .await;
+    let users = names("user", 40);
+    cluster.create_users(&users, "secret");
+    cluster.nodes[0].import_users("alice secret\nbob secret\n");
+    let chat = Chat::start(chat_settings(&cluster, users, 40.0))
+        .await
+        .expect("everyone logs in");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.servers[0].kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // New clients still log in on every node and reach each other.
+    let mut alice = TestClient::online(cluster.nodes[0].starttls, "alice", "secret", "a").await;
+    let mut bob = TestClient::online(cluster.nodes[1].starttls, "bob", "secret", "b").await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>still here</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "still here");
+    let report = chat.finish(Duration::from_secs(60)).await;
+    assert_nothing_lost(&report);
+    assert_eq!(report.reconnects, 0, "clients were disconnected: {report}");
+}
+
+/// Waits until `GET /ready` on `node` answers `status`.
+async fn wait_ready_status(node: &NodeProcess, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while http_status(node.http, "/ready").await != Some(status) {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not answer {status} on /ready",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_nats_serves_locally_stores_the_rest_and_recovers() {
+    let mut nats = NatsServer::start();
+    let cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, _| {}).await;
+    cluster.nodes[0].import_users("alice secret\nbob secret\ncarol secret\ndave secret\n");
+    let (cut, other) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut alice = TestClient::online(cut.starttls, "alice", "secret", "a").await;
+    alice.enable_sm(true).await;
+    let mut bob = TestClient::online(cut.starttls, "bob", "secret", "b").await;
+    let mut carol = TestClient::online(other.starttls, "carol", "secret", "c").await;
+
+    nats.kill();
+    wait_ready_status(cut, 503, Duration::from_secs(10)).await;
+    // No new sessions while the node cannot reach its cluster.
+    let mut newcomer = TestClient::connect(cut.starttls).await;
+    assert_eq!(newcomer.expect_stream_error().await, "resource-constraint");
+    // Sessions on the node still talk to each other.
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>local</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "local");
+    // What cannot be routed is kept, and acknowledged.
+    alice
+        .send("<message to='carol@localhost' type='chat'><body>while cut off</body></message><r xmlns='urn:xmpp:sm:3'/>")
+        .await;
+    let ack = alice
+        .expect(|e| e.name() == "a" && e.has_ns("urn:xmpp:sm:3"))
+        .await;
+    assert_eq!(ack.attr("h"), Some("2"), "both messages acknowledged");
+
+    // Longer than the failure timeout: the nodes lose sight of each other,
+    // and must not clean each other up when NATS is back.
+    tokio::time::sleep(FAILURE_TIMEOUT + Duration::from_secs(1)).await;
+    nats.restart();
+    wait_ready_status(cut, 200, Duration::from_secs(30)).await;
+    assert_eq!(body(&carol.expect_message().await), "while cut off");
+    // Everything works again: new logins, routing both ways.
+    let mut dave = TestClient::online(cut.starttls, "dave", "secret", "d").await;
+    carol
+        .send("<message to='dave@localhost' type='chat'><body>welcome back</body></message>")
+        .await;
+    assert_eq!(body(&dave.expect_message().await), "welcome back");
+    carol
+        .send("<message to='alice@localhost' type='chat'><body>and you</body></message>")
+        .await;
+    assert_eq!(body(&alice.expect_message().await), "and you");
 }
