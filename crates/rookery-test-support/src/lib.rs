@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod client;
 pub mod cluster;
+pub mod haproxy;
 pub mod nats;
 pub mod process;
 pub mod server;

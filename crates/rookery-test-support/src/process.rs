@@ -100,6 +100,15 @@ impl NodeProcess {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// How many lines of the log contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+
     fn spawn(&mut self) {
         let text = toml::to_string(&self.config).expect("the configuration serializes");
         std::fs::write(self.config_path(), text).expect("configuration written");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rookery_test_support::TestClient;
+use rookery_test_support::{TestClient, free_port};
 
 fn rookery(dir: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_rookery"));
@@ -29,14 +29,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A config on free loopback ports with the test certificate.
@@ -112,6 +104,34 @@ fn a_bad_config_stops_serve_before_any_port_is_bound() {
         "the port was never taken"
     );
     assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
+#[test]
+fn a_cluster_node_refuses_sqlite_before_any_port_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        format!("[c2s]\nstarttls_listen = \"127.0.0.1:{port}\"\n[cluster]\nnode = \"node1\"\nnats = [\"nats://127.0.0.1:4222\"]\n"),
+    )
+    .unwrap();
+    let output = run(dir.path(), &["--config", "node.toml", "serve"]);
+    assert_eq!(output.status.code(), Some(64));
+    let message = stderr(&output);
+    assert!(
+        message.contains("node.toml")
+            && message.contains("storage.backend")
+            && message.contains("postgres"),
+        "{message}"
+    );
+    assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+    // The shipped three-node example is valid as it stands.
+    for node in 1..=3 {
+        let file = format!("../../config/cluster/node{node}.toml");
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let check = run(dir.path(), &["config", "check", file.to_str().unwrap()]);
+        assert!(check.status.success(), "{}", stderr(&check));
+    }
 }
 
 #[test]

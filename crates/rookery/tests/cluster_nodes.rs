@@ -10,6 +10,7 @@ use minidom::Element;
 use rookery_bench::client::{Target, TlsMode};
 use rookery_bench::reliable::{Chat, Report, Settings};
 use rookery_test_support::TestClient;
+use rookery_test_support::haproxy::HaProxy;
 use rookery_test_support::nats::{NatsCluster, NatsServer};
 use rookery_test_support::process::{NodeProcess, ProcessCluster, http_status};
 
@@ -338,4 +339,49 @@ async fn a_node_cut_off_from_nats_serves_locally_stores_the_rest_and_recovers() 
         .send("<message to='alice@localhost' type='chat'><body>and you</body></message>")
         .await;
     assert_eq!(body(&alice.expect_message().await), "and you");
+}
+
+#[tokio::test]
+async fn haproxy_from_the_docs_spreads_clients_and_drains_a_stopping_node() {
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 3, |_, _| {}).await;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cluster/haproxy.cfg");
+    let proxy = HaProxy::start(&example, &cluster.nodes.iter().collect::<Vec<_>>());
+    let users = names("lb", 30);
+    cluster.create_users(&users, "secret");
+    cluster.nodes[0].import_users("alice secret\n");
+    let mut settings = chat_settings(&cluster, users, 30.0);
+    settings.nodes = vec![proxy.starttls];
+    let chat = Chat::start(settings).await.expect("everyone logs in");
+    // Least connections: every node holds a share.
+    let bound: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.log_count("Session bound."))
+        .collect();
+    println!("sessions per node through HAProxy: {bound:?}");
+    assert!(bound.iter().all(|n| *n >= 5), "uneven spread: {bound:?}");
+    // The other frontends reach the nodes too.
+    let mut direct = TestClient::connect_tls(proxy.direct_tls).await;
+    direct.open().await;
+    direct
+        .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
+        .await
+        .expect("login over direct TLS through HAProxy");
+    direct.bind(Some("direct")).await;
+    assert_eq!(http_status(proxy.websocket, "/ready").await, Some(200));
+
+    // A node stops: its clients move to the others, new clients avoid it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.nodes[1].terminate();
+    cluster.nodes[1].wait_exit(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = chat.finish(Duration::from_secs(60)).await;
+    assert_nothing_lost(&report);
+    assert!(report.redirected >= 5, "{report}");
+    let before = cluster.nodes[1].log_count("Session bound.");
+    for n in 0..6 {
+        TestClient::online(proxy.starttls, "alice", "secret", &format!("late{n}")).await;
+    }
+    assert_eq!(cluster.nodes[1].log_count("Session bound."), before);
 }
