@@ -24,9 +24,10 @@ use rookery_bench::process;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Server address.
-    #[arg(long, default_value = "127.0.0.1:5222")]
-    server: SocketAddr,
+    /// Server address; several (comma-separated) for the nodes of a cluster:
+    /// account n connects to the ((n-1) mod count)-th.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:5222")]
+    server: Vec<SocketAddr>,
     /// XMPP domain of the accounts.
     #[arg(long, default_value = "localhost")]
     domain: String,
@@ -45,9 +46,9 @@ struct Cli {
     /// Spread connections over 127.0.0.1 .. 127.0.0.<n> (loopback targets only).
     #[arg(long, default_value_t = 16)]
     source_ips: u8,
-    /// The server process to measure (default: the one listening on the server port).
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// The server processes to measure (default: those listening on the server ports).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Also write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -86,7 +87,33 @@ enum Scenario {
         /// Seconds of sending.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// With several servers: whom a user writes to.
+        #[arg(long, value_enum, default_value = "any")]
+        placement: Placement,
     },
+    /// Pairs of users on the first and second server see each other's
+    /// presence; the first server's process is killed (SIGKILL) and the time
+    /// until the second server's users see their contacts go unavailable is
+    /// measured. For clusters; the killed node is not restarted.
+    Failover {
+        /// Pairs of users (accounts 1 .. 2 x pairs).
+        #[arg(long)]
+        pairs: usize,
+        /// How long to wait for the unavailable presences, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+}
+
+/// Where the recipients of the chat scenario are, relative to their sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+enum Placement {
+    /// Anyone.
+    Any,
+    /// A user on the sender's server.
+    Same,
+    /// A user on another server.
+    Cross,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +131,8 @@ struct ConnectionsReport {
 #[derive(Debug, Serialize)]
 struct ChatReport {
     scenario: &'static str,
+    servers: usize,
+    placement: Placement,
     users: usize,
     target_rate: u64,
     sent: u64,
@@ -119,8 +148,10 @@ struct ChatReport {
     server_cpu_us_per_message: Option<f64>,
 }
 
-fn target(cli: &Cli) -> Target {
-    let sources = if cli.server.ip().is_loopback() && cli.server.is_ipv4() && cli.source_ips > 1 {
+/// How account `n` (from 1) reaches its server.
+fn target(cli: &Cli, n: usize) -> Target {
+    let server = cli.server[(n - 1) % cli.server.len()];
+    let sources = if server.ip().is_loopback() && server.is_ipv4() && cli.source_ips > 1 {
         (1..=cli.source_ips)
             .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
             .collect()
@@ -128,7 +159,7 @@ fn target(cli: &Cli) -> Target {
         Vec::new()
     };
     Target {
-        address: cli.server,
+        address: server,
         domain: cli.domain.clone(),
         tls: cli.tls,
         mechanism: cli.mechanism.clone(),
@@ -136,15 +167,35 @@ fn target(cli: &Cli) -> Target {
     }
 }
 
-fn server_pid(cli: &Cli) -> Option<u32> {
-    cli.server_pid
-        .or_else(|| match process::pid_listening_on(cli.server.port()) {
+/// The server processes to measure: given, or found by their ports.
+fn server_pids(cli: &Cli) -> Vec<u32> {
+    if !cli.server_pid.is_empty() {
+        return cli.server_pid.clone();
+    }
+    cli.server
+        .iter()
+        .filter_map(|server| match process::pid_listening_on(server.port()) {
             Ok(pid) => Some(pid),
             Err(error) => {
                 eprintln!("note: server process not found ({error}); no server-side figures");
                 None
             }
         })
+        .collect()
+}
+
+/// Resident memory of every measured process together, in KiB.
+fn rss_kib(pids: &[u32]) -> Option<u64> {
+    (!pids.is_empty())
+        .then(|| pids.iter().map(|pid| process::rss_kib(*pid).ok()).sum())
+        .flatten()
+}
+
+/// CPU time of every measured process together, in seconds.
+fn cpu_seconds(pids: &[u32]) -> Option<f64> {
+    (!pids.is_empty())
+        .then(|| pids.iter().map(|pid| process::cpu_seconds(*pid).ok()).sum())
+        .flatten()
 }
 
 fn emit<T: Serialize + std::fmt::Debug>(cli: &Cli, report: &T) -> anyhow::Result<()> {
@@ -176,7 +227,9 @@ async fn main() -> anyhow::Result<()> {
             users,
             rate,
             duration,
-        } => chat(&cli, *users, *rate, *duration).await,
+            placement,
+        } => chat(&cli, *users, *rate, *duration, *placement).await,
+        Scenario::Failover { pairs, wait } => failover(&cli, *pairs, *wait).await,
     }
 }
 
@@ -185,12 +238,11 @@ async fn login_all(
     users: usize,
     concurrency: usize,
 ) -> (Vec<Connection>, usize, Duration) {
-    let target = Arc::new(target(cli));
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(users);
     for n in 1..=users {
-        let (target, semaphore) = (target.clone(), semaphore.clone());
+        let (target, semaphore) = (target(cli, n), semaphore.clone());
         let user = format!("{}{n}", cli.user_prefix);
         let password = cli.password.clone();
         tasks.push(tokio::spawn(async move {
@@ -218,12 +270,12 @@ async fn login_all(
 }
 
 async fn connections(cli: &Cli, users: usize, concurrency: usize, hold: u64) -> anyhow::Result<()> {
-    let pid = server_pid(cli);
-    let before = pid.and_then(|pid| process::rss_kib(pid).ok());
+    let pids = server_pids(cli);
+    let before = rss_kib(&pids);
     let (connections, failures, ramp) = login_all(cli, users, concurrency).await;
     // Let the server settle (allocator, pending writes) before reading its memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = pid.and_then(|pid| process::rss_kib(pid).ok());
+    let after = rss_kib(&pids);
     let per_session = match (before, after) {
         (Some(before), Some(after)) if !connections.is_empty() => {
             Some((after as f64 - before as f64) / connections.len() as f64)
@@ -264,9 +316,23 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
-async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(users >= 2, "chat needs at least two users");
-    let pid = server_pid(cli);
+async fn chat(
+    cli: &Cli,
+    users: usize,
+    rate: u64,
+    duration: u64,
+    placement: Placement,
+) -> anyhow::Result<()> {
+    let servers = cli.server.len();
+    anyhow::ensure!(
+        users >= 2 * servers,
+        "chat needs at least two users per server"
+    );
+    anyhow::ensure!(
+        servers > 1 || placement != Placement::Cross,
+        "--placement cross needs several servers"
+    );
+    let pids = server_pids(cli);
     let (connections, failures, _) = login_all(cli, users, 100).await;
     anyhow::ensure!(failures == 0, "{failures} logins failed");
     let epoch = Instant::now();
@@ -299,7 +365,7 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
         });
     }
     drop(latency_tx);
-    let cpu_before = pid.and_then(|pid| process::cpu_seconds(pid).ok());
+    let cpu_before = cpu_seconds(&pids);
     let per_user = rate as f64 / users as f64;
     let domain = cli.domain.clone();
     let prefix = cli.user_prefix.clone();
@@ -315,10 +381,7 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
             let end = Instant::now() + Duration::from_secs(duration);
             while Instant::now() < end {
                 ticker.tick().await;
-                let mut to = rand::random_range(1..=users);
-                if to == index + 1 {
-                    to = to % users + 1;
-                }
+                let to = recipient(index, users, servers, placement) + 1;
                 let seq = sent.fetch_add(1, Ordering::Relaxed);
                 let at = epoch.elapsed().as_micros() as u64;
                 let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at}</body></message>");
@@ -350,7 +413,7 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
             break;
         }
     }
-    let cpu_after = pid.and_then(|pid| process::cpu_seconds(pid).ok());
+    let cpu_after = cpu_seconds(&pids);
     drop(senders);
     latencies.sort_unstable();
     let delivered = seen.len() as u64;
@@ -360,6 +423,8 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
         .map(|(before, after)| after - before);
     let report = ChatReport {
         scenario: "chat",
+        servers,
+        placement,
         users,
         target_rate: rate,
         sent: total,
@@ -389,6 +454,157 @@ async fn chat(cli: &Cli, users: usize, rate: u64, duration: u64) -> anyhow::Resu
         report.latency_ms_max,
         report.server_cpu_seconds,
         report.server_cpu_us_per_message
+    );
+    emit(cli, &report)
+}
+
+/// A random recipient (0-based) for sender `index` among `users` spread
+/// round-robin over `servers` (user i is on server i mod servers).
+fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -> usize {
+    loop {
+        let server = match placement {
+            Placement::Any => rand::random_range(0..servers),
+            Placement::Same => index % servers,
+            Placement::Cross => (index + rand::random_range(1..servers.max(2))) % servers,
+        };
+        // Users on `server`: server, server + servers, ...
+        let count = (users - server).div_ceil(servers);
+        let to = server + servers * rand::random_range(0..count);
+        if to != index {
+            return to;
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct FailoverReport {
+    scenario: &'static str,
+    pairs: usize,
+    killed_pid: u32,
+    seen_unavailable: usize,
+    failover_ms_p50: f64,
+    failover_ms_max: f64,
+}
+
+/// Presence subscriptions between pairs across two servers, then SIGKILL of
+/// the first server's process; time until the watchers see unavailable.
+async fn failover(cli: &Cli, pairs: usize, wait: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(cli.server.len() >= 2, "failover needs two servers");
+    let Some(&pid) = server_pids(cli).first() else {
+        anyhow::bail!("the first server's process is not known (--server-pid)");
+    };
+    let domain = cli.domain.clone();
+    let name = |n: usize| format!("{}{n}@{domain}", cli.user_prefix);
+    // Watched users are accounts 1, 3, 5 ... on the first server, watchers
+    // 2, 4, 6 ... on the second (the round-robin spread of two servers).
+    let mut watched = Vec::with_capacity(pairs);
+    let mut watchers = Vec::with_capacity(pairs);
+    for pair in 0..pairs {
+        let (a, b) = (2 * pair + 1, 2 * pair + 2);
+        let mut first = Connection::login(
+            &target(cli, a),
+            a,
+            &format!("{}{a}", cli.user_prefix),
+            &cli.password,
+            "bench",
+        )
+        .await?;
+        first.go_online().await?;
+        let mut second = Connection::login(
+            &target(cli, b),
+            b,
+            &format!("{}{b}", cli.user_prefix),
+            &cli.password,
+            "bench",
+        )
+        .await?;
+        second.go_online().await?;
+        // Pre-approval (RFC 6121 3.4): the watcher's request is granted at once.
+        first
+            .send(&format!("<presence type='subscribed' to='{}'/>", name(b)))
+            .await?;
+        watched.push(first);
+        watchers.push((name(a), second));
+    }
+    // Each watcher accepts the subscription and waits for its contact's presence.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, bool, Instant)>();
+    for (index, (contact, connection)) in watchers.into_iter().enumerate() {
+        let seen_tx = seen_tx.clone();
+        let (mut receiver, mut sender) = connection.split();
+        sender
+            .send(&format!("<presence type='subscribe' to='{contact}'/>"))
+            .await?;
+        tokio::spawn(async move {
+            while let Some(element) = receiver.next().await {
+                if element.name() != "presence" {
+                    continue;
+                }
+                let from = element.attr("from").unwrap_or_default();
+                if !from.starts_with(&contact) {
+                    continue;
+                }
+                match element.attr("type") {
+                    Some("subscribe") => {
+                        let _ = sender
+                            .send(&format!("<presence type='subscribed' to='{contact}'/>"))
+                            .await;
+                    }
+                    None => {
+                        let _ = seen_tx.send((index, true, Instant::now()));
+                    }
+                    Some("unavailable") => {
+                        let _ = seen_tx.send((index, false, Instant::now()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    drop(seen_tx);
+    // A presence update reaches watchers whose subscription existed already.
+    for connection in &mut watched {
+        connection.send("<presence/>").await?;
+    }
+    let mut online = vec![false; pairs];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while online.iter().any(|seen| !seen) {
+        match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
+            Ok(Some((index, true, _))) => online[index] = true,
+            Ok(Some(_)) => {}
+            _ => anyhow::bail!(
+                "{} watchers never saw their contact online",
+                online.iter().filter(|seen| !**seen).count()
+            ),
+        }
+    }
+    let killed = Instant::now();
+    process::kill(pid)?;
+    let mut times: Vec<f64> = Vec::with_capacity(pairs);
+    let mut gone = vec![false; pairs];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    while times.len() < pairs {
+        match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
+            Ok(Some((index, false, at))) if !gone[index] => {
+                gone[index] = true;
+                times.push(at.duration_since(killed).as_secs_f64() * 1000.0);
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    drop(watched);
+    times.sort_by(f64::total_cmp);
+    let report = FailoverReport {
+        scenario: "failover",
+        pairs,
+        killed_pid: pid,
+        seen_unavailable: times.len(),
+        failover_ms_p50: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+        failover_ms_max: times.last().copied().unwrap_or(f64::NAN),
+    };
+    eprintln!(
+        "killed {pid}; {} of {pairs} watchers saw unavailable: p50 {:.0} ms, max {:.0} ms after the kill",
+        report.seen_unavailable, report.failover_ms_p50, report.failover_ms_max
     );
     emit(cli, &report)
 }

@@ -80,3 +80,13 @@ pub fn pid_listening_on(port: u16) -> anyhow::Result<u32> {
     }
     anyhow::bail!("the process listening on {port} is not visible (another user's?)")
 }
+
+/// Kills `pid` without warning (SIGKILL), as a crashing machine would.
+pub fn kill(pid: u32) -> anyhow::Result<()> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| anyhow::anyhow!("bad pid {pid}"))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
+    Ok(())
+}
