@@ -79,6 +79,10 @@ stop() {
     pkill -f "$BIN/rookery --config $WORK" || true
     while pgrep -f "$BIN/rookery --config $WORK" > /dev/null; do sleep 0.2; done
 }
+nats_ticks() {
+    # utime + stime of nats-server, in clock ticks (1/100 s).
+    awk '{print $14 + $15}' "/proc/$NATS_PID/stat"
+}
 bench() {
     "$BIN/rookery-bench" --server "$NODE1,$NODE2" --tls starttls "$@"
 }
@@ -87,8 +91,11 @@ bench() {
 
 for run in $(seq "$RUNS"); do
     serve
-    bench --json "same-$run.json" chat --users "$USERS" --rate "$CHAT_RATE" --duration 10 --placement same > /dev/null
-    bench --json "cross-$run.json" chat --users "$USERS" --rate "$CHAT_RATE" --duration 10 --placement cross > /dev/null
+    for placement in same cross; do
+        before=$(nats_ticks)
+        bench --json "$placement-$run.json" chat --users "$USERS" --rate "$CHAT_RATE" --duration 10 --placement "$placement" > /dev/null
+        echo $(( $(nats_ticks) - before )) > "$placement-$run.nats"
+    done
     for rate in $RATES; do
         bench --json "max-$run-$rate.json" chat --users "$USERS" --rate "$rate" --duration 10 --placement cross > /dev/null
     done
@@ -115,6 +122,10 @@ row("added by crossing nodes, p50", [c["latency_ms_p50"] - s["latency_ms_p50"] f
 row("added by crossing nodes, p99", [c["latency_ms_p99"] - s["latency_ms_p99"] for s, c in zip(same, cross)], "ms")
 row("server CPU per message, same node (both nodes)", [r["server_cpu_us_per_message"] for r in same], "µs")
 row("server CPU per message, cross node (both nodes)", [r["server_cpu_us_per_message"] for r in cross], "µs")
+def nats_us(kind, reports):
+    return [int(open(f"{kind}-{n}.nats").read()) * 10000 / r["delivered"] for n, r in zip(range(1, runs + 1), reports)]
+row("nats-server CPU per message, same node", nats_us("same", same), "µs")
+row("nats-server CPU per message, cross node", nats_us("cross", cross), "µs")
 best = []
 for n in range(1, runs + 1):
     ok = [r for r in rates

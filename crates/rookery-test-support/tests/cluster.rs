@@ -250,3 +250,47 @@ async fn a_full_node_sends_new_clients_to_the_least_loaded_one() {
         .expect("see-other-host");
     assert_eq!(redirect.text(), cluster.node(1).starttls().to_string());
 }
+
+#[tokio::test]
+async fn directed_presence_across_nodes() {
+    let cluster = cluster(2, &["alice", "carol"]).await;
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let mut carol = TestClient::online(cluster.node(1).starttls(), "carol", "secret", "pc").await;
+    // No subscription: presence goes only where alice sends it.
+    alice
+        .send("<presence to='carol@localhost/pc'><show>chat</show></presence>")
+        .await;
+    let directed = carol.expect_presence_from("alice@localhost/phone").await;
+    assert!(directed.attr("type").is_none());
+    // Her unavailable presence follows the directed one (RFC 6121 4.6.3).
+    alice.kill();
+    carol
+        .expect(|e| {
+            e.attr("type") == Some("unavailable") && e.attr("from") == Some("alice@localhost/phone")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_node_that_joins_later_knows_every_session() {
+    let mut cluster = cluster(1, &["alice", "bob"]).await;
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let late = cluster.add_node(|_, _| {}).await;
+    let mut bob = TestClient::online(cluster.node(late).starttls(), "bob", "secret", "desk").await;
+    bob.send("<message to='alice@localhost/phone' type='chat'><body>found you</body></message>")
+        .await;
+    assert_eq!(body(&alice.expect_message().await), "found you");
+    bob.send(
+        "<iq type='get' id='p1' to='alice@localhost/phone'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await;
+    let request = alice.expect(|e| e.attr("id") == Some("p1")).await;
+    assert_eq!(request.attr("from"), Some("bob@localhost/desk"));
+    alice
+        .send("<iq type='result' id='p1' to='bob@localhost/desk'/>")
+        .await;
+    let answer = bob.expect(|e| e.attr("id") == Some("p1")).await;
+    assert_eq!(answer.attr("type"), Some("result"));
+}
