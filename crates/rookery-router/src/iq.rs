@@ -70,13 +70,17 @@ impl Router {
             && *account != session.user()
         {
             let blocked = self.blocks(account, &Jid::from(session.jid.clone())).await;
-            if blocked || !self.account_exists(account).await {
-                return session.outbox.push(error_reply(
-                    &iq,
-                    ErrorCondition::SERVICE_UNAVAILABLE,
-                    None,
-                    None,
-                ));
+            let condition = if blocked {
+                Some(ErrorCondition::SERVICE_UNAVAILABLE)
+            } else {
+                match self.account_exists(account).await {
+                    Some(true) => None,
+                    Some(false) => Some(ErrorCondition::SERVICE_UNAVAILABLE),
+                    None => Some(ErrorCondition::INTERNAL_SERVER_ERROR_WAIT),
+                }
+            };
+            if let Some(condition) = condition {
+                return session.outbox.push(error_reply(&iq, condition, None, None));
             }
         }
         let payload = iq.children().next().expect("checked above").clone();

@@ -126,8 +126,15 @@ impl Router {
         }
         let routes = self.bus.routes(&user);
         let message_type = MessageType::of(&message);
-        let outcome = if routes.is_empty() && !Box::pin(self.account_exists(&user)).await {
+        let exists = match routes.is_empty() {
+            true => Box::pin(self.account_exists(&user)).await,
+            false => Some(true),
+        };
+        let outcome = if exists == Some(false) {
             rules::message_to_nobody(message_type)
+        } else if exists.is_none() {
+            // Storage is unreachable: the sender learns it, nothing is dropped silently.
+            MessageOutcome::Bounce(ErrorCondition::INTERNAL_SERVER_ERROR_WAIT)
         } else {
             match to.try_as_full() {
                 Ok(full) => rules::message_to_full(
@@ -245,7 +252,7 @@ impl Router {
             Err(StoreError::QuotaExceeded) => ErrorCondition::SERVICE_UNAVAILABLE,
             Err(error) => {
                 tracing::error!(%user, %error, "Offline message could not be stored.");
-                ErrorCondition::INTERNAL_SERVER_ERROR
+                ErrorCondition::INTERNAL_SERVER_ERROR_WAIT
             }
         };
         if MessageType::of(&message) != MessageType::Error {
@@ -268,12 +275,13 @@ impl Router {
         }
     }
 
-    pub(crate) async fn account_exists(&self, user: &BareJid) -> bool {
+    /// Whether `user` has an account; `None` when storage cannot tell now.
+    pub(crate) async fn account_exists(&self, user: &BareJid) -> Option<bool> {
         match self.store.account_exists(user).await {
-            Ok(exists) => exists,
+            Ok(exists) => Some(exists),
             Err(error) => {
                 tracing::warn!(%user, %error, "Account lookup failed.");
-                false
+                None
             }
         }
     }

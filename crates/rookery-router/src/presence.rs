@@ -372,7 +372,12 @@ impl Router {
         if !self.is_local(&Jid::from(recipient.clone())) {
             return;
         }
-        if !self.account_exists(recipient).await {
+        let exists = self.account_exists(recipient).await;
+        if exists.is_none() {
+            // Storage is unreachable: better no answer than a wrong "unsubscribed".
+            return;
+        }
+        if exists == Some(false) {
             if kind == PresenceType::Subscribe {
                 // Section 3.1.3: an unknown contact answers with unsubscribed.
                 let reply =

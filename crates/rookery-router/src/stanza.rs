@@ -158,6 +158,7 @@ conditions! {
     FEATURE_NOT_IMPLEMENTED = ("cancel", "feature-not-implemented");
     FORBIDDEN = ("auth", "forbidden");
     INTERNAL_SERVER_ERROR = ("cancel", "internal-server-error");
+    INTERNAL_SERVER_ERROR_WAIT = ("wait", "internal-server-error");
     ITEM_NOT_FOUND = ("cancel", "item-not-found");
     JID_MALFORMED = ("modify", "jid-malformed");
     NOT_ACCEPTABLE = ("modify", "not-acceptable");

@@ -51,7 +51,9 @@ impl PostgresStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            // An unreachable database fails a request after this, not later:
+            // the session waiting on it is told, and retries.
+            .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await
             .map_err(backend)?;

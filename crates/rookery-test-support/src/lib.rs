@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod haproxy;
 pub mod nats;
 pub mod process;
+pub mod proxy;
 pub mod server;
 pub mod xmpp_rs;
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use minidom::Element;
+use rookery_test_support::proxy::TcpProxy;
 use rookery_test_support::{TestClient, TestCluster};
 
 const CLIENT: &str = "jabber:client";
@@ -293,4 +294,80 @@ async fn a_node_that_joins_later_knows_every_session() {
         .await;
     let answer = bob.expect(|e| e.attr("id") == Some("p1")).await;
     assert_eq!(answer.attr("type"), Some("result"));
+}
+
+#[tokio::test]
+async fn losing_postgresql_keeps_online_chat_and_fails_the_rest_clearly() {
+    // The nodes reach PostgreSQL through a proxy the test can cut.
+    let admin = rookery_store_postgres::testing::admin_url();
+    let server = admin
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("host:port in the PostgreSQL URL")
+        .to_owned();
+    let target = tokio::net::lookup_host(&server)
+        .await
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .expect("the PostgreSQL address");
+    let proxy = TcpProxy::start(target).await;
+    let via = proxy.address.to_string();
+    let cluster = TestCluster::start_with(2, |_, config| {
+        let url = config.storage.postgres_url.take().expect("a database URL");
+        config.storage.postgres_url = Some(url.replacen(&server, &via, 1));
+    })
+    .await;
+    for user in ["alice", "bob", "carol", "dave"] {
+        cluster.create_user(user, "secret").await;
+    }
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    alice.befriend(&mut bob).await;
+
+    proxy.cut();
+    // Online users keep talking, across nodes: no storage on that path.
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>no database needed</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "no database needed");
+    // What needs storage fails with a temporary error, never silently.
+    alice
+        .send("<message to='dave@localhost' type='chat' id='off'><body>later</body></message>")
+        .await;
+    let bounce = alice.expect(|e| e.attr("id") == Some("off")).await;
+    let error = bounce.get_child("error", CLIENT).expect("an error");
+    assert_eq!(
+        error.attr("type"),
+        Some("wait"),
+        "{}",
+        String::from(&bounce)
+    );
+    assert!(error.has_child(
+        "internal-server-error",
+        "urn:ietf:params:xml:ns:xmpp-stanzas"
+    ));
+    let mut carol = TestClient::connect(cluster.node(1).starttls()).await;
+    carol.open().await;
+    carol.starttls().await;
+    assert_eq!(
+        carol
+            .authenticate_scram("carol", "secret", rookery_stream::ScramHash::Sha256)
+            .await,
+        Err("temporary-auth-failure".to_owned())
+    );
+
+    proxy.restore();
+    // Back to normal without a restart.
+    TestClient::online(cluster.node(1).starttls(), "carol", "secret", "pc").await;
+    alice
+        .send(
+            "<message to='dave@localhost' type='chat' id='off2'><body>stored now</body></message>",
+        )
+        .await;
+    alice
+        .assert_none(SHORT, |e| e.attr("id") == Some("off2"))
+        .await;
+    let mut dave = TestClient::online(cluster.node(0).starttls(), "dave", "secret", "pc").await;
+    assert_eq!(body(&dave.expect_message().await), "stored now");
 }
