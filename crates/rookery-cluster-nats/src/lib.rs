@@ -538,6 +538,32 @@ impl NatsBus {
         .map_err(|error| error.map_or_else(|bus| bus, unavailable))
     }
 
+    /// Takes the cleanup lock `key` from a cleaner that is dead itself.
+    async fn take_over_cleanup(&self, key: &str) -> bool {
+        let Ok(Some(entry)) = self.cleanup.entry(key).await else {
+            return false;
+        };
+        let holder = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|value| value.parse::<NodeId>().ok());
+        if holder == Some(self.node) {
+            return true; // Ours, from an attempt that left work undone.
+        }
+        let alive = holder.is_some_and(|holder| {
+            self.members
+                .read()
+                .expect("members lock")
+                .contains_key(&holder)
+        });
+        if alive {
+            return false;
+        }
+        self.cleanup
+            .update(key, Bytes::from(self.node.to_string()), entry.revision)
+            .await
+            .is_ok()
+    }
+
     /// Removes a dead node's sessions, tells their contacts, and replays its deliveries.
     async fn clean_up(&self, dead: NodeId) {
         // One node cleans up: the one that creates the lock. While NATS is
@@ -560,7 +586,13 @@ impl NatsBus {
                 .create(&key, Bytes::from(self.node.to_string()));
             match tokio::time::timeout(PUBLISH_TIMEOUT, lock).await {
                 Ok(Ok(_)) => break,
-                Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => return,
+                Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // Another node cleans up, unless it died before finishing.
+                    if self.take_over_cleanup(&key).await {
+                        break;
+                    }
+                    return;
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "Cleanup after a dead node waits for NATS.")
                 }
@@ -1050,7 +1082,8 @@ async fn follow_members(bus: Arc<NatsBus>) {
 /// before a restart of the whole cluster) once they stayed silent as long.
 async fn detect_failures(bus: Arc<NatsBus>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
-    let mut cleaned: HashSet<NodeId> = HashSet::new();
+    // When each dead node was last handed to `clean_up`.
+    let mut cleaned: HashMap<NodeId, Instant> = HashMap::new();
     loop {
         ticker.tick().await;
         let timeout = bus.config.failure_timeout;
@@ -1085,13 +1118,19 @@ async fn detect_failures(bus: Arc<NatsBus>) {
                 .flatten()
                 .map(|route| route.node)
                 .filter(|node| {
-                    *node != bus.node && !members.contains_key(node) && !cleaned.contains(node)
+                    // Still in the registry a while after a cleanup started:
+                    // its cleaner may have died too; try again.
+                    *node != bus.node
+                        && !members.contains_key(node)
+                        && cleaned
+                            .get(node)
+                            .is_none_or(|at| at.elapsed() > timeout * 3)
                 })
                 .collect();
             dead.extend(unknown);
         }
         for node in dead {
-            cleaned.insert(node);
+            cleaned.insert(node, Instant::now());
             tracing::warn!(
                 dead = format!("{node:016x}"),
                 "A node stopped answering; cleaning up after it."

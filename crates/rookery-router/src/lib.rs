@@ -23,6 +23,7 @@ use rookery_stream::ns;
 use rookery_stream::xml::{remove_attr, set_attr};
 
 mod blocking;
+mod deferred;
 mod delivery;
 mod extension;
 mod iq;
@@ -119,10 +120,9 @@ pub struct Router {
     shutting_down: AtomicBool,
     /// XEP-0191 block lists of the accounts with sessions on this node.
     blocklists: blocking::BlocklistCache,
-    /// Users who got messages in offline storage, and when: if the registry
-    /// view was behind (a cluster fault) or their sessions unreachable, they
-    /// may be online; see [`redeliver_deferred`](Router::redeliver_deferred).
-    deferred: std::sync::Mutex<std::collections::HashMap<BareJid, Instant>>,
+    /// Users who got messages or subscription requests stored for later;
+    /// see [`redeliver_deferred`](Router::redeliver_deferred).
+    deferred: deferred::Deferred,
 }
 
 impl std::fmt::Debug for Router {
@@ -163,7 +163,7 @@ impl Router {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             blocklists: blocking::BlocklistCache::default(),
-            deferred: std::sync::Mutex::new(std::collections::HashMap::new()),
+            deferred: deferred::Deferred::default(),
         }
     }
 

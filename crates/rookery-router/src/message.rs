@@ -2,7 +2,6 @@
 //! offline storage (XEP-0160).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
@@ -242,11 +241,7 @@ impl Router {
         let error = match self.store_offline(user, message.clone()).await {
             Ok(()) => {
                 // Checked again once the registry is known to be current.
-                self.deferred
-                    .lock()
-                    .expect("deferred lock")
-                    .entry(user.clone())
-                    .or_insert_with(Instant::now);
+                self.deferred.stored_message(user);
                 return;
             }
             Err(StoreError::QuotaExceeded) => ErrorCondition::SERVICE_UNAVAILABLE,
@@ -284,64 +279,6 @@ impl Router {
                 None
             }
         }
-    }
-
-    /// Delivers offline messages to their users' available sessions when the
-    /// users were online after all: stored while this node's registry view was
-    /// behind or their sessions unreachable (a cluster fault). Each user is
-    /// looked at once the registry is confirmed current past the time of
-    /// storage; normally they are offline and nothing is read. Returns how
-    /// many messages were routed again.
-    pub async fn redeliver_deferred(&self) -> usize {
-        let Some(confirmed) = self.bus.registry_confirmed() else {
-            return 0;
-        };
-        let due: Vec<BareJid> = {
-            let mut deferred = self.deferred.lock().expect("deferred lock");
-            let due: Vec<BareJid> = deferred
-                .iter()
-                .filter(|(_, stored)| **stored < confirmed)
-                .map(|(user, _)| user.clone())
-                .collect();
-            for user in &due {
-                deferred.remove(user);
-            }
-            due
-        };
-        let mut routed = 0;
-        for user in due {
-            let routes = self.bus.routes(&user);
-            if !matches!(
-                rules::message_to_bare(MessageType::Chat, &routes),
-                MessageOutcome::Deliver(_)
-            ) {
-                continue;
-            }
-            let messages = match self.store.take_offline(&user).await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    tracing::warn!(%user, %error, "Deferred messages could not be read.");
-                    self.deferred
-                        .lock()
-                        .expect("deferred lock")
-                        .insert(user, Instant::now());
-                    continue;
-                }
-            };
-            let to = Jid::from(user.clone());
-            for stored in messages {
-                match stored.stanza.parse::<Element>() {
-                    Ok(message) => {
-                        Box::pin(self.route_message_to(message, &to, None)).await;
-                        routed += 1;
-                    }
-                    Err(error) => {
-                        tracing::error!(%user, %error, "Stored offline message is not valid XML.")
-                    }
-                }
-            }
-        }
-        routed
     }
 
     /// Delivers stored offline messages to a session that became available.

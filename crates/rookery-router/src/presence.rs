@@ -410,6 +410,10 @@ impl Router {
             .await;
         if outcome.deliver {
             let routes = rules::presence_to_bare(&self.bus.routes(recipient));
+            if routes.is_empty() && kind == PresenceType::Subscribe && outcome.next.pending_in {
+                // Kept for the next login; checked again once the registry is current.
+                self.deferred.stored_request(recipient);
+            }
             self.send_each(&routes, &presence).await;
         }
         if let Some(reply_kind) = outcome.auto_reply {

@@ -323,6 +323,7 @@ async fn losing_postgresql_keeps_online_chat_and_fails_the_rest_clearly() {
     let mut alice =
         TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
     let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     alice.befriend(&mut bob).await;
 
     proxy.cut();
@@ -370,4 +371,51 @@ async fn losing_postgresql_keeps_online_chat_and_fails_the_rest_clearly() {
         .await;
     let mut dave = TestClient::online(cluster.node(0).starttls(), "dave", "secret", "pc").await;
     assert_eq!(body(&dave.expect_message().await), "stored now");
+}
+
+#[tokio::test]
+async fn a_node_cut_off_alone_is_cleaned_up_and_its_clients_come_back() {
+    // Node 0 reaches NATS through a proxy the test cuts; node 1 does not.
+    let nats = rookery_test_support::nats::NatsServer::start();
+    let target = format!("127.0.0.1:{}", nats.port).parse().unwrap();
+    let proxy = TcpProxy::start(target).await;
+    let via = format!("nats://{}", proxy.address);
+    let direct = nats.url();
+    let cluster = TestCluster::start_with(2, |index, config| {
+        let cluster = config.cluster.as_mut().unwrap();
+        cluster.nats = vec![if index == 0 {
+            via.clone()
+        } else {
+            direct.clone()
+        }];
+    })
+    .await;
+    for user in ["alice", "bob"] {
+        cluster.create_user(user, "secret").await;
+    }
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    let mut bob = TestClient::online(cluster.node(1).starttls(), "bob", "secret", "desk").await;
+    alice.befriend(&mut bob).await;
+
+    proxy.cut();
+    // The rest of the cluster takes node 0 for dead.
+    bob.expect(|e| {
+        e.attr("type") == Some("unavailable") && e.attr("from") == Some("alice@localhost/phone")
+    })
+    .await;
+    bob.send("<message to='alice@localhost' type='chat'><body>while apart</body></message>")
+        .await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>from the island</body></message>")
+        .await;
+
+    proxy.restore();
+    // Back on NATS, node 0 finds its session removed and ends it.
+    assert_eq!(alice.expect_stream_error().await, "internal-server-error");
+    assert_eq!(body(&bob.expect_message().await), "from the island");
+    let mut alice =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    assert_eq!(body(&alice.expect_message().await), "while apart");
+    bob.expect_presence_from("alice@localhost/phone").await;
 }

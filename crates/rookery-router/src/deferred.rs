@@ -1,0 +1,152 @@
+//! Stanzas kept for later that may have had a recipient online after all.
+//!
+//! A message goes to offline storage, and a subscription request waits for
+//! the contact's next login, when the recipient has no available session in
+//! this node's view of the registry. In a cluster that view can be briefly
+//! behind (a login on another node a moment ago) or, during a fault, behind
+//! for seconds. So each such recipient is noted, and looked at again once the
+//! bus confirms the registry current past that moment: if they have
+//! available sessions after all, the stored messages and pending requests go
+//! to them now. Normally they are offline and nothing is read.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use jid::{BareJid, Jid};
+use minidom::Element;
+use rookery_stream::xml::set_attr;
+
+use crate::Router;
+use crate::rules::{self, MessageOutcome};
+use crate::stanza::MessageType;
+
+/// What waits for a user, since when.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    since: Instant,
+    messages: bool,
+    requests: bool,
+}
+
+/// The users to look at again.
+#[derive(Debug, Default)]
+pub(crate) struct Deferred {
+    users: Mutex<HashMap<BareJid, Pending>>,
+}
+
+impl Deferred {
+    fn note(&self, user: &BareJid, messages: bool, requests: bool) {
+        let mut users = self.users.lock().expect("deferred lock");
+        let pending = users.entry(user.clone()).or_insert(Pending {
+            since: Instant::now(),
+            messages: false,
+            requests: false,
+        });
+        pending.messages |= messages;
+        pending.requests |= requests;
+    }
+
+    /// A message for `user` went to offline storage.
+    pub(crate) fn stored_message(&self, user: &BareJid) {
+        self.note(user, true, false);
+    }
+
+    /// A subscription request for `user` waits for their next login.
+    pub(crate) fn stored_request(&self, user: &BareJid) {
+        self.note(user, false, true);
+    }
+
+    /// Takes the users noted before `confirmed`.
+    fn due(&self, confirmed: Instant) -> Vec<(BareJid, Pending)> {
+        let mut users = self.users.lock().expect("deferred lock");
+        let due: Vec<(BareJid, Pending)> = users
+            .iter()
+            .filter(|(_, pending)| pending.since < confirmed)
+            .map(|(user, pending)| (user.clone(), *pending))
+            .collect();
+        for (user, _) in &due {
+            users.remove(user);
+        }
+        due
+    }
+}
+
+impl Router {
+    /// Gives stored messages and pending subscription requests to users who
+    /// turn out to have available sessions (see the module documentation).
+    /// Returns how many stanzas went out.
+    pub async fn redeliver_deferred(&self) -> usize {
+        let Some(confirmed) = self.bus.registry_confirmed() else {
+            return 0;
+        };
+        let mut sent = 0;
+        for (user, pending) in self.deferred.due(confirmed) {
+            let routes = self.bus.routes(&user);
+            if pending.requests {
+                sent += self.resend_requests(&user, &routes).await;
+            }
+            let deliverable = matches!(
+                rules::message_to_bare(MessageType::Chat, &routes),
+                MessageOutcome::Deliver(_)
+            );
+            if pending.messages && deliverable {
+                sent += self.redeliver_offline(&user).await;
+            }
+        }
+        sent
+    }
+
+    async fn resend_requests(
+        &self,
+        user: &BareJid,
+        routes: &[std::sync::Arc<rookery_cluster::Route>],
+    ) -> usize {
+        let targets = rules::presence_to_bare(routes);
+        if targets.is_empty() {
+            return 0;
+        }
+        let requests = match self.store.subscription_requests(user).await {
+            Ok(requests) => requests,
+            Err(error) => {
+                tracing::warn!(%user, %error, "Subscription requests could not be read.");
+                self.deferred.stored_request(user);
+                return 0;
+            }
+        };
+        let mut sent = 0;
+        for (_, stanza) in requests {
+            if let Ok(mut request) = stanza.parse::<Element>() {
+                set_attr(&mut request, "to", user.to_string());
+                self.send_each(&targets, &request).await;
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    async fn redeliver_offline(&self, user: &BareJid) -> usize {
+        let messages = match self.store.take_offline(user).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%user, %error, "Deferred messages could not be read.");
+                self.deferred.stored_message(user);
+                return 0;
+            }
+        };
+        let to = Jid::from(user.clone());
+        let mut sent = 0;
+        for stored in messages {
+            match stored.stanza.parse::<Element>() {
+                Ok(message) => {
+                    Box::pin(self.route_message_to(message, &to, None)).await;
+                    sent += 1;
+                }
+                Err(error) => {
+                    tracing::error!(%user, %error, "Stored offline message is not valid XML.")
+                }
+            }
+        }
+        sent
+    }
+}
