@@ -9,7 +9,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::BytesMut;
 use minidom::Element;
+use rookery_stream::sasl::ScramHash;
 use rookery_stream::xml::{Limits, StreamReader, XmlEvent};
+
+use crate::scram::ScramClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::either::Either;
@@ -178,6 +181,15 @@ impl Connection {
         user: &str,
         password: &str,
     ) -> anyhow::Result<Connection> {
+        let mut connection = Connection::negotiate(target, index).await?;
+        connection.sasl(&target.mechanism, user, password).await?;
+        connection.open(&target.domain).await?;
+        Ok(connection)
+    }
+
+    /// Connects and opens the stream, with TLS as the target says; the
+    /// features (in [`features`](Self::features)) offer authentication.
+    pub async fn negotiate(target: &Target, index: usize) -> anyhow::Result<Connection> {
         let tcp = connect(target, index).await?;
         let io = match target.tls {
             TlsMode::Direct => tls(tcp, &target.domain).await?,
@@ -199,9 +211,45 @@ impl Connection {
             connection = Connection::new(tls(tcp, &target.domain).await?);
             connection.open(&target.domain).await?;
         }
-        connection.sasl(&target.mechanism, user, password).await?;
-        connection.open(&target.domain).await?;
         Ok(connection)
+    }
+
+    /// Creates the account by in-band registration (XEP-0077). `Ok(false)`
+    /// when it exists already.
+    pub async fn register(
+        target: &Target,
+        index: usize,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<bool> {
+        let mut connection = Connection::negotiate(target, index).await?;
+        connection
+            .send(&format!(
+                "<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>{user}</username><password>{password}</password></query></iq>"
+            ))
+            .await?;
+        let answer = connection.until(|e| e.attr("id") == Some("reg")).await?;
+        let created = match answer.attr("type") {
+            Some("result") => true,
+            _ if answer
+                .get_child("error", "jabber:client")
+                .is_some_and(|e| e.children().any(|c| c.name() == "conflict")) =>
+            {
+                false
+            }
+            _ => bail!("registration refused: {}", String::from(&answer)),
+        };
+        connection.close().await;
+        Ok(created)
+    }
+
+    /// Ends the stream and the connection.
+    pub async fn close(mut self) {
+        let _ = self.send("</stream:stream>").await;
+        let _ = match &mut self.io {
+            Either::Left(tcp) => tcp.shutdown().await,
+            Either::Right(tls) => tls.shutdown().await,
+        };
     }
 
     fn new(io: Io) -> Connection {
@@ -247,43 +295,39 @@ impl Connection {
 
     async fn sasl(&mut self, mechanism: &str, user: &str, password: &str) -> anyhow::Result<()> {
         const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
-        let binding = sasl::common::ChannelBinding::None;
-        let mut client: Box<dyn sasl::client::Mechanism + Send> = match mechanism {
-            "SCRAM-SHA-256" => Box::new(
-                sasl::client::mechanisms::Scram::<sasl::common::scram::Sha256>::new(
-                    user, password, binding,
-                )
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-            ),
-            "SCRAM-SHA-1" => Box::new(
-                sasl::client::mechanisms::Scram::<sasl::common::scram::Sha1>::new(
-                    user, password, binding,
-                )
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-            ),
-            "PLAIN" => Box::new(sasl::client::mechanisms::Plain::new(user, password)),
+        let mut scram = match mechanism {
+            "SCRAM-SHA-256" => Some(ScramClient::new(ScramHash::Sha256, user, password)),
+            "SCRAM-SHA-1" => Some(ScramClient::new(ScramHash::Sha1, user, password)),
+            "PLAIN" => None,
             other => bail!("unsupported mechanism {other}"),
         };
-        let initial = BASE64.encode(client.initial());
+        let initial = match &scram {
+            Some(scram) => scram.initial(),
+            None => format!("\0{user}\0{password}").into_bytes(),
+        };
         self.send(&format!(
-            "<auth xmlns='{SASL}' mechanism='{mechanism}'>{initial}</auth>"
+            "<auth xmlns='{SASL}' mechanism='{mechanism}'>{}</auth>",
+            BASE64.encode(initial)
         ))
         .await?;
         loop {
             let answer = self.until(|e| e.has_ns(SASL)).await?;
-            match answer.name() {
-                "challenge" => {
-                    let challenge = BASE64.decode(answer.text().trim())?;
-                    let response = client
-                        .response(&challenge)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let data = BASE64.decode(answer.text().trim())?;
+            match (answer.name(), &mut scram) {
+                ("challenge", Some(scram)) => {
+                    let response = scram.respond(&data)?;
                     self.send(&format!(
                         "<response xmlns='{SASL}'>{}</response>",
                         BASE64.encode(response)
                     ))
                     .await?;
                 }
-                "success" => return Ok(()),
+                ("success", scram) => {
+                    if let Some(scram) = scram {
+                        scram.verify(&data)?;
+                    }
+                    return Ok(());
+                }
                 _ => bail!(
                     "authentication failed for {user}: {}",
                     String::from(&answer)

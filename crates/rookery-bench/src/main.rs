@@ -6,11 +6,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -19,6 +17,10 @@ use tokio::sync::Semaphore;
 
 use rookery_bench::client::{Connection, Target, TlsMode};
 use rookery_bench::process;
+
+mod scenarios;
+
+use scenarios::chat::Placement;
 
 /// Load generator for XMPP servers.
 #[derive(Debug, Parser)]
@@ -90,6 +92,43 @@ enum Scenario {
         /// With several servers: whom a user writes to.
         #[arg(long, value_enum, default_value = "any")]
         placement: Placement,
+        /// Step the rate up from --rate until p99 exceeds --max-p99-ms or a
+        /// message is lost; report the highest sustained rate.
+        #[arg(long)]
+        find_max: bool,
+        /// Latency bound of --find-max, in milliseconds.
+        #[arg(long, default_value_t = 100.0)]
+        max_p99_ms: f64,
+        /// Rate factor between --find-max steps.
+        #[arg(long, default_value_t = 1.25)]
+        step_factor: f64,
+        /// Most --find-max steps.
+        #[arg(long, default_value_t = 20)]
+        max_steps: usize,
+    },
+    /// Create the accounts by in-band registration (XEP-0077).
+    Register {
+        /// Number of accounts.
+        #[arg(long)]
+        users: usize,
+        /// Registrations in flight at once.
+        #[arg(long, default_value_t = 20)]
+        concurrency: usize,
+    },
+    /// Full logins (connect, TLS, SASL, bind, close) as fast as the server takes them.
+    LoginStorm {
+        /// Accounts to log in as, in turn.
+        #[arg(long)]
+        users: usize,
+        /// Logins in all.
+        #[arg(long)]
+        logins: usize,
+        /// Logins in flight at once.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Stop after this many seconds even if not all logins are done.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
     },
     /// Pairs of users on the first and second server see each other's
     /// presence; the first server's process is killed (SIGKILL) and the time
@@ -103,49 +142,6 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
-}
-
-/// Where the recipients of the chat scenario are, relative to their sender.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-enum Placement {
-    /// Anyone.
-    Any,
-    /// A user on the sender's server.
-    Same,
-    /// A user on another server.
-    Cross,
-}
-
-#[derive(Debug, Serialize)]
-struct ConnectionsReport {
-    scenario: &'static str,
-    sessions: usize,
-    failures: usize,
-    ramp_seconds: f64,
-    logins_per_second: f64,
-    server_rss_before_kib: Option<u64>,
-    server_rss_after_kib: Option<u64>,
-    server_kib_per_session: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-struct ChatReport {
-    scenario: &'static str,
-    servers: usize,
-    placement: Placement,
-    users: usize,
-    target_rate: u64,
-    sent: u64,
-    delivered: u64,
-    lost: u64,
-    duplicated: u64,
-    achieved_rate: f64,
-    latency_ms_p50: f64,
-    latency_ms_p90: f64,
-    latency_ms_p99: f64,
-    latency_ms_max: f64,
-    server_cpu_seconds: Option<f64>,
-    server_cpu_us_per_message: Option<f64>,
 }
 
 /// How account `n` (from 1) reaches its server.
@@ -222,14 +218,39 @@ async fn main() -> anyhow::Result<()> {
             users,
             concurrency,
             hold,
-        } => connections(&cli, *users, *concurrency, *hold).await,
+        } => scenarios::connections::connections(&cli, *users, *concurrency, *hold).await,
         Scenario::Chat {
             users,
             rate,
             duration,
             placement,
-        } => chat(&cli, *users, *rate, *duration, *placement).await,
-        Scenario::Failover { pairs, wait } => failover(&cli, *pairs, *wait).await,
+            find_max,
+            max_p99_ms,
+            step_factor,
+            max_steps,
+        } => {
+            let search = find_max.then_some(scenarios::chat::Search {
+                max_p99_ms: *max_p99_ms,
+                factor: *step_factor,
+                steps: *max_steps,
+            });
+            scenarios::chat::chat(&cli, *users, *rate, *duration, *placement, search).await
+        }
+        Scenario::Register { users, concurrency } => {
+            scenarios::register::register(&cli, *users, *concurrency).await
+        }
+        Scenario::LoginStorm {
+            users,
+            logins,
+            concurrency,
+            duration,
+        } => {
+            scenarios::login_storm::login_storm(&cli, *users, *logins, *concurrency, *duration)
+                .await
+        }
+        Scenario::Failover { pairs, wait } => {
+            scenarios::failover::failover(&cli, *pairs, *wait).await
+        }
     }
 }
 
@@ -269,342 +290,10 @@ async fn login_all(
     (connections, failures, started.elapsed())
 }
 
-async fn connections(cli: &Cli, users: usize, concurrency: usize, hold: u64) -> anyhow::Result<()> {
-    let pids = server_pids(cli);
-    let before = rss_kib(&pids);
-    let (connections, failures, ramp) = login_all(cli, users, concurrency).await;
-    // Let the server settle (allocator, pending writes) before reading its memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(&pids);
-    let per_session = match (before, after) {
-        (Some(before), Some(after)) if !connections.is_empty() => {
-            Some((after as f64 - before as f64) / connections.len() as f64)
-        }
-        _ => None,
-    };
-    tokio::time::sleep(Duration::from_secs(hold)).await;
-    let report = ConnectionsReport {
-        scenario: "connections",
-        sessions: connections.len(),
-        failures,
-        ramp_seconds: ramp.as_secs_f64(),
-        logins_per_second: connections.len() as f64 / ramp.as_secs_f64(),
-        server_rss_before_kib: before,
-        server_rss_after_kib: after,
-        server_kib_per_session: per_session,
-    };
-    eprintln!(
-        "{} sessions ({} failed) in {:.1} s: {:.0} logins/s; server memory {:?} KiB -> {:?} KiB, {:.1} KiB per session",
-        report.sessions,
-        failures,
-        report.ramp_seconds,
-        report.logins_per_second,
-        before,
-        after,
-        per_session.unwrap_or(f64::NAN)
-    );
-    emit(cli, &report)?;
-    drop(connections);
-    Ok(())
-}
-
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index] as f64 / 1000.0
-}
-
-async fn chat(
-    cli: &Cli,
-    users: usize,
-    rate: u64,
-    duration: u64,
-    placement: Placement,
-) -> anyhow::Result<()> {
-    let servers = cli.server.len();
-    anyhow::ensure!(
-        users >= 2 * servers,
-        "chat needs at least two users per server"
-    );
-    anyhow::ensure!(
-        servers > 1 || placement != Placement::Cross,
-        "--placement cross needs several servers"
-    );
-    let pids = server_pids(cli);
-    let (connections, failures, _) = login_all(cli, users, 100).await;
-    anyhow::ensure!(failures == 0, "{failures} logins failed");
-    let epoch = Instant::now();
-    let sent = Arc::new(AtomicU64::new(0));
-    let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
-    let mut senders = Vec::new();
-    for connection in connections {
-        let (mut receiver, sender) = connection.split();
-        senders.push(sender);
-        let latency_tx = latency_tx.clone();
-        tokio::spawn(async move {
-            while let Some(element) = receiver.next().await {
-                if element.name() != "message" {
-                    continue;
-                }
-                let Some(body) = element.get_child("body", "jabber:client").map(|b| b.text())
-                else {
-                    continue;
-                };
-                let mut parts = body.split(' ');
-                let (Some(seq), Some(at)) = (
-                    parts.next().and_then(|s| s.parse().ok()),
-                    parts.next().and_then(|s| s.parse::<u64>().ok()),
-                ) else {
-                    continue;
-                };
-                let now = epoch.elapsed().as_micros() as u64;
-                let _ = latency_tx.send((seq, now.saturating_sub(at)));
-            }
-        });
-    }
-    drop(latency_tx);
-    let cpu_before = cpu_seconds(&pids);
-    let per_user = rate as f64 / users as f64;
-    let domain = cli.domain.clone();
-    let prefix = cli.user_prefix.clone();
-    let mut tasks = Vec::new();
-    for (index, mut sender) in senders.into_iter().enumerate() {
-        let (sent, domain, prefix) = (sent.clone(), domain.clone(), prefix.clone());
-        tasks.push(tokio::spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / per_user);
-            // Spread the users' ticks over the interval.
-            tokio::time::sleep(interval.mul_f64(index as f64 / users as f64)).await;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let end = Instant::now() + Duration::from_secs(duration);
-            while Instant::now() < end {
-                ticker.tick().await;
-                let to = recipient(index, users, servers, placement) + 1;
-                let seq = sent.fetch_add(1, Ordering::Relaxed);
-                let at = epoch.elapsed().as_micros() as u64;
-                let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at}</body></message>");
-                if sender.send(&xml).await.is_err() {
-                    break;
-                }
-            }
-            sender
-        }));
-    }
-    let mut senders = Vec::new();
-    for task in tasks {
-        senders.push(task.await?);
-    }
-    let sending = epoch.elapsed();
-    // Stragglers.
-    let mut latencies = Vec::new();
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    let total = sent.load(Ordering::Relaxed);
-    while let Ok(Some((seq, latency))) = tokio::time::timeout_at(deadline, latency_rx.recv()).await
-    {
-        let count = seen.entry(seq).or_default();
-        *count += 1;
-        if *count == 1 {
-            latencies.push(latency);
-        }
-        if seen.len() as u64 == total {
-            break;
-        }
-    }
-    let cpu_after = cpu_seconds(&pids);
-    drop(senders);
-    latencies.sort_unstable();
-    let delivered = seen.len() as u64;
-    let duplicated = seen.values().map(|c| u64::from(c - 1)).sum();
-    let cpu = cpu_before
-        .zip(cpu_after)
-        .map(|(before, after)| after - before);
-    let report = ChatReport {
-        scenario: "chat",
-        servers,
-        placement,
-        users,
-        target_rate: rate,
-        sent: total,
-        delivered,
-        lost: total - delivered,
-        duplicated,
-        achieved_rate: total as f64 / sending.as_secs_f64(),
-        latency_ms_p50: percentile(&latencies, 0.50),
-        latency_ms_p90: percentile(&latencies, 0.90),
-        latency_ms_p99: percentile(&latencies, 0.99),
-        latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
-        server_cpu_seconds: cpu,
-        server_cpu_us_per_message: cpu
-            .filter(|_| delivered > 0)
-            .map(|cpu| cpu * 1e6 / delivered as f64),
-    };
-    eprintln!(
-        "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message)",
-        report.sent,
-        report.delivered,
-        report.lost,
-        report.duplicated,
-        report.achieved_rate,
-        report.latency_ms_p50,
-        report.latency_ms_p90,
-        report.latency_ms_p99,
-        report.latency_ms_max,
-        report.server_cpu_seconds,
-        report.server_cpu_us_per_message
-    );
-    emit(cli, &report)
-}
-
-/// A random recipient (0-based) for sender `index` among `users` spread
-/// round-robin over `servers` (user i is on server i mod servers).
-fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -> usize {
-    loop {
-        let server = match placement {
-            Placement::Any => rand::random_range(0..servers),
-            Placement::Same => index % servers,
-            Placement::Cross => (index + rand::random_range(1..servers.max(2))) % servers,
-        };
-        // Users on `server`: server, server + servers, ...
-        let count = (users - server).div_ceil(servers);
-        let to = server + servers * rand::random_range(0..count);
-        if to != index {
-            return to;
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct FailoverReport {
-    scenario: &'static str,
-    pairs: usize,
-    killed_pid: u32,
-    seen_unavailable: usize,
-    failover_ms_p50: f64,
-    failover_ms_max: f64,
-}
-
-/// Presence subscriptions between pairs across two servers, then SIGKILL of
-/// the first server's process; time until the watchers see unavailable.
-async fn failover(cli: &Cli, pairs: usize, wait: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(cli.server.len() >= 2, "failover needs two servers");
-    let Some(&pid) = server_pids(cli).first() else {
-        anyhow::bail!("the first server's process is not known (--server-pid)");
-    };
-    let domain = cli.domain.clone();
-    let name = |n: usize| format!("{}{n}@{domain}", cli.user_prefix);
-    // Watched users are accounts 1, 3, 5 ... on the first server, watchers
-    // 2, 4, 6 ... on the second (the round-robin spread of two servers).
-    let mut watched = Vec::with_capacity(pairs);
-    let mut watchers = Vec::with_capacity(pairs);
-    for pair in 0..pairs {
-        let (a, b) = (2 * pair + 1, 2 * pair + 2);
-        let mut first = Connection::login(
-            &target(cli, a),
-            a,
-            &format!("{}{a}", cli.user_prefix),
-            &cli.password,
-            "bench",
-        )
-        .await?;
-        first.go_online().await?;
-        let mut second = Connection::login(
-            &target(cli, b),
-            b,
-            &format!("{}{b}", cli.user_prefix),
-            &cli.password,
-            "bench",
-        )
-        .await?;
-        second.go_online().await?;
-        // Pre-approval (RFC 6121 3.4): the watcher's request is granted at once.
-        first
-            .send(&format!("<presence type='subscribed' to='{}'/>", name(b)))
-            .await?;
-        watched.push(first);
-        watchers.push((name(a), second));
-    }
-    // Each watcher accepts the subscription and waits for its contact's presence.
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, bool, Instant)>();
-    for (index, (contact, connection)) in watchers.into_iter().enumerate() {
-        let seen_tx = seen_tx.clone();
-        let (mut receiver, mut sender) = connection.split();
-        sender
-            .send(&format!("<presence type='subscribe' to='{contact}'/>"))
-            .await?;
-        tokio::spawn(async move {
-            while let Some(element) = receiver.next().await {
-                if element.name() != "presence" {
-                    continue;
-                }
-                let from = element.attr("from").unwrap_or_default();
-                if !from.starts_with(&contact) {
-                    continue;
-                }
-                match element.attr("type") {
-                    Some("subscribe") => {
-                        let _ = sender
-                            .send(&format!("<presence type='subscribed' to='{contact}'/>"))
-                            .await;
-                    }
-                    None => {
-                        let _ = seen_tx.send((index, true, Instant::now()));
-                    }
-                    Some("unavailable") => {
-                        let _ = seen_tx.send((index, false, Instant::now()));
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-    drop(seen_tx);
-    // A presence update reaches watchers whose subscription existed already.
-    for connection in &mut watched {
-        connection.send("<presence/>").await?;
-    }
-    let mut online = vec![false; pairs];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while online.iter().any(|seen| !seen) {
-        match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
-            Ok(Some((index, true, _))) => online[index] = true,
-            Ok(Some(_)) => {}
-            _ => anyhow::bail!(
-                "{} watchers never saw their contact online",
-                online.iter().filter(|seen| !**seen).count()
-            ),
-        }
-    }
-    let killed = Instant::now();
-    process::kill(pid)?;
-    let mut times: Vec<f64> = Vec::with_capacity(pairs);
-    let mut gone = vec![false; pairs];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    while times.len() < pairs {
-        match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
-            Ok(Some((index, false, at))) if !gone[index] => {
-                gone[index] = true;
-                times.push(at.duration_since(killed).as_secs_f64() * 1000.0);
-            }
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    drop(watched);
-    times.sort_by(f64::total_cmp);
-    let report = FailoverReport {
-        scenario: "failover",
-        pairs,
-        killed_pid: pid,
-        seen_unavailable: times.len(),
-        failover_ms_p50: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
-        failover_ms_max: times.last().copied().unwrap_or(f64::NAN),
-    };
-    eprintln!(
-        "killed {pid}; {} of {pairs} watchers saw unavailable: p50 {:.0} ms, max {:.0} ms after the kill",
-        report.seen_unavailable, report.failover_ms_p50, report.failover_ms_max
-    );
-    emit(cli, &report)
 }

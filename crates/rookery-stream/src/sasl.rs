@@ -35,7 +35,8 @@ impl ScramHash {
         }
     }
 
-    fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+    /// HMAC with this hash.
+    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
         match self {
             ScramHash::Sha1 => {
                 let mut mac =
@@ -52,7 +53,8 @@ impl ScramHash {
         }
     }
 
-    fn hash(self, data: &[u8]) -> Vec<u8> {
+    /// This hash of `data`.
+    pub fn hash(self, data: &[u8]) -> Vec<u8> {
         use sha2::Digest;
         match self {
             ScramHash::Sha1 => sha1::Sha1::digest(data).to_vec(),
@@ -60,7 +62,8 @@ impl ScramHash {
         }
     }
 
-    fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+    /// `Hi(password, salt, iterations)` of RFC 5802 (PBKDF2).
+    pub fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
         match self {
             ScramHash::Sha1 => {
                 let mut out = vec![0; 20];

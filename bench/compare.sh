@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# Rookery, ejabberd and Prosody side by side on this machine, measured by the
+# same rookery-bench scenarios in the same run window:
+#   - connections: SESSIONS idle authenticated sessions (roster fetched,
+#     presence sent); login rate and the server's resident memory per session;
+#   - chat: CHAT_USERS online users at CHAT_RATE msg/s (a moderate rate):
+#     latency percentiles and server CPU per message;
+#   - chat --find-max: the highest rate with p99 <= 100 ms and nothing lost;
+#   - login-storm: full logins (TLS, SASL SCRAM-SHA-1, bind) per second.
+# The three servers get the configurations in bench/peers/ (same domain,
+# loopback, SQLite storage, SCRAM keys with 4096 iterations, no shaping,
+# warnings-only logs) and the same TLS setting. Each run restarts every
+# server; the table shows the median of RUNS runs with min and max, and the
+# ratios Rookery/ejabberd and Rookery/Prosody.
+#
+#   INSTALL=1 bench/compare.sh                   # installs ejabberd and Prosody from Debian first
+#   RUNS=3 TLS=none bench/compare.sh             # plain TCP on all three
+#   SERVERS="rookery ejabberd" SESSIONS=5000 bench/compare.sh
+#
+# Results (JSON of every scenario, server logs, the table) stay in OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNS=${RUNS:-3}
+SERVERS=${SERVERS:-"rookery ejabberd prosody"}
+TLS=${TLS:-starttls}
+SESSIONS=${SESSIONS:-19000}
+CHAT_USERS=${CHAT_USERS:-1000}
+CHAT_RATE=${CHAT_RATE:-1000}
+CHAT_SECONDS=${CHAT_SECONDS:-10}
+FIND_START=${FIND_START:-1000}
+FIND_FACTOR=${FIND_FACTOR:-1.5}
+FIND_SECONDS=${FIND_SECONDS:-5}
+STORM_LOGINS=${STORM_LOGINS:-5000}
+STORM_CONCURRENCY=${STORM_CONCURRENCY:-50}
+MECHANISM=SCRAM-SHA-1 # the one all three store keys for by default
+PORT=${PORT:-27222}
+OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
+
+case "$TLS" in
+    starttls) require_tls=true; allow_plain=false ;;
+    none) require_tls=false; allow_plain=true ;;
+    *) echo "TLS must be starttls or none" >&2; exit 64 ;;
+esac
+
+if [ "${INSTALL:-0}" = 1 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    # Install without starting the system services (they would take port 5222).
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d > /dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+        ejabberd erlang-p1-sqlite3 prosody lua-dbi-sqlite3 openssl > /dev/null
+    $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+cargo build --release --quiet -p rookery -p rookery-bench
+BIN=$ROOT/target/release
+mkdir -p "$OUT"
+echo "results in $OUT" >&2
+
+port_of() { # server -> port
+    case "$1" in rookery) echo "$PORT" ;; ejabberd) echo $((PORT + 10)) ;; prosody) echo $((PORT + 20)) ;; esac
+}
+dir_of() { echo "$OUT/$1"; }
+listening() { (echo > "/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
+pid_on() { # port -> pid of the listening process
+    local inode
+    inode=$(awk -v port="$(printf '%04X' "$1")" '$2 ~ ":"port"$" && $4 == "0A" {print $10; exit}' /proc/net/tcp)
+    for fd in /proc/[0-9]*/fd/*; do
+        if [ "$(readlink "$fd" 2> /dev/null)" = "socket:[$inode]" ]; then
+            echo "$fd" | cut -d/ -f3
+            return
+        fi
+    done
+}
+
+setup() { # server: configuration, certificate, data folder
+    local server=$1 dir port
+    dir=$(dir_of "$server")
+    port=$(port_of "$server")
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$dir/key.pem" -out "$dir/cert.pem" \
+        -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2> /dev/null
+    local template
+    case "$server" in
+        rookery) template=rookery.toml ;;
+        ejabberd) template=ejabberd.yml; mkdir -p "$dir/logs" "$dir/spool" ;;
+        prosody) template=prosody.cfg.lua; mkdir -p "$dir/data" ;;
+    esac
+    sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@PORT_DIRECT@#$((port + 1))#g" \
+        -e "s#@PORT_HTTP@#$((port + 2))#g" -e "s#@REQUIRE_TLS@#$require_tls#g" \
+        -e "s#@ALLOW_PLAIN@#$allow_plain#g" "bench/peers/$template" > "$dir/$template"
+    case "$server" in
+        ejabberd) chown -R ejabberd:ejabberd "$dir" ;;
+        prosody) chown -R prosody:prosody "$dir" ;;
+    esac
+}
+
+start() { # server
+    local server=$1 dir port
+    dir=$(dir_of "$server")
+    port=$(port_of "$server")
+    case "$server" in
+        rookery)
+            "$BIN/rookery" --config "$dir/rookery.toml" serve >> "$dir/server.log" 2>&1 &
+            ;;
+        ejabberd)
+            ejabberdctl --config-dir "$dir" --config "$dir/ejabberd.yml" --logs "$dir/logs" \
+                --spool "$dir/spool" --node "ejabberd-bench@localhost" foreground \
+                >> "$dir/server.log" 2>&1 &
+            ;;
+        prosody)
+            runuser -u prosody -- prosody --config "$dir/prosody.cfg.lua" -F >> "$dir/server.log" 2>&1 &
+            ;;
+    esac
+    # Ready when storage answers: registering the first account (again) goes
+    # through (ejabberd listens before its SQL pool is up).
+    for _ in $(seq 300); do
+        if listening "$port" && "$BIN/rookery-bench" --server "127.0.0.1:$port" --tls "$TLS" \
+            --source-ips 1 register --users 1 > /dev/null 2>&1; then
+            return
+        fi
+        sleep 0.2
+    done
+    echo "$server did not start; see $dir/server.log" >&2
+    exit 1
+}
+
+stop() { # server
+    local port pid
+    port=$(port_of "$1")
+    pid=$(pid_on "$port")
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2> /dev/null || true
+    for _ in $(seq 300); do
+        kill -0 "$pid" 2> /dev/null || break
+        sleep 0.2
+    done
+    kill -9 "$pid" 2> /dev/null || true
+    while listening "$port"; do sleep 0.2; done
+}
+cleanup() {
+    for server in $SERVERS; do stop "$server" || true; done
+}
+trap cleanup EXIT
+
+bench() { # server, rookery-bench arguments...
+    local server=$1
+    shift
+    local tls=$TLS
+    "$BIN/rookery-bench" --server "127.0.0.1:$(port_of "$server")" --tls "$tls" \
+        --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null
+}
+
+accounts=$SESSIONS
+[ "$CHAT_USERS" -gt "$accounts" ] && accounts=$CHAT_USERS
+for server in $SERVERS; do
+    setup "$server"
+    start "$server"
+    echo "$server: registering $accounts accounts" >&2
+    bench "$server" --source-ips 1 --json "$OUT/$server-register.json" register --users "$accounts"
+    stop "$server"
+done
+
+for run in $(seq "$RUNS"); do
+    for server in $SERVERS; do
+        echo "run $run: $server" >&2
+        start "$server"
+        bench "$server" --json "$OUT/$server-connections-$run.json" \
+            connections --users "$SESSIONS" --hold 2
+        stop "$server"
+        start "$server"
+        bench "$server" --json "$OUT/$server-chat-$run.json" \
+            chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS"
+        bench "$server" --json "$OUT/$server-findmax-$run.json" \
+            chat --users "$CHAT_USERS" --rate "$FIND_START" --duration "$FIND_SECONDS" \
+            --find-max --step-factor "$FIND_FACTOR"
+        bench "$server" --json "$OUT/$server-storm-$run.json" \
+            login-storm --users "$CHAT_USERS" --logins "$STORM_LOGINS" \
+            --concurrency "$STORM_CONCURRENCY"
+        stop "$server"
+    done
+done
+
+python3 - "$OUT" "$RUNS" "$SERVERS" "$TLS" "$SESSIONS" "$CHAT_USERS" "$CHAT_RATE" <<'PY' | tee "$OUT/table.md"
+import json, statistics, sys
+out, runs, servers, tls, sessions, users, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), *sys.argv[4:]
+def load(server, kind):
+    return [json.load(open(f"{out}/{server}-{kind}-{n}.json")) for n in range(1, runs + 1)]
+metrics = [
+    ("KiB per idle session", "connections", lambda r: r["server_kib_per_session"], "lower"),
+    ("sessions held", "connections", lambda r: r["sessions"], "higher"),
+    ("logins/s while ramping", "connections", lambda r: r["logins_per_second"], "higher"),
+    (f"chat p50 ms at {rate} msg/s", "chat", lambda r: r["latency_ms_p50"], "lower"),
+    (f"chat p99 ms at {rate} msg/s", "chat", lambda r: r["latency_ms_p99"], "lower"),
+    (f"server CPU µs/msg at {rate} msg/s", "chat", lambda r: r["server_cpu_us_per_message"], "lower"),
+    ("chat messages lost", "chat", lambda r: r["lost"], "lower"),
+    ("highest msg/s, p99 <= 100 ms, no loss", "findmax", lambda r: r["max_sustained_rate"] or 0, "higher"),
+    ("login-storm logins/s", "storm", lambda r: r["logins_per_second"], "higher"),
+    ("server CPU ms/login", "storm", lambda r: r["server_cpu_ms_per_login"], "lower"),
+]
+def cell(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, "n/a"
+    m = statistics.median(values)
+    def fmt(v):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return m, f"{fmt(m)} ({fmt(min(values))}–{fmt(max(values))})"
+peers = [s for s in servers if s != "rookery"]
+head = ["figure (median (min–max) of %d runs; TLS %s, %s sessions, %s chat users)" % (runs, tls, sessions, users)] + servers
+if "rookery" in servers:
+    head += [f"rookery/{p}" for p in peers]
+print("| " + " | ".join(head) + " |")
+print("|" + " --- |" * len(head))
+for label, kind, get, better in metrics:
+    medians, cells = {}, []
+    for server in servers:
+        medians[server], text = cell([get(r) for r in load(server, kind)])
+        cells.append(text)
+    if "rookery" in servers:
+        for p in peers:
+            a, b = medians["rookery"], medians[p]
+            cells.append(f"{a / b:.2f}" if a is not None and b else "n/a")
+    print(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
+PY

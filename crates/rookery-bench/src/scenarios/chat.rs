@@ -1,0 +1,280 @@
+//! `chat`: 1:1 messages between online users at a fixed rate; latency, loss, server CPU.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::{Cli, cpu_seconds, emit, login_all, percentile, server_pids};
+
+/// Where the recipients of the chat scenario are, relative to their sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Placement {
+    /// Anyone.
+    Any,
+    /// A user on the sender's server.
+    Same,
+    /// A user on another server.
+    Cross,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatReport {
+    scenario: &'static str,
+    servers: usize,
+    placement: Placement,
+    users: usize,
+    target_rate: u64,
+    sent: u64,
+    delivered: u64,
+    lost: u64,
+    duplicated: u64,
+    achieved_rate: f64,
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    latency_ms_p99: f64,
+    latency_ms_max: f64,
+    server_cpu_seconds: Option<f64>,
+    server_cpu_us_per_message: Option<f64>,
+}
+
+/// How `--find-max` searches.
+#[derive(Debug, Clone, Copy)]
+pub struct Search {
+    /// Stop when p99 latency exceeds this, in milliseconds.
+    pub max_p99_ms: f64,
+    /// Each step's rate is the previous one times this.
+    pub factor: f64,
+    /// Give up after this many steps.
+    pub steps: usize,
+}
+
+/// The outcome of `--find-max`.
+#[derive(Debug, Serialize)]
+struct SearchReport {
+    scenario: &'static str,
+    max_p99_ms: f64,
+    /// The highest rate sustained: everything delivered, p99 under the bound,
+    /// and at least 95 % of the target rate sent.
+    max_sustained_rate: Option<u64>,
+    steps: Vec<ChatReport>,
+}
+
+impl ChatReport {
+    fn sustained(&self, max_p99_ms: f64) -> bool {
+        self.lost == 0
+            && self.latency_ms_p99 <= max_p99_ms
+            && self.achieved_rate >= 0.95 * self.target_rate as f64
+    }
+}
+
+/// The chat scenario: one run at `rate`, or with `search` the highest rate
+/// the server sustains, starting at `rate`.
+pub async fn chat(
+    cli: &Cli,
+    users: usize,
+    rate: u64,
+    duration: u64,
+    placement: Placement,
+    search: Option<Search>,
+) -> anyhow::Result<()> {
+    let Some(search) = search else {
+        let report = run(cli, users, rate, duration, placement).await?;
+        return emit(cli, &report);
+    };
+    let mut steps: Vec<ChatReport> = Vec::new();
+    let mut best = None;
+    let mut rate = rate;
+    for _ in 0..search.steps {
+        let report = run(cli, users, rate, duration, placement).await?;
+        let sustained = report.sustained(search.max_p99_ms);
+        steps.push(report);
+        if !sustained {
+            break;
+        }
+        best = Some(rate);
+        rate = ((rate as f64 * search.factor) as u64).max(rate + 1);
+        // Let the server drain and settle between steps.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "highest sustained rate (p99 <= {} ms, nothing lost): {}",
+        search.max_p99_ms,
+        best.map_or("none".to_owned(), |rate| format!("{rate} msg/s"))
+    );
+    emit(
+        cli,
+        &SearchReport {
+            scenario: "chat-find-max",
+            max_p99_ms: search.max_p99_ms,
+            max_sustained_rate: best,
+            steps,
+        },
+    )
+}
+
+/// One chat run at a fixed rate.
+async fn run(
+    cli: &Cli,
+    users: usize,
+    rate: u64,
+    duration: u64,
+    placement: Placement,
+) -> anyhow::Result<ChatReport> {
+    let servers = cli.server.len();
+    anyhow::ensure!(
+        users >= 2 * servers,
+        "chat needs at least two users per server"
+    );
+    anyhow::ensure!(
+        servers > 1 || placement != Placement::Cross,
+        "--placement cross needs several servers"
+    );
+    let pids = server_pids(cli);
+    let (connections, failures, _) = login_all(cli, users, 100).await;
+    anyhow::ensure!(failures == 0, "{failures} logins failed");
+    let epoch = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let mut senders = Vec::new();
+    for connection in connections {
+        let (mut receiver, sender) = connection.split();
+        senders.push(sender);
+        let latency_tx = latency_tx.clone();
+        tokio::spawn(async move {
+            while let Some(element) = receiver.next().await {
+                if element.name() != "message" {
+                    continue;
+                }
+                let Some(body) = element.get_child("body", "jabber:client").map(|b| b.text())
+                else {
+                    continue;
+                };
+                let mut parts = body.split(' ');
+                let (Some(seq), Some(at)) = (
+                    parts.next().and_then(|s| s.parse().ok()),
+                    parts.next().and_then(|s| s.parse::<u64>().ok()),
+                ) else {
+                    continue;
+                };
+                let now = epoch.elapsed().as_micros() as u64;
+                let _ = latency_tx.send((seq, now.saturating_sub(at)));
+            }
+        });
+    }
+    drop(latency_tx);
+    let cpu_before = cpu_seconds(&pids);
+    let per_user = rate as f64 / users as f64;
+    let domain = cli.domain.clone();
+    let prefix = cli.user_prefix.clone();
+    let mut tasks = Vec::new();
+    for (index, mut sender) in senders.into_iter().enumerate() {
+        let (sent, domain, prefix) = (sent.clone(), domain.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / per_user);
+            // Spread the users' ticks over the interval.
+            tokio::time::sleep(interval.mul_f64(index as f64 / users as f64)).await;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = Instant::now() + Duration::from_secs(duration);
+            while Instant::now() < end {
+                ticker.tick().await;
+                let to = recipient(index, users, servers, placement) + 1;
+                let seq = sent.fetch_add(1, Ordering::Relaxed);
+                let at = epoch.elapsed().as_micros() as u64;
+                let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at}</body></message>");
+                if sender.send(&xml).await.is_err() {
+                    break;
+                }
+            }
+            sender
+        }));
+    }
+    let mut senders = Vec::new();
+    for task in tasks {
+        senders.push(task.await?);
+    }
+    let sending = epoch.elapsed();
+    // Stragglers.
+    let mut latencies = Vec::new();
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let total = sent.load(Ordering::Relaxed);
+    while let Ok(Some((seq, latency))) = tokio::time::timeout_at(deadline, latency_rx.recv()).await
+    {
+        let count = seen.entry(seq).or_default();
+        *count += 1;
+        if *count == 1 {
+            latencies.push(latency);
+        }
+        if seen.len() as u64 == total {
+            break;
+        }
+    }
+    let cpu_after = cpu_seconds(&pids);
+    for sender in &mut senders {
+        let _ = sender.send("</stream:stream>").await;
+    }
+    drop(senders);
+    latencies.sort_unstable();
+    let delivered = seen.len() as u64;
+    let duplicated = seen.values().map(|c| u64::from(c - 1)).sum();
+    let cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| after - before);
+    let report = ChatReport {
+        scenario: "chat",
+        servers,
+        placement,
+        users,
+        target_rate: rate,
+        sent: total,
+        delivered,
+        lost: total - delivered,
+        duplicated,
+        achieved_rate: total as f64 / sending.as_secs_f64(),
+        latency_ms_p50: percentile(&latencies, 0.50),
+        latency_ms_p90: percentile(&latencies, 0.90),
+        latency_ms_p99: percentile(&latencies, 0.99),
+        latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_message: cpu
+            .filter(|_| delivered > 0)
+            .map(|cpu| cpu * 1e6 / delivered as f64),
+    };
+    eprintln!(
+        "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message)",
+        report.sent,
+        report.delivered,
+        report.lost,
+        report.duplicated,
+        report.achieved_rate,
+        report.latency_ms_p50,
+        report.latency_ms_p90,
+        report.latency_ms_p99,
+        report.latency_ms_max,
+        report.server_cpu_seconds,
+        report.server_cpu_us_per_message
+    );
+    Ok(report)
+}
+
+/// A random recipient (0-based) for sender `index` among `users` spread
+/// round-robin over `servers` (user i is on server i mod servers).
+fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -> usize {
+    loop {
+        let server = match placement {
+            Placement::Any => rand::random_range(0..servers),
+            Placement::Same => index % servers,
+            Placement::Cross => (index + rand::random_range(1..servers.max(2))) % servers,
+        };
+        // Users on `server`: server, server + servers, ...
+        let count = (users - server).div_ceil(servers);
+        let to = server + servers * rand::random_range(0..count);
+        if to != index {
+            return to;
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! One module per scenario.
+
+pub mod chat;
+pub mod connections;
+pub mod failover;
+pub mod login_storm;
+pub mod register;
