@@ -55,6 +55,10 @@ if [ "${INSTALL:-0}" = 1 ]; then
     $sudo rm -f /usr/sbin/policy-rc.d
 fi
 
+# Every process started here (servers and load generator) may use as many
+# files as this machine allows.
+ulimit -n "$(ulimit -Hn)"
+
 cargo build --release --quiet -p rookery -p rookery-bench
 BIN=$ROOT/target/release
 mkdir -p "$OUT"
@@ -106,13 +110,17 @@ start() { # server
         rookery)
             "$BIN/rookery" --config "$dir/rookery.toml" serve >> "$dir/server.log" 2>&1 &
             ;;
+        # Each runs as its own user; su and runuser reset the soft file limit
+        # to 1024, so it is raised again to the hard limit before the server starts.
         ejabberd)
-            ejabberdctl --config-dir "$dir" --config "$dir/ejabberd.yml" --logs "$dir/logs" \
+            runuser -u ejabberd -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
+                ejabberdctl --config-dir "$dir" --config "$dir/ejabberd.yml" --logs "$dir/logs" \
                 --spool "$dir/spool" --node "ejabberd-bench@localhost" foreground \
                 >> "$dir/server.log" 2>&1 &
             ;;
         prosody)
-            runuser -u prosody -- prosody --config "$dir/prosody.cfg.lua" -F >> "$dir/server.log" 2>&1 &
+            runuser -u prosody -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
+                prosody --config "$dir/prosody.cfg.lua" -F >> "$dir/server.log" 2>&1 &
             ;;
     esac
     # Ready when storage answers: registering the first account (again) goes

@@ -115,6 +115,22 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         concurrency: usize,
     },
+    /// Users with rosters of R contacts (half of them online) change presence;
+    /// fan-out rate and latency. Sets the rosters up on first use.
+    Presence {
+        /// Accounts (the odd-numbered half goes online).
+        #[arg(long)]
+        users: usize,
+        /// Contacts per roster (a multiple of 4).
+        #[arg(long, default_value_t = 20)]
+        contacts: usize,
+        /// Presence changes per second, all online users together.
+        #[arg(long)]
+        rate: u64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
     /// Full logins (connect, TLS, SASL, bind, close) as fast as the server takes them.
     LoginStorm {
         /// Accounts to log in as, in turn.
@@ -236,6 +252,12 @@ async fn main() -> anyhow::Result<()> {
             });
             scenarios::chat::chat(&cli, *users, *rate, *duration, *placement, search).await
         }
+        Scenario::Presence {
+            users,
+            contacts,
+            rate,
+            duration,
+        } => scenarios::presence::presence(&cli, *users, *contacts, *rate, *duration).await,
         Scenario::Register { users, concurrency } => {
             scenarios::register::register(&cli, *users, *concurrency).await
         }

@@ -129,6 +129,10 @@ pub struct NatsBus {
     view: RwLock<View>,
     /// Sessions on this node: the session instance and its inbox.
     local: RwLock<HashMap<FullJid, (SessionId, Mailbox)>>,
+    /// Full JIDs whose bind is being written to the registry: a deletion seen
+    /// meanwhile is the end of an earlier session (its revision is older than
+    /// the write under way), not a peer removing the new one.
+    binding: Mutex<HashSet<FullJid>>,
     members: RwLock<HashMap<NodeId, Member>>,
     recovery: OnceLock<Weak<dyn Recovery>>,
     accepting: AtomicBool,
@@ -245,6 +249,7 @@ impl NatsBus {
             deliveries,
             view: RwLock::new(View::default()),
             local: RwLock::new(HashMap::new()),
+            binding: Mutex::new(HashSet::new()),
             members: RwLock::new(HashMap::new()),
             recovery: OnceLock::new(),
             accepting: AtomicBool::new(true),
@@ -473,7 +478,9 @@ impl NatsBus {
                 view.upsert(route, revision);
             }
             kv::Operation::Delete | kv::Operation::Purge => {
-                self.close_removed(&jid);
+                if !self.binding.lock().expect("binding lock").contains(&jid) {
+                    self.close_removed(&jid);
+                }
                 view.remove(&jid);
             }
         }
@@ -997,7 +1004,7 @@ async fn take_over_here(bus: &NatsBus, jid: &str, session: SessionId) -> Option<
     bus.local.write().expect("local lock").remove(&jid);
     if let Some(mut inbox) = snapshot.inbox.take() {
         inbox.close();
-        while let Ok(mail) = inbox.try_recv() {
+        while let Some(mail) = inbox.try_recv() {
             if let Mail::Stanza { stanza, receipt } = mail {
                 snapshot.sm.sent(*stanza);
                 if let Some(receipt) = receipt {
@@ -1157,6 +1164,10 @@ impl Bus for NatsBus {
             .get(&route.jid)
             .filter(|previous| previous.session != route.session || previous.node != self.node)
             .map(|previous| Route::clone(previous));
+        self.binding
+            .lock()
+            .expect("binding lock")
+            .insert(route.jid.clone());
         if let Some(mailbox) = &route.mailbox {
             self.local
                 .write()
@@ -1167,18 +1178,24 @@ impl Bus for NatsBus {
         let put = self
             .retrying(|| self.sessions.put(&key, value.clone()), |_| true)
             .await;
-        let revision = match put {
-            Ok(revision) => revision,
+        let bound = match put {
+            Ok(revision) => {
+                self.view
+                    .write()
+                    .expect("view lock")
+                    .upsert(route.clone(), revision);
+                Ok(previous)
+            }
             Err(error) => {
                 self.local.write().expect("local lock").remove(&route.jid);
-                return Err(error.map_or_else(|bus| bus, unavailable));
+                Err(error.map_or_else(|bus| bus, unavailable))
             }
         };
-        self.view
-            .write()
-            .expect("view lock")
-            .upsert(route, revision);
-        Ok(previous)
+        self.binding
+            .lock()
+            .expect("binding lock")
+            .remove(&route.jid);
+        bound
     }
 
     async fn update(

@@ -740,7 +740,7 @@ async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
         mut receipts,
     } = bound;
     inbox.close();
-    while let Ok(mail) = inbox.try_recv() {
+    while let Some(mail) = inbox.try_recv() {
         if let Mail::Stanza { stanza, receipt } = mail {
             undelivered.push(*stanza);
             receipts.rerouted.extend(receipt);

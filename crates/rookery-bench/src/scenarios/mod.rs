@@ -4,4 +4,5 @@ pub mod chat;
 pub mod connections;
 pub mod failover;
 pub mod login_storm;
+pub mod presence;
 pub mod register;

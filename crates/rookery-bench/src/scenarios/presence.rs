@@ -1,0 +1,329 @@
+//! `presence`: users with rosters of R contacts, half of them online, change
+//! their presence; each change fans out to the sender's online contacts.
+//!
+//! Contacts form a ring: user n has the R/2 users before it and the R/2 after
+//! it (mutual subscriptions, set up through the server on first use and kept).
+//! The odd-numbered users go online, so each online user has about R/2 online
+//! contacts; they send presence updates at a fixed aggregate rate, each
+//! carrying a sequence number and a send time in its status.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rookery_bench::client::{Connection, Receiver, Sender};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::{Cli, cpu_seconds, emit, percentile, server_pids, target};
+
+/// What the presence scenario measured.
+#[derive(Debug, Serialize)]
+pub struct PresenceReport {
+    scenario: &'static str,
+    users: usize,
+    contacts: usize,
+    online: usize,
+    target_rate: u64,
+    changes_sent: u64,
+    deliveries_expected: u64,
+    deliveries: u64,
+    lost: u64,
+    fanout_per_second: f64,
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    latency_ms_p99: f64,
+    latency_ms_max: f64,
+    server_cpu_seconds: Option<f64>,
+    server_cpu_us_per_delivery: Option<f64>,
+}
+
+/// The contacts of user `n` (1-based) among `users` in a ring.
+fn contacts_of(n: usize, users: usize, contacts: usize) -> Vec<usize> {
+    let half = contacts / 2;
+    (1..=half)
+        .flat_map(|k| [(n - 1 + k) % users + 1, (n - 1 + users - k) % users + 1])
+        .collect()
+}
+
+fn bare(cli: &Cli, n: usize) -> String {
+    format!("{}{n}@{}", cli.user_prefix, cli.domain)
+}
+
+/// Number of roster items of the connection's user with a mutual subscription.
+async fn mutual_contacts(connection: &mut Connection) -> anyhow::Result<usize> {
+    connection
+        .send("<iq type='get' id='presence-roster'><query xmlns='jabber:iq:roster'/></iq>")
+        .await?;
+    let roster = connection
+        .until(|e| e.attr("id") == Some("presence-roster"))
+        .await?;
+    Ok(roster
+        .get_child("query", "jabber:iq:roster")
+        .map_or(0, |query| {
+            query
+                .children()
+                .filter(|item| item.attr("subscription") == Some("both"))
+                .count()
+        }))
+}
+
+/// Logs in accounts `numbers`, `concurrency` at a time.
+async fn log_in(cli: &Cli, numbers: &[usize]) -> anyhow::Result<Vec<(usize, Connection)>> {
+    let semaphore = Arc::new(Semaphore::new(100));
+    let tasks: Vec<_> = numbers
+        .iter()
+        .map(|&n| {
+            let (target, semaphore) = (target(cli, n), semaphore.clone());
+            let (user, password) = (format!("{}{n}", cli.user_prefix), cli.password.clone());
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire().await.expect("open");
+                let connection = Connection::login(&target, n, &user, &password, "bench").await?;
+                anyhow::Ok((n, connection))
+            })
+        })
+        .collect();
+    let mut connections = Vec::with_capacity(numbers.len());
+    for task in tasks {
+        connections.push(task.await??);
+    }
+    Ok(connections)
+}
+
+/// Makes every user's contacts mutual subscriptions, unless they are already.
+async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Result<()> {
+    let numbers: Vec<usize> = (1..=users).collect();
+    let mut connections = log_in(cli, &numbers).await?;
+    let mut complete = true;
+    for (_, connection) in &mut connections {
+        if mutual_contacts(connection).await? < contacts {
+            complete = false;
+            break;
+        }
+    }
+    if complete {
+        for (_, connection) in connections {
+            connection.close().await;
+        }
+        return Ok(());
+    }
+    eprintln!("setting up rosters: {users} users with {contacts} contacts each");
+    // Everyone goes online, approves every request and asks each contact.
+    let (approved_tx, mut approved_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let mut senders = Vec::new();
+    for (n, connection) in connections {
+        let (mut receiver, sender) = connection.split();
+        let approved_tx = approved_tx.clone();
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        let replies = sender.clone();
+        tokio::spawn(async move {
+            while let Some(element) = receiver.next().await {
+                if element.name() != "presence" {
+                    continue;
+                }
+                let from = element.attr("from").unwrap_or_default().to_owned();
+                match element.attr("type") {
+                    Some("subscribe") => {
+                        let reply = format!("<presence type='subscribed' to='{from}'/>");
+                        let _ = replies.lock().await.send(&reply).await;
+                    }
+                    Some("subscribed") => {
+                        let contact = from.split('/').next().unwrap_or_default().to_owned();
+                        let _ = approved_tx.send((n, contact));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        senders.push((n, sender));
+    }
+    drop(approved_tx);
+    for (n, sender) in &senders {
+        let mut requests = String::from("<presence/>");
+        for contact in contacts_of(*n, users, contacts) {
+            requests.push_str(&format!(
+                "<presence type='subscribe' to='{}'/>",
+                bare(cli, contact)
+            ));
+        }
+        sender.lock().await.send(&requests).await?;
+    }
+    // A server may repeat an approval; each contact counts once.
+    let mut approvals: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut done = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while done < users {
+        match tokio::time::timeout_at(deadline, approved_rx.recv()).await {
+            Ok(Some((n, contact))) => {
+                let approved = approvals.entry(n).or_default();
+                if approved.insert(contact) && approved.len() == contacts {
+                    done += 1;
+                }
+            }
+            _ => anyhow::bail!("only {done} of {users} users got all their contacts to approve"),
+        }
+    }
+    for (_, sender) in senders {
+        let _ = sender.lock().await.send("</stream:stream>").await;
+    }
+    // Let the servers finish the sessions' ends before the measured run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+/// The presence scenario.
+pub async fn presence(
+    cli: &Cli,
+    users: usize,
+    contacts: usize,
+    rate: u64,
+    duration: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        contacts >= 4 && contacts.is_multiple_of(4) && contacts < users,
+        "--contacts must be a multiple of 4, below --users"
+    );
+    set_up_rosters(cli, users, contacts).await?;
+    let pids = server_pids(cli);
+    let online: Vec<usize> = (1..=users).filter(|n| n % 2 == 1).collect();
+    let is_online = |n: usize| n % 2 == 1;
+    let connections = log_in(cli, &online).await?;
+    let epoch = Instant::now();
+    let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let mut senders: Vec<(usize, Sender)> = Vec::new();
+    for (n, connection) in connections {
+        let (receiver, mut sender) = connection.split();
+        sender.send("<presence/>").await?;
+        tokio::spawn(receive(receiver, bare(cli, n), epoch, latency_tx.clone()));
+        senders.push((n, sender));
+    }
+    drop(latency_tx);
+    // Initial presence and probe answers settle first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while latency_rx.try_recv().is_ok() {}
+    let online_contacts: HashMap<usize, u64> = online
+        .iter()
+        .map(|&n| {
+            let count = contacts_of(n, users, contacts)
+                .into_iter()
+                .filter(|&c| is_online(c))
+                .count();
+            (n, count as u64)
+        })
+        .collect();
+    let cpu_before = cpu_seconds(&pids);
+    let sent = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(AtomicU64::new(0));
+    let per_user = rate as f64 / online.len() as f64;
+    let count = online.len();
+    let mut tasks = Vec::new();
+    for (index, (n, mut sender)) in senders.into_iter().enumerate() {
+        let (sent, expected) = (sent.clone(), expected.clone());
+        let fanout = online_contacts[&n];
+        tasks.push(tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / per_user);
+            tokio::time::sleep(interval.mul_f64(index as f64 / count as f64)).await;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = Instant::now() + Duration::from_secs(duration);
+            let mut away = false;
+            while Instant::now() < end {
+                ticker.tick().await;
+                away = !away;
+                let show = if away { "<show>away</show>" } else { "" };
+                let seq = sent.fetch_add(1, Ordering::Relaxed);
+                expected.fetch_add(fanout, Ordering::Relaxed);
+                let at = epoch.elapsed().as_micros() as u64;
+                let xml = format!("<presence>{show}<status>{seq} {at}</status></presence>");
+                if sender.send(&xml).await.is_err() {
+                    break;
+                }
+            }
+            sender
+        }));
+    }
+    let mut senders = Vec::new();
+    for task in tasks {
+        senders.push(task.await?);
+    }
+    let sending = epoch.elapsed();
+    let total_expected = expected.load(Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while (latencies.len() as u64) < total_expected {
+        match tokio::time::timeout_at(deadline, latency_rx.recv()).await {
+            Ok(Some((_, latency))) => latencies.push(latency),
+            _ => break,
+        }
+    }
+    let cpu = cpu_before
+        .zip(cpu_seconds(&pids))
+        .map(|(before, after)| after - before);
+    for sender in &mut senders {
+        let _ = sender.send("</stream:stream>").await;
+    }
+    latencies.sort_unstable();
+    let deliveries = latencies.len() as u64;
+    let changes = sent.load(Ordering::Relaxed);
+    let report = PresenceReport {
+        scenario: "presence",
+        users,
+        contacts,
+        online: online.len(),
+        target_rate: rate,
+        changes_sent: changes,
+        deliveries_expected: total_expected,
+        deliveries,
+        lost: total_expected.saturating_sub(deliveries),
+        fanout_per_second: deliveries as f64 / sending.as_secs_f64(),
+        latency_ms_p50: percentile(&latencies, 0.50),
+        latency_ms_p90: percentile(&latencies, 0.90),
+        latency_ms_p99: percentile(&latencies, 0.99),
+        latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_delivery: cpu
+            .filter(|_| deliveries > 0)
+            .map(|cpu| cpu * 1e6 / deliveries as f64),
+    };
+    eprintln!(
+        "{changes} presence changes, {deliveries} of {total_expected} deliveries ({:.0}/s); latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:.1?} us per delivery",
+        report.fanout_per_second,
+        report.latency_ms_p50,
+        report.latency_ms_p99,
+        report.latency_ms_max,
+        report.server_cpu_us_per_delivery
+    );
+    emit(cli, &report)
+}
+
+/// Reads presence updates from contacts and reports their latency.
+async fn receive(
+    mut receiver: Receiver,
+    me: String,
+    epoch: Instant,
+    latency: tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
+) {
+    while let Some(element) = receiver.next().await {
+        if element.name() != "presence" || element.attr("type").is_some() {
+            continue;
+        }
+        let from = element.attr("from").unwrap_or_default();
+        if from.split('/').next() == Some(me.as_str()) {
+            continue; // Our own presence, reflected.
+        }
+        let Some(status) = element.get_child("status", "jabber:client").map(|s| s.text()) else {
+            continue;
+        };
+        let mut parts = status.split(' ');
+        let (Some(seq), Some(at)) = (
+            parts.next().and_then(|s| s.parse().ok()),
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        let now = epoch.elapsed().as_micros() as u64;
+        let _ = latency.send((seq, now.saturating_sub(at)));
+    }
+}
