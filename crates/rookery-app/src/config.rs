@@ -187,7 +187,7 @@ impl Default for ClusterConfig {
             node: "rookery".into(),
             nats: vec!["nats://127.0.0.1:4222".into()],
             heartbeat_interval: 1.0,
-            failure_timeout: 10.0,
+            failure_timeout: 8.0,
             nats_replicas: 1,
             advertise: None,
             max_sessions: 0,

@@ -430,6 +430,18 @@ impl NatsBus {
             .map(|(_, mailbox)| mailbox.clone())
     }
 
+    /// The inbox of this very session instance, if it is on this node: a
+    /// newer session of the same full JID must not be closed or taken over
+    /// in its place.
+    fn session_mailbox(&self, jid: &FullJid, session: SessionId) -> Option<Mailbox> {
+        self.local
+            .read()
+            .expect("local lock")
+            .get(jid)
+            .filter(|(own, _)| *own == session)
+            .map(|(_, mailbox)| mailbox.clone())
+    }
+
     /// Applies one registry change to the view; closes a local session a newer bind replaced.
     fn apply(
         &self,
@@ -458,6 +470,15 @@ impl NatsBus {
                     match local.get(&jid) {
                         Some((own, mailbox)) if record.node == self.node && *own == session => {
                             Some(mailbox.clone())
+                        }
+                        // While a bind of this JID is being written, a write by this
+                        // node for another session is the earlier session's last
+                        // update; the bind under way follows it.
+                        Some(_)
+                            if record.node == self.node
+                                && self.binding.lock().expect("binding lock").contains(&jid) =>
+                        {
+                            None
                         }
                         Some((_, mailbox)) => {
                             // A newer login elsewhere (or a resumption) took this full JID.
@@ -1266,7 +1287,15 @@ impl Bus for NatsBus {
             .await
         {
             Ok(()) => {
-                self.view.write().expect("view lock").remove(jid);
+                // A new bind of the same JID may have landed meanwhile: only
+                // this session's entry goes.
+                let mut view = self.view.write().expect("view lock");
+                if view
+                    .get(jid)
+                    .is_some_and(|route| route.session == session && route.node == self.node)
+                {
+                    view.remove(jid);
+                }
                 Ok(())
             }
             Err(error) => {
@@ -1322,7 +1351,7 @@ impl Bus for NatsBus {
 
     async fn close(&self, route: &Route, error: StreamError) {
         if route.node == self.node {
-            if let Some(mailbox) = self.local_mailbox(&route.jid) {
+            if let Some(mailbox) = self.session_mailbox(&route.jid, route.session) {
                 let _ = mailbox.send(Mail::Close(error));
             }
             return;
@@ -1342,10 +1371,16 @@ impl Bus for NatsBus {
 
     async fn take_over(&self, route: &Route) -> Option<SessionSnapshot> {
         if route.node == self.node {
-            let mailbox = self.local_mailbox(&route.jid)?;
+            let mailbox = self.session_mailbox(&route.jid, route.session)?;
             let snapshot = rookery_cluster::take_over_local(&mailbox).await;
             if snapshot.is_some() {
-                self.local.write().expect("local lock").remove(&route.jid);
+                let mut local = self.local.write().expect("local lock");
+                if local
+                    .get(&route.jid)
+                    .is_some_and(|(own, _)| *own == route.session)
+                {
+                    local.remove(&route.jid);
+                }
             }
             return snapshot;
         }

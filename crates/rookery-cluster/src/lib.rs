@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::channel::mpsc;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 use rookery_stream::{SmState, StreamError};
-use futures::StreamExt;
-use futures::channel::mpsc;
 use tokio::sync::oneshot;
 
 mod local;

@@ -118,7 +118,7 @@ fn node() -> Node {
             router.handle_stanza(session, presence).await;
             session.take_outbox();
         }
-        while bob_inbox.try_recv().is_ok() {}
+        while bob_inbox.try_recv().is_some() {}
         (router, alice, bob, bob_inbox)
     });
     Node {
@@ -166,7 +166,7 @@ fn hot_path(c: &mut Criterion) {
             let stanza = sample.clone();
             node.runtime
                 .block_on(node.router.handle_stanza(&mut node.alice, stanza));
-            let Ok(Mail::Stanza {
+            let Some(Mail::Stanza {
                 stanza: delivered, ..
             }) = node.bob_inbox.try_recv()
             else {
@@ -181,7 +181,7 @@ fn hot_path(c: &mut Criterion) {
             let stanza = parse(&mut node.alice_stream);
             node.runtime
                 .block_on(node.router.handle_stanza(&mut node.alice, stanza));
-            let Ok(Mail::Stanza {
+            let Some(Mail::Stanza {
                 stanza: delivered, ..
             }) = node.bob_inbox.try_recv()
             else {

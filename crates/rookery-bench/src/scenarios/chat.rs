@@ -138,6 +138,9 @@ async fn run(
     let epoch = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
     let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    // Messages of earlier runs (stored offline when they were late) carry
+    // another run id and are not counted.
+    let run: u32 = rand::random();
     let mut senders = Vec::new();
     for connection in connections {
         let (mut receiver, sender) = connection.split();
@@ -153,12 +156,16 @@ async fn run(
                     continue;
                 };
                 let mut parts = body.split(' ');
-                let (Some(seq), Some(at)) = (
+                let (Some(seq), Some(at), Some(from_run)) = (
                     parts.next().and_then(|s| s.parse().ok()),
                     parts.next().and_then(|s| s.parse::<u64>().ok()),
+                    parts.next().and_then(|s| s.parse::<u32>().ok()),
                 ) else {
                     continue;
                 };
+                if from_run != run {
+                    continue;
+                }
                 let now = epoch.elapsed().as_micros() as u64;
                 let _ = latency_tx.send((seq, now.saturating_sub(at)));
             }
@@ -184,7 +191,7 @@ async fn run(
                 let to = recipient(index, users, servers, placement) + 1;
                 let seq = sent.fetch_add(1, Ordering::Relaxed);
                 let at = epoch.elapsed().as_micros() as u64;
-                let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at}</body></message>");
+                let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at} {run}</body></message>");
                 if sender.send(&xml).await.is_err() {
                     break;
                 }

@@ -110,8 +110,7 @@ async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Res
     }
     eprintln!("setting up rosters: {users} users with {contacts} contacts each");
     // Everyone goes online, approves every request and asks each contact.
-    let (approved_tx, mut approved_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let (approved_tx, mut approved_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
     let mut senders = Vec::new();
     for (n, connection) in connections {
         let (mut receiver, sender) = connection.split();
@@ -313,7 +312,10 @@ async fn receive(
         if from.split('/').next() == Some(me.as_str()) {
             continue; // Our own presence, reflected.
         }
-        let Some(status) = element.get_child("status", "jabber:client").map(|s| s.text()) else {
+        let Some(status) = element
+            .get_child("status", "jabber:client")
+            .map(|s| s.text())
+        else {
             continue;
         };
         let mut parts = status.split(' ');
