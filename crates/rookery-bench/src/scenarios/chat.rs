@@ -174,35 +174,21 @@ async fn run(
     drop(latency_tx);
     let cpu_before = cpu_seconds(&pids);
     let per_user = rate as f64 / users as f64;
-    let domain = cli.domain.clone();
-    let prefix = cli.user_prefix.clone();
-    let mut tasks = Vec::new();
-    for (index, mut sender) in senders.into_iter().enumerate() {
-        let (sent, domain, prefix) = (sent.clone(), domain.clone(), prefix.clone());
-        tasks.push(tokio::spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / per_user);
-            // Spread the users' ticks over the interval.
-            tokio::time::sleep(interval.mul_f64(index as f64 / users as f64)).await;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let end = Instant::now() + Duration::from_secs(duration);
-            while Instant::now() < end {
-                ticker.tick().await;
+    let paced = senders
+        .into_iter()
+        .enumerate()
+        .map(|(index, sender)| {
+            let (sent, domain, prefix) = (sent.clone(), cli.domain.clone(), cli.user_prefix.clone());
+            let next = move || {
                 let to = recipient(index, users, servers, placement) + 1;
                 let seq = sent.fetch_add(1, Ordering::Relaxed);
                 let at = epoch.elapsed().as_micros() as u64;
-                let xml = format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at} {run}</body></message>");
-                if sender.send(&xml).await.is_err() {
-                    break;
-                }
-            }
-            sender
-        }));
-    }
-    let mut senders = Vec::new();
-    for task in tasks {
-        senders.push(task.await?);
-    }
+                format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at} {run}</body></message>")
+            };
+            (sender, next)
+        })
+        .collect();
+    let mut senders = super::send_paced(paced, per_user, duration).await?;
     let sending = epoch.elapsed();
     // Stragglers.
     let mut latencies = Vec::new();

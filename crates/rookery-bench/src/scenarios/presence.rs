@@ -216,37 +216,24 @@ pub async fn presence(
     let sent = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
     let per_user = rate as f64 / online.len() as f64;
-    let count = online.len();
-    let mut tasks = Vec::new();
-    for (index, (n, mut sender)) in senders.into_iter().enumerate() {
-        let (sent, expected) = (sent.clone(), expected.clone());
-        let fanout = online_contacts[&n];
-        tasks.push(tokio::spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / per_user);
-            tokio::time::sleep(interval.mul_f64(index as f64 / count as f64)).await;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let end = Instant::now() + Duration::from_secs(duration);
+    let paced = senders
+        .into_iter()
+        .map(|(n, sender)| {
+            let (sent, expected) = (sent.clone(), expected.clone());
+            let fanout = online_contacts[&n];
             let mut away = false;
-            while Instant::now() < end {
-                ticker.tick().await;
+            let next = move || {
                 away = !away;
                 let show = if away { "<show>away</show>" } else { "" };
                 let seq = sent.fetch_add(1, Ordering::Relaxed);
                 expected.fetch_add(fanout, Ordering::Relaxed);
                 let at = epoch.elapsed().as_micros() as u64;
-                let xml = format!("<presence>{show}<status>{seq} {at}</status></presence>");
-                if sender.send(&xml).await.is_err() {
-                    break;
-                }
-            }
-            sender
-        }));
-    }
-    let mut senders = Vec::new();
-    for task in tasks {
-        senders.push(task.await?);
-    }
+                format!("<presence>{show}<status>{seq} {at}</status></presence>")
+            };
+            (sender, next)
+        })
+        .collect();
+    let mut senders = super::send_paced(paced, per_user, duration).await?;
     let sending = epoch.elapsed();
     let total_expected = expected.load(Ordering::Relaxed);
     let mut latencies = Vec::new();
