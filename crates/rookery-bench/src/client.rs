@@ -13,8 +13,11 @@ use rookery_stream::sasl::ScramHash;
 use rookery_stream::xml::{Limits, StreamReader, XmlEvent};
 
 use crate::scram::ScramClient;
+use futures::SinkExt as _;
+use futures::stream::{SplitSink, SplitStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::either::Either;
 
 /// How to reach the server.
@@ -26,6 +29,8 @@ pub struct Target {
     pub domain: String,
     /// Transport security.
     pub tls: TlsMode,
+    /// XML stream over TCP or WebSocket.
+    pub transport: Transport,
     /// SASL mechanism.
     pub mechanism: String,
     /// Local addresses to spread connections over (127.0.0.x), to get past the
@@ -45,12 +50,25 @@ pub enum TlsMode {
 }
 
 type Io = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+type WebSocket = tokio_tungstenite::WebSocketStream<Io>;
+
+/// How stanzas travel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// An XML stream over TCP (RFC 6120).
+    Tcp,
+    /// One element per WebSocket text frame (RFC 7395), at this HTTP path;
+    /// `ws://` with TLS `none`, `wss://` with TLS `direct`.
+    WebSocket {
+        /// The path of the endpoint, e.g. `/xmpp-websocket`.
+        path: String,
+    },
+}
 
 /// A logged-in connection.
 pub struct Connection {
-    io: Io,
-    reader: StreamReader,
-    buffer: BytesMut,
+    receiver: Receiver,
+    sender: Sender,
     /// The bound JID.
     pub jid: String,
     /// The features of the latest stream (re)start.
@@ -159,6 +177,8 @@ async fn tls(tcp: TcpStream, domain: &str) -> anyhow::Result<Io> {
     Ok(Either::Right(tls_connector().connect(name, tcp).await?))
 }
 
+const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+
 impl Connection {
     /// Connects, authenticates `user` and binds `resource`.
     pub async fn login(
@@ -195,7 +215,15 @@ impl Connection {
             TlsMode::Direct => tls(tcp, &target.domain).await?,
             _ => Either::Left(tcp),
         };
-        let mut connection = Connection::new(io);
+        let mut connection = match &target.transport {
+            Transport::Tcp => Connection::over_stream(io),
+            Transport::WebSocket { path } => {
+                if target.tls == TlsMode::Starttls {
+                    bail!("WebSocket has no STARTTLS: use TLS direct (wss://) or none (ws://)");
+                }
+                Connection::over_websocket(io, target, path).await?
+            }
+        };
         connection.open(&target.domain).await?;
         if target.tls == TlsMode::Starttls {
             connection
@@ -205,10 +233,15 @@ impl Connection {
             if proceed.name() != "proceed" {
                 bail!("STARTTLS refused");
             }
-            let Either::Left(tcp) = connection.io else {
+            let (Source::Stream(read), Sink::Stream(write)) =
+                (connection.receiver.source, connection.sender.sink)
+            else {
+                bail!("STARTTLS on a WebSocket")
+            };
+            let Either::Left(tcp) = read.unsplit(write) else {
                 bail!("STARTTLS on a TLS stream")
             };
-            connection = Connection::new(tls(tcp, &target.domain).await?);
+            connection = Connection::over_stream(tls(tcp, &target.domain).await?);
             connection.open(&target.domain).await?;
         }
         Ok(connection)
@@ -245,18 +278,50 @@ impl Connection {
 
     /// Ends the stream and the connection.
     pub async fn close(mut self) {
-        let _ = self.send("</stream:stream>").await;
-        let _ = match &mut self.io {
-            Either::Left(tcp) => tcp.shutdown().await,
-            Either::Right(tls) => tls.shutdown().await,
-        };
+        let _ = self.sender.close().await;
     }
 
-    fn new(io: Io) -> Connection {
+    fn over_stream(io: Io) -> Connection {
+        let (read, write) = tokio::io::split(io);
+        Connection::new(Source::Stream(read), Sink::Stream(write))
+    }
+
+    async fn over_websocket(io: Io, target: &Target, path: &str) -> anyhow::Result<Connection> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let scheme = if target.tls == TlsMode::Direct {
+            "wss"
+        } else {
+            "ws"
+        };
+        let mut request = format!("{scheme}://{}{path}", target.address).into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "xmpp".parse()?);
+        let (websocket, response) = tokio_tungstenite::client_async(request, io)
+            .await
+            .context("WebSocket handshake")?;
+        if response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .is_none_or(|protocol| protocol != "xmpp")
+        {
+            bail!("the server did not accept the WebSocket sub-protocol xmpp");
+        }
+        let (sink, source) = futures::StreamExt::split(websocket);
+        Ok(Connection::new(
+            Source::WebSocket(source),
+            Sink::WebSocket(sink),
+        ))
+    }
+
+    fn new(source: Source, sink: Sink) -> Connection {
         Connection {
-            io,
-            reader: new_reader(),
-            buffer: BytesMut::new(),
+            receiver: Receiver {
+                source,
+                reader: new_reader(),
+                buffer: BytesMut::new(),
+            },
+            sender: Sender { sink },
             jid: String::new(),
             features: None,
         }
@@ -277,18 +342,26 @@ impl Connection {
 
     /// Fetches the roster and sends initial presence, as a client going online does.
     pub async fn go_online(&mut self) -> anyhow::Result<()> {
-        self.send("<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+        self.sender
+            .send_all(&[
+                "<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>",
+                "<presence/>",
+            ])
             .await?;
         self.until(|e| e.attr("id") == Some("roster")).await?;
         Ok(())
     }
 
+    /// Opens (or restarts) the stream and reads its features.
     async fn open(&mut self, domain: &str) -> anyhow::Result<()> {
-        self.reader = new_reader();
-        self.send(&format!(
-            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>"
-        ))
-        .await?;
+        self.receiver.restart();
+        let header = match self.sender.sink {
+            Sink::Stream(_) => format!(
+                "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>"
+            ),
+            Sink::WebSocket(_) => format!("<open xmlns='{FRAMING}' to='{domain}' version='1.0'/>"),
+        };
+        self.send(&header).await?;
         self.features = Some(self.until(|e| e.name() == "features").await?);
         Ok(())
     }
@@ -336,36 +409,14 @@ impl Connection {
         }
     }
 
-    /// Sends raw XML.
+    /// Sends one element (or a stream header) as raw XML.
     pub async fn send(&mut self, xml: &str) -> anyhow::Result<()> {
-        self.io.write_all(xml.as_bytes()).await?;
-        self.io.flush().await?;
-        Ok(())
+        self.sender.send(xml).await
     }
 
     /// The next element.
     pub async fn next(&mut self) -> anyhow::Result<Element> {
-        loop {
-            let mut input = &self.buffer[..];
-            let before = input.len();
-            let event = self
-                .reader
-                .read(&mut input)
-                .map_err(|c| anyhow::anyhow!("server sent bad XML: {c}"))?;
-            let consumed = before - input.len();
-            let _ = self.buffer.split_to(consumed);
-            match event {
-                Some(XmlEvent::Element(element)) => return Ok(element),
-                Some(XmlEvent::StreamClose) => bail!("stream closed by the server"),
-                Some(_) => continue,
-                None => {
-                    self.buffer.reserve(8192);
-                    if self.io.read_buf(&mut self.buffer).await? == 0 {
-                        bail!("connection closed by the server");
-                    }
-                }
-            }
-        }
+        self.receiver.read().await
     }
 
     /// The first element matching `matches`, dropping others.
@@ -383,21 +434,25 @@ impl Connection {
 
     /// Splits into a reading and a writing half.
     pub fn split(self) -> (Receiver, Sender) {
-        let (read, write) = tokio::io::split(self.io);
-        (
-            Receiver {
-                io: read,
-                reader: self.reader,
-                buffer: self.buffer,
-            },
-            Sender { io: write },
-        )
+        (self.receiver, self.sender)
     }
+}
+
+/// Where a connection's bytes or frames come from.
+enum Source {
+    Stream(ReadHalf<Io>),
+    WebSocket(SplitStream<WebSocket>),
+}
+
+/// Where a connection's bytes or frames go.
+enum Sink {
+    Stream(WriteHalf<Io>),
+    WebSocket(SplitSink<WebSocket, Message>),
 }
 
 /// The reading half of a connection.
 pub struct Receiver {
-    io: ReadHalf<Io>,
+    source: Source,
     reader: StreamReader,
     buffer: BytesMut,
 }
@@ -405,38 +460,139 @@ pub struct Receiver {
 impl Receiver {
     /// The next element, `None` when the connection ends.
     pub async fn next(&mut self) -> Option<Element> {
+        self.read().await.ok()
+    }
+
+    /// Starts reading a new stream (after the stream header or `<open/>` is sent).
+    fn restart(&mut self) {
+        self.reader = new_reader();
+        self.buffer.clear();
+        if let Source::WebSocket(_) = self.source {
+            // Every frame is one element (RFC 7395): the reader sees them as
+            // the children of a stream, whose header is made up here.
+            self.buffer.extend_from_slice(
+                b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+            );
+        }
+    }
+
+    async fn read(&mut self) -> anyhow::Result<Element> {
         loop {
             let mut input = &self.buffer[..];
             let before = input.len();
-            let event = self.reader.read(&mut input).ok()?;
+            let event = self
+                .reader
+                .read(&mut input)
+                .map_err(|c| anyhow::anyhow!("server sent bad XML: {c}"))?;
             let consumed = before - input.len();
             let _ = self.buffer.split_to(consumed);
             match event {
-                Some(XmlEvent::Element(element)) => return Some(element),
-                Some(XmlEvent::StreamClose) => return None,
-                Some(_) => continue,
-                None => {
-                    self.buffer.reserve(8192);
-                    if self.io.read_buf(&mut self.buffer).await.ok()? == 0 {
-                        return None;
-                    }
+                Some(XmlEvent::Element(element)) if element.is("close", FRAMING) => {
+                    bail!("stream closed by the server")
                 }
+                Some(XmlEvent::Element(element)) => return Ok(element),
+                Some(XmlEvent::StreamClose) => bail!("stream closed by the server"),
+                Some(_) => continue,
+                None => self.fill().await?,
             }
         }
+    }
+
+    /// Reads more of the stream into the buffer.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        match &mut self.source {
+            Source::Stream(io) => {
+                self.buffer.reserve(8192);
+                if io.read_buf(&mut self.buffer).await? == 0 {
+                    bail!("connection closed by the server");
+                }
+            }
+            Source::WebSocket(frames) => loop {
+                match futures::StreamExt::next(frames).await {
+                    Some(Ok(Message::Text(text))) => {
+                        self.buffer.extend_from_slice(text.as_bytes());
+                        break;
+                    }
+                    Some(Ok(Message::Close(_))) | None => {
+                        bail!("connection closed by the server")
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => return Err(error.into()),
+                }
+            },
+        }
+        Ok(())
     }
 }
 
 /// The writing half of a connection.
 pub struct Sender {
-    io: WriteHalf<Io>,
+    sink: Sink,
 }
 
 impl Sender {
-    /// Sends raw XML.
+    /// Sends one element (or a stream header) as raw XML.
     pub async fn send(&mut self, xml: &str) -> anyhow::Result<()> {
-        self.io.write_all(xml.as_bytes()).await?;
-        self.io.flush().await?;
+        self.send_all(&[xml]).await
+    }
+
+    /// Sends elements together: in one write on a stream, one frame each on
+    /// a WebSocket.
+    pub async fn send_all(&mut self, elements: &[&str]) -> anyhow::Result<()> {
+        match &mut self.sink {
+            Sink::Stream(io) => {
+                match elements {
+                    [one] => io.write_all(one.as_bytes()).await?,
+                    many => io.write_all(many.concat().as_bytes()).await?,
+                }
+                io.flush().await?;
+            }
+            Sink::WebSocket(frames) => {
+                for element in elements {
+                    frames.feed(Message::text(framed(element))).await?;
+                }
+                frames.flush().await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Ends the stream (`</stream:stream>` or `<close/>`) and the connection.
+    pub async fn close(&mut self) -> anyhow::Result<()> {
+        match &mut self.sink {
+            Sink::Stream(io) => {
+                io.write_all(b"</stream:stream>").await?;
+                io.shutdown().await?;
+            }
+            Sink::WebSocket(frames) => {
+                frames
+                    .send(Message::text(format!("<close xmlns='{FRAMING}'/>")))
+                    .await?;
+                frames.close().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stanza as a WebSocket frame: with the `jabber:client` namespace that a
+/// TCP stream's header declares once, since every frame stands alone
+/// (RFC 7395, 3.3.3). Other elements name their namespace already.
+fn framed(element: &str) -> String {
+    let name_end = element
+        .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
+        .unwrap_or(element.len());
+    let start_tag = &element[..element.find('>').unwrap_or(element.len())];
+    if matches!(&element[..name_end], "<message" | "<presence" | "<iq")
+        && !start_tag.contains("xmlns=")
+    {
+        format!(
+            "{} xmlns='jabber:client'{}",
+            &element[..name_end],
+            &element[name_end..]
+        )
+    } else {
+        element.to_owned()
     }
 }
 
@@ -465,4 +621,24 @@ async fn connect(target: &Target, index: usize) -> anyhow::Result<TcpStream> {
         .with_context(|| format!("connect to {}", target.address))?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::framed;
+
+    #[test]
+    fn frames_carry_the_client_namespace() {
+        assert_eq!(framed("<presence/>"), "<presence xmlns='jabber:client'/>");
+        assert_eq!(
+            framed("<message to='a@b'><body xmlns='x'>hi</body></message>"),
+            "<message xmlns='jabber:client' to='a@b'><body xmlns='x'>hi</body></message>"
+        );
+        assert_eq!(
+            framed("<iq xmlns='jabber:client' id='1'/>"),
+            "<iq xmlns='jabber:client' id='1'/>"
+        );
+        let auth = "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>";
+        assert_eq!(framed(auth), auth);
+    }
 }

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use rookery_bench::client::{Connection, Target, TlsMode};
+use rookery_bench::client::{Connection, Target, TlsMode, Transport};
 use rookery_bench::process;
 
 mod scenarios;
@@ -33,9 +33,13 @@ struct Cli {
     /// XMPP domain of the accounts.
     #[arg(long, default_value = "localhost")]
     domain: String,
-    /// Transport security.
+    /// Transport security; with --websocket, `direct` is wss:// and `none` ws://.
     #[arg(long, value_enum, default_value = "starttls")]
     tls: TlsMode,
+    /// Speak XMPP over WebSocket (RFC 7395) at this path of the server's
+    /// HTTP address (e.g. /xmpp-websocket) instead of an XML stream over TCP.
+    #[arg(long, value_name = "PATH")]
+    websocket: Option<String>,
     /// SASL mechanism.
     #[arg(long, default_value = "SCRAM-SHA-256")]
     mechanism: String,
@@ -174,6 +178,10 @@ fn target(cli: &Cli, n: usize) -> Target {
         address: server,
         domain: cli.domain.clone(),
         tls: cli.tls,
+        transport: match &cli.websocket {
+            Some(path) => Transport::WebSocket { path: path.clone() },
+            None => Transport::Tcp,
+        },
         mechanism: cli.mechanism.clone(),
         sources,
     }
@@ -222,6 +230,11 @@ fn emit<T: Serialize + std::fmt::Debug>(cli: &Cli, report: &T) -> anyhow::Result
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.websocket.is_some() && cli.tls == TlsMode::Starttls {
+        anyhow::bail!(
+            "WebSocket has no STARTTLS: give --tls direct (wss://) or --tls none (ws://)"
+        );
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     match &cli.scenario {
         Scenario::Accounts { users } => {

@@ -624,23 +624,23 @@ impl Actor {
                     }
                 }
                 _ = ack_tick.tick() => {
-                    let mut nonzas = String::new();
+                    let mut nonzas = Vec::new();
                     if self.inbound != acked_inbound {
-                        nonzas.push_str(&format!("<a xmlns='{SM}' h='{}'/>", self.inbound));
+                        nonzas.push(format!("<a xmlns='{SM}' h='{}'/>", self.inbound));
                         acked_inbound = self.inbound;
                     }
                     if !self.unacked.is_empty() {
-                        nonzas.push_str(&format!("<r xmlns='{SM}'/>"));
+                        nonzas.push(format!("<r xmlns='{SM}'/>"));
                     }
-                    if !nonzas.is_empty() && sender.send(&nonzas).await.is_err() {
+                    let nonzas: Vec<&str> = nonzas.iter().map(String::as_str).collect();
+                    if !nonzas.is_empty() && sender.send_all(&nonzas).await.is_err() {
                         return End::Lost;
                     }
                 }
                 changed = self.phase.changed() => {
                     if changed.is_err() || *self.phase.borrow() == Phase::Finish {
-                        let _ = sender
-                            .send(&format!("<a xmlns='{SM}' h='{}'/></stream:stream>", self.inbound))
-                            .await;
+                        let _ = sender.send(&format!("<a xmlns='{SM}' h='{}'/>", self.inbound)).await;
+                        let _ = sender.close().await;
                         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
                             while let Some(element) = incoming.recv().await {
                                 if is_stanza(&element) {

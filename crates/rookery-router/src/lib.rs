@@ -27,6 +27,7 @@ mod deferred;
 mod delivery;
 mod extension;
 mod iq;
+mod item_locks;
 mod message;
 mod presence;
 mod roster;
@@ -123,6 +124,8 @@ pub struct Router {
     /// Users who got messages or subscription requests stored for later;
     /// see [`redeliver_deferred`](Router::redeliver_deferred).
     deferred: deferred::Deferred,
+    /// Serialises changes to one roster item on this node.
+    item_locks: item_locks::ItemLocks,
 }
 
 impl std::fmt::Debug for Router {
@@ -164,6 +167,7 @@ impl Router {
             shutting_down: AtomicBool::new(false),
             blocklists: blocking::BlocklistCache::default(),
             deferred: deferred::Deferred::default(),
+            item_locks: item_locks::ItemLocks::default(),
         }
     }
 

@@ -323,6 +323,7 @@ impl Router {
         if *contact == user {
             return;
         }
+        let guard = self.item_locks.lock(&user, contact).await;
         let (item, before) = self.sub_state(&user, contact).await;
         if item.is_none() && kind == PresenceType::Subscribe {
             let count = self
@@ -345,6 +346,7 @@ impl Router {
         let outcome = subscription::outbound(before, kind);
         self.save_sub_state(&user, contact, item, before, outcome.next)
             .await;
+        drop(guard);
         if !outcome.forward {
             return;
         }
@@ -395,6 +397,7 @@ impl Router {
         if self.blocks(recipient, &Jid::from(sender.clone())).await {
             return;
         }
+        let guard = self.item_locks.lock(recipient, sender).await;
         let (item, before) = self.sub_state(recipient, sender).await;
         let outcome = subscription::inbound(before, kind);
         if kind == PresenceType::Subscribe
@@ -408,6 +411,7 @@ impl Router {
         }
         self.save_sub_state(recipient, sender, item, before, outcome.next)
             .await;
+        drop(guard);
         if outcome.deliver {
             let routes = rules::presence_to_bare(&self.bus.routes(recipient));
             if routes.is_empty() && kind == PresenceType::Subscribe && outcome.next.pending_in {

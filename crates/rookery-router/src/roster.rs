@@ -163,6 +163,7 @@ impl Router {
             }
             groups.push(name);
         }
+        let _guard = self.item_locks.lock(&user, &contact).await;
         let existing = match self.store.roster_item(&user, &contact).await {
             Ok(existing) => existing,
             Err(error) => {
@@ -236,6 +237,7 @@ impl Router {
                 .await;
             self.send_unavailable_presence(&user, contact).await;
         }
+        let _guard = self.item_locks.lock(&user, contact).await;
         let _ = self.store.remove_subscription_request(&user, contact).await;
         match self.store.remove_roster_item(&user, contact).await {
             Ok(Some(version)) => self.push_roster_removal(&user, contact, version).await,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use minidom::Element;
-use rookery_bench::client::{Target, TlsMode};
+use rookery_bench::client::{Target, TlsMode, Transport};
 use rookery_bench::reliable::{Chat, Report, Settings};
 use rookery_test_support::TestClient;
 use rookery_test_support::haproxy::HaProxy;
@@ -50,6 +50,7 @@ fn chat_settings(cluster: &ProcessCluster, users: Vec<String>, rate: f64) -> Set
             address: cluster.addresses()[0],
             domain: "localhost".into(),
             tls: TlsMode::Starttls,
+            transport: Transport::Tcp,
             mechanism: "SCRAM-SHA-256".into(),
             sources: Vec::new(),
         },

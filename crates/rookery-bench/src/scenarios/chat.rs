@@ -208,7 +208,7 @@ async fn run(
     }
     let cpu_after = cpu_seconds(&pids);
     for sender in &mut senders {
-        let _ = sender.send("</stream:stream>").await;
+        let _ = sender.close().await;
     }
     drop(senders);
     latencies.sort_unstable();

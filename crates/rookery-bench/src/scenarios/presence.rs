@@ -140,14 +140,15 @@ async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Res
     }
     drop(approved_tx);
     for (n, sender) in &senders {
-        let mut requests = String::from("<presence/>");
+        let mut requests = vec![String::from("<presence/>")];
         for contact in contacts_of(*n, users, contacts) {
-            requests.push_str(&format!(
+            requests.push(format!(
                 "<presence type='subscribe' to='{}'/>",
                 bare(cli, contact)
             ));
         }
-        sender.lock().await.send(&requests).await?;
+        let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
+        sender.lock().await.send_all(&requests).await?;
     }
     // A server may repeat an approval; each contact counts once.
     let mut approvals: HashMap<usize, HashSet<String>> = HashMap::new();
@@ -165,7 +166,7 @@ async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Res
         }
     }
     for (_, sender) in senders {
-        let _ = sender.lock().await.send("</stream:stream>").await;
+        let _ = sender.lock().await.close().await;
     }
     // Let the servers finish the sessions' ends before the measured run.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -248,7 +249,7 @@ pub async fn presence(
         .zip(cpu_seconds(&pids))
         .map(|(before, after)| after - before);
     for sender in &mut senders {
-        let _ = sender.send("</stream:stream>").await;
+        let _ = sender.close().await;
     }
     latencies.sort_unstable();
     let deliveries = latencies.len() as u64;
