@@ -1,0 +1,175 @@
+//! rookery-bench against a Rookery server: every scenario over XML streams
+//! with STARTTLS and direct TLS and over WebSocket, each checked on what it
+//! reports (everything sent arrives once, no login fails).
+
+use std::net::SocketAddr;
+
+use rookery_test_support::TestServer;
+use serde_json::Value;
+
+const USERS: usize = 24;
+
+async fn server() -> TestServer {
+    let server = TestServer::start_with(|config| {
+        config.accounts.registration = true;
+    })
+    .await;
+    let report = bench(
+        server.starttls(),
+        &["--tls", "starttls"],
+        &["register", "--users", &USERS.to_string()],
+    )
+    .await;
+    assert_eq!(report["failures"], 0, "{report}");
+    server
+}
+
+/// Runs rookery-bench and returns the JSON it printed.
+async fn bench(server: SocketAddr, transport: &[&str], scenario: &[&str]) -> Value {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rookery-bench"))
+        .args(["--server", &server.to_string(), "--source-ips", "4"])
+        .args(transport)
+        .args(scenario)
+        .output()
+        .await
+        .expect("rookery-bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{scenario:?} failed: {stderr}");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"))
+}
+
+/// The transports: (address, options).
+fn transports(server: &TestServer) -> [(SocketAddr, Vec<&'static str>); 3] {
+    [
+        (server.starttls(), vec!["--tls", "starttls"]),
+        (server.direct_tls(), vec!["--tls", "direct"]),
+        (
+            server.http(),
+            vec!["--tls", "none", "--websocket", "/xmpp-websocket"],
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_delivers_every_message_once_over_every_transport() {
+    let server = server().await;
+    for (address, transport) in transports(&server) {
+        let report = bench(
+            address,
+            &transport,
+            &["chat", "--users", "10", "--rate", "100", "--duration", "2"],
+        )
+        .await;
+        let sent = report["sent"].as_u64().expect("sent");
+        assert!(sent >= 150, "{transport:?}: {report}");
+        assert_eq!(
+            report["delivered"].as_u64(),
+            Some(sent),
+            "{transport:?}: {report}"
+        );
+        assert_eq!(report["lost"], 0, "{transport:?}: {report}");
+        assert_eq!(report["duplicated"], 0, "{transport:?}: {report}");
+        assert!(report["latency_ms_p99"].as_f64().expect("p99") > 0.0);
+        // The server runs in this process: its CPU is measured too.
+        assert!(report["server_cpu_seconds"].as_f64().expect("CPU") > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_login_storms_over_every_transport() {
+    let server = server().await;
+    for (address, transport) in transports(&server) {
+        let report = bench(
+            address,
+            &transport,
+            &["connections", "--users", &USERS.to_string(), "--hold", "0"],
+        )
+        .await;
+        assert_eq!(report["sessions"].as_u64(), Some(USERS as u64), "{report}");
+        assert_eq!(report["failures"], 0, "{report}");
+        assert!(report["server_kib_per_session"].is_number(), "{report}");
+        let report = bench(
+            address,
+            &transport,
+            &[
+                "login-storm",
+                "--users",
+                "10",
+                "--logins",
+                "40",
+                "--concurrency",
+                "5",
+            ],
+        )
+        .await;
+        assert_eq!(report["logins"], 40, "{transport:?}: {report}");
+        assert_eq!(report["failures"], 0, "{transport:?}: {report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reaches_every_online_contact() {
+    let server = server().await;
+    // The first run subscribes the ring of contacts; the second finds it set up.
+    for _ in 0..2 {
+        let report = bench(
+            server.starttls(),
+            &["--tls", "starttls"],
+            &[
+                "presence",
+                "--users",
+                "24",
+                "--contacts",
+                "8",
+                "--rate",
+                "40",
+                "--duration",
+                "2",
+            ],
+        )
+        .await;
+        let expected = report["deliveries_expected"].as_u64().expect("expected");
+        // 12 online users, each with 4 online contacts.
+        assert!(expected >= 60 * 4, "{report}");
+        assert_eq!(report["deliveries"].as_u64(), Some(expected), "{report}");
+        assert_eq!(report["lost"], 0, "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_max_reports_the_highest_passing_rate() {
+    let server = server().await;
+    let report = bench(
+        server.starttls(),
+        &["--tls", "starttls"],
+        &[
+            "chat",
+            "--users",
+            "10",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--find-max",
+            "--step-factor",
+            "2",
+            "--max-steps",
+            "3",
+        ],
+    )
+    .await;
+    let steps = report["steps"].as_array().expect("steps");
+    assert!(!steps.is_empty() && steps.len() <= 3, "{report}");
+    // The rate goes up from step to step; the highest passing one is reported.
+    let rates: Vec<u64> = steps
+        .iter()
+        .map(|s| s["target_rate"].as_u64().unwrap())
+        .collect();
+    assert!(rates.windows(2).all(|w| w[1] > w[0]), "{rates:?}");
+    assert!(
+        report["max_sustained_rate"]
+            .as_u64()
+            .is_some_and(|r| rates.contains(&r)),
+        "{report}"
+    );
+}
