@@ -6,7 +6,12 @@
 #   - chat: CHAT_USERS online users at CHAT_RATE msg/s (a moderate rate):
 #     latency percentiles and server CPU per message;
 #   - chat --find-max: the highest rate with p99 <= 100 ms and nothing lost;
-#   - login-storm: full logins (TLS, SASL SCRAM-SHA-1, bind) per second.
+#   - login-storm: full logins (TLS, SASL SCRAM-SHA-1, bind) per second;
+#   - presence: PRESENCE_USERS users with rosters of PRESENCE_CONTACTS
+#     contacts (half online) change presence at PRESENCE_RATE changes/s:
+#     fan-out latency and server CPU per delivered presence;
+#   - chat over WebSocket (RFC 7395, ws:// on loopback, which all three count
+#     as secure, as behind a TLS proxy) at CHAT_RATE msg/s.
 # The three servers get the configurations in bench/peers/ (same domain,
 # loopback, SQLite storage, SCRAM keys with 4096 iterations, no shaping,
 # warnings-only logs) and the same TLS setting. Each run restarts every
@@ -33,6 +38,9 @@ FIND_FACTOR=${FIND_FACTOR:-1.5}
 FIND_SECONDS=${FIND_SECONDS:-5}
 STORM_LOGINS=${STORM_LOGINS:-5000}
 STORM_CONCURRENCY=${STORM_CONCURRENCY:-50}
+PRESENCE_USERS=${PRESENCE_USERS:-200}
+PRESENCE_CONTACTS=${PRESENCE_CONTACTS:-20}
+PRESENCE_RATE=${PRESENCE_RATE:-100}
 MECHANISM=SCRAM-SHA-1 # the one all three store keys for by default
 PORT=${PORT:-27222}
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
@@ -162,6 +170,13 @@ bench() { # server, rookery-bench arguments...
         --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null
 }
 
+websocket() { # server, rookery-bench arguments...: over ws:// at /xmpp-websocket
+    local server=$1
+    shift
+    "$BIN/rookery-bench" --server "127.0.0.1:$(($(port_of "$server") + 2))" --tls none \
+        --websocket /xmpp-websocket --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null
+}
+
 accounts=$SESSIONS
 [ "$CHAT_USERS" -gt "$accounts" ] && accounts=$CHAT_USERS
 for server in $SERVERS; do
@@ -169,6 +184,10 @@ for server in $SERVERS; do
     start "$server"
     echo "$server: registering $accounts accounts" >&2
     bench "$server" --source-ips 1 --json "$OUT/$server-register.json" register --users "$accounts"
+    # Subscribes the presence scenario's rosters once (minutes on Prosody).
+    bench "$server" --json "$OUT/$server-presence-setup.json" presence --users "$PRESENCE_USERS" \
+        --contacts "$PRESENCE_CONTACTS" --rate "$PRESENCE_RATE" --duration 1 ||
+        echo "$server: presence set-up failed; see $OUT/bench.log" >&2
     stop "$server"
 done
 
@@ -188,15 +207,24 @@ for run in $(seq "$RUNS"); do
         bench "$server" --json "$OUT/$server-storm-$run.json" \
             login-storm --users "$CHAT_USERS" --logins "$STORM_LOGINS" \
             --concurrency "$STORM_CONCURRENCY"
+        bench "$server" --json "$OUT/$server-presence-$run.json" \
+            presence --users "$PRESENCE_USERS" --contacts "$PRESENCE_CONTACTS" \
+            --rate "$PRESENCE_RATE" --duration "$CHAT_SECONDS" ||
+            echo "$server: presence failed; see $OUT/bench.log" >&2
+        websocket "$server" --json "$OUT/$server-websocket-$run.json" \
+            chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS" ||
+            echo "$server: WebSocket chat failed; see $OUT/bench.log" >&2
         stop "$server"
     done
 done
 
 python3 - "$OUT" "$RUNS" "$SERVERS" "$TLS" "$SESSIONS" "$CHAT_USERS" "$CHAT_RATE" <<'PY' | tee "$OUT/table.md"
-import json, statistics, sys
+import json, os, statistics, sys
 out, runs, servers, tls, sessions, users, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), *sys.argv[4:]
 def load(server, kind):
-    return [json.load(open(f"{out}/{server}-{kind}-{n}.json")) for n in range(1, runs + 1)]
+    # A scenario that failed on a server left no file: its cell says n/a.
+    paths = [f"{out}/{server}-{kind}-{n}.json" for n in range(1, runs + 1)]
+    return [json.load(open(p)) for p in paths if os.path.exists(p)]
 metrics = [
     ("KiB per idle session", "connections", lambda r: r["server_kib_per_session"], "lower"),
     ("sessions held", "connections", lambda r: r["sessions"], "higher"),
@@ -208,6 +236,12 @@ metrics = [
     ("highest msg/s, p99 <= 100 ms, no loss", "findmax", lambda r: r["max_sustained_rate"] or 0, "higher"),
     ("login-storm logins/s", "storm", lambda r: r["logins_per_second"], "higher"),
     ("server CPU ms/login", "storm", lambda r: r["server_cpu_ms_per_login"], "lower"),
+    ("presence p99 ms", "presence", lambda r: r["latency_ms_p99"], "lower"),
+    ("server CPU µs/presence delivered", "presence", lambda r: r["server_cpu_us_per_delivery"], "lower"),
+    ("presences lost", "presence", lambda r: r["lost"], "lower"),
+    (f"WebSocket chat p99 ms at {rate} msg/s", "websocket", lambda r: r["latency_ms_p99"], "lower"),
+    (f"WebSocket server CPU µs/msg", "websocket", lambda r: r["server_cpu_us_per_message"], "lower"),
+    ("WebSocket messages lost", "websocket", lambda r: r["lost"], "lower"),
 ]
 def cell(values):
     values = [v for v in values if v is not None]

@@ -16,7 +16,7 @@ network_settings = { tcp_backlog = 1024 }
 modules_enabled = {
     "roster"; "saslauth"; "tls"; "disco"; "blocklist"; "carbons"; "private";
     "smacks"; "vcard"; "csi_simple"; "ping"; "register"; "version";
-    "lastactivity"; "offline"; "posix";
+    "lastactivity"; "offline"; "posix"; "websocket";
 }
 modules_disabled = { "s2s" }
 
@@ -24,8 +24,12 @@ c2s_ports = { @PORT@ }
 c2s_interfaces = { "127.0.0.1" }
 c2s_direct_tls_ports = { }
 s2s_ports = { }
-http_ports = { }
+-- XMPP over WebSocket (RFC 7395) at /xmpp-websocket on loopback, like the
+-- others; a loopback WebSocket counts as secure, as behind a TLS proxy.
+http_ports = { @PORT_HTTP@ }
+http_interfaces = { "127.0.0.1" }
 https_ports = { }
+consider_websocket_secure = true
 c2s_stanza_size_limit = 256 * 1024
 
 c2s_require_encryption = @REQUIRE_TLS@

@@ -134,6 +134,10 @@ enum Scenario {
         /// Seconds of sending.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Most seconds the first run may take to subscribe the rosters (a
+        /// single-threaded server on SQLite may need minutes for thousands).
+        #[arg(long, default_value_t = 900)]
+        setup_timeout: u64,
     },
     /// Full logins (connect, TLS, SASL, bind, close) as fast as the server takes them.
     LoginStorm {
@@ -270,7 +274,12 @@ async fn main() -> anyhow::Result<()> {
             contacts,
             rate,
             duration,
-        } => scenarios::presence::presence(&cli, *users, *contacts, *rate, *duration).await,
+            setup_timeout,
+        } => {
+            let setup_timeout = Duration::from_secs(*setup_timeout);
+            scenarios::presence::presence(&cli, *users, *contacts, *rate, *duration, setup_timeout)
+                .await
+        }
         Scenario::Register { users, concurrency } => {
             scenarios::register::register(&cli, *users, *concurrency).await
         }

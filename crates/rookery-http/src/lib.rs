@@ -41,7 +41,16 @@ pub fn routes(state: HttpState) -> Router {
 
 /// Serves HTTP until shutdown.
 pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
+    use axum::serve::ListenerExt as _;
     let shutdown = state.c2s.shutdown.clone();
+    // Stanzas are small writes: without TCP_NODELAY, Nagle's algorithm holds
+    // one back until the client's delayed ACK (up to 40 ms), as on the TCP
+    // listeners, which set it too.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY could not be set.");
+        }
+    });
     axum::serve(
         listener,
         routes(state).into_make_service_with_connect_info::<SocketAddr>(),

@@ -16,6 +16,16 @@ fn is_blocklist_push(stanza: &Element) -> bool {
             .any(|child| child.has_ns(crate::namespaces::BLOCKING))
 }
 
+/// A server-generated roster push (RFC 6121 2.1.6); a client's iq always
+/// carries the `from` the server stamped on it.
+fn is_roster_push(stanza: &Element) -> bool {
+    stanza.is("iq", ns::CLIENT)
+        && stanza.attr("from").is_none()
+        && stanza
+            .children()
+            .any(|child| child.has_ns(crate::namespaces::ROSTER))
+}
+
 /// True for presence an inactive client can do without for a while.
 fn holdable(stanza: &Element) -> bool {
     stanza.is("presence", ns::CLIENT)
@@ -31,6 +41,12 @@ impl Router {
         if is_blocklist_push(&stanza) && !session.blocklist_requested {
             // XEP-0191: pushes go only to clients that fetched the block list.
             return;
+        }
+        if is_roster_push(&stanza) {
+            session.subscribers = None;
+            if !session.info.interested {
+                return;
+            }
         }
         if session.inactive && holdable(&stanza) {
             // Only the latest presence of each sender matters.

@@ -565,15 +565,11 @@ impl Router {
         }
     }
 
-    /// Pushes `stanza` (an iq set) to every interested resource of `user`.
-    pub async fn push_to_interested(&self, user: &BareJid, stanza: &Element) {
-        let routes: Vec<_> = self
-            .bus
-            .routes(user)
-            .into_iter()
-            .filter(|route| route.info.interested)
-            .collect();
-        self.send_each(&routes, stanza).await;
+    /// Pushes a roster change (an iq set) to every session of `user`: each
+    /// drops its cached subscribers, and passes the push on to its client if
+    /// the client fetched the roster (RFC 6121 2.1.6, "interested resources").
+    pub async fn push_roster_change(&self, user: &BareJid, stanza: &Element) {
+        self.send_each(&self.bus.routes(user), stanza).await;
     }
 
     /// Sends `stanza` to every session of `user`.

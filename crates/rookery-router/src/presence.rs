@@ -107,22 +107,33 @@ impl Router {
         }
         self.publish_route_info(session).await;
 
-        let roster = match self.store.roster(&user).await {
-            Ok(roster) => roster,
-            Err(error) => {
-                tracing::warn!(%user, %error, "Roster could not be read for a presence broadcast.");
-                Default::default()
+        // The whole roster for the probes of initial presence; otherwise
+        // only the subscribers, kept by the session between roster pushes.
+        let roster = if initial || session.subscribers.is_none() {
+            match self.store.roster(&user).await {
+                Ok(roster) => {
+                    session.subscribers = Some(
+                        roster
+                            .items
+                            .iter()
+                            .filter(|item| item.subscription.has_from() && item.jid != user)
+                            .map(|item| item.jid.clone())
+                            .collect(),
+                    );
+                    roster
+                }
+                Err(error) => {
+                    tracing::warn!(%user, %error, "Roster could not be read for a presence broadcast.");
+                    Default::default()
+                }
             }
+        } else {
+            Default::default()
         };
-        for item in roster
-            .items
-            .iter()
-            .filter(|item| item.subscription.has_from())
-        {
-            if item.jid != user {
-                self.deliver_presence(presence.clone(), &Jid::from(item.jid.clone()))
-                    .await;
-            }
+        let subscribers = session.subscribers.clone().unwrap_or_default();
+        for contact in subscribers.iter() {
+            self.deliver_presence(presence.clone(), &Jid::from(contact.clone()))
+                .await;
         }
         let own: Vec<_> = self
             .bus
@@ -133,10 +144,7 @@ impl Router {
         self.send_each(&own, &presence).await;
         if !available {
             for jid in std::mem::take(&mut session.directed) {
-                let subscribed = roster
-                    .items
-                    .iter()
-                    .any(|item| item.jid == jid.to_bare() && item.subscription.has_from());
+                let subscribed = subscribers.contains(&jid.to_bare());
                 if !subscribed && jid.to_bare() != user {
                     self.deliver_presence(presence.clone(), &jid).await;
                 }

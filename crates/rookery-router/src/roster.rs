@@ -52,7 +52,7 @@ fn push(item: Element, version: i64) -> Element {
 impl Router {
     /// Pushes a changed item to every interested resource of `user` (section 2.1.6).
     pub(crate) async fn push_roster_item(&self, user: &BareJid, item: &RosterItem, version: i64) {
-        self.push_to_interested(user, &push(item_element(item), version))
+        self.push_roster_change(user, &push(item_element(item), version))
             .await;
     }
 
@@ -60,7 +60,7 @@ impl Router {
         let mut item = Element::bare("item", namespaces::ROSTER);
         set_attr(&mut item, "jid", contact.as_str());
         set_attr(&mut item, "subscription", "remove");
-        self.push_to_interested(user, &push(item, version)).await;
+        self.push_roster_change(user, &push(item, version)).await;
     }
 
     /// A roster get or set from the session's client, addressed to its own account.

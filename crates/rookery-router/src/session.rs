@@ -1,6 +1,7 @@
 //! The router's view of one bound client session.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
@@ -35,6 +36,11 @@ pub struct Session {
     /// A newer session took over the same full JID; this one ends without
     /// broadcasting unavailable presence (the resource is still online).
     pub replaced: bool,
+    /// The contacts subscribed to the user's presence (roster items with a
+    /// `from` subscription), read from storage at the first broadcast and
+    /// kept until the next roster push reaches the session: every change to
+    /// the roster is pushed to all of the user's sessions on every node.
+    pub subscribers: Option<Arc<[BareJid]>>,
 }
 
 impl Session {
@@ -52,6 +58,7 @@ impl Session {
             outbox: Vec::new(),
             mailbox,
             replaced: false,
+            subscribers: None,
         }
     }
 

@@ -384,6 +384,50 @@ async fn users_asking_each_other_at_once_end_subscribed_both_ways() {
     }
 }
 
+/// A session keeps its subscribers between roster pushes: a contact who
+/// subscribes, or unsubscribes, after the user's presence went out is (or is
+/// no longer) reached by the next update, also from a resource that never
+/// fetched the roster and so gets no pushes itself.
+#[tokio::test]
+async fn presence_updates_follow_subscription_changes() {
+    let server = server_with(&["alice", "bob"]).await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
+    // A second resource that never asks for the roster.
+    let mut quiet = TestClient::login(server.starttls(), "alice", "secret", "quiet").await;
+    quiet.send("<presence/>").await;
+    quiet
+        .expect(|e| e.name() == "presence" && e.attr("from") == Some("alice@localhost/quiet"))
+        .await;
+    let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
+    bob.befriend(&mut alice).await;
+    let status_from = |from: &'static str, text: &'static str| {
+        move |e: &Element| {
+            e.name() == "presence"
+                && e.attr("from") == Some(from)
+                && e.get_child("status", CLIENT).map(|s| s.text()).as_deref() == Some(text)
+        }
+    };
+    quiet
+        .send("<presence><status>one</status></presence>")
+        .await;
+    bob.expect(status_from("alice@localhost/quiet", "one"))
+        .await;
+    // No roster push reached the quiet resource.
+    quiet
+        .assert_none(SHORT, |e| e.has_child("query", ROSTER))
+        .await;
+    // Bob cancels: alice's next update no longer reaches him.
+    alice
+        .send("<presence type='unsubscribed' to='bob@localhost'/>")
+        .await;
+    bob.expect(|e| e.attr("type") == Some("unavailable")).await;
+    quiet
+        .send("<presence><status>two</status></presence>")
+        .await;
+    bob.assert_none(SHORT, status_from("alice@localhost/quiet", "two"))
+        .await;
+}
+
 #[tokio::test]
 async fn pending_subscriptions_survive_until_the_contact_logs_in() {
     let server = server_with(&["alice", "bob"]).await;

@@ -92,7 +92,12 @@ async fn log_in(cli: &Cli, numbers: &[usize]) -> anyhow::Result<Vec<(usize, Conn
 }
 
 /// Makes every user's contacts mutual subscriptions, unless they are already.
-async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Result<()> {
+async fn set_up_rosters(
+    cli: &Cli,
+    users: usize,
+    contacts: usize,
+    setup_timeout: Duration,
+) -> anyhow::Result<()> {
     let numbers: Vec<usize> = (1..=users).collect();
     let mut connections = log_in(cli, &numbers).await?;
     let mut complete = true;
@@ -153,9 +158,18 @@ async fn set_up_rosters(cli: &Cli, users: usize, contacts: usize) -> anyhow::Res
     // A server may repeat an approval; each contact counts once.
     let mut approvals: HashMap<usize, HashSet<String>> = HashMap::new();
     let mut done = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let deadline = tokio::time::Instant::now() + setup_timeout;
+    let mut progress = tokio::time::interval(Duration::from_secs(30));
+    progress.tick().await;
     while done < users {
-        match tokio::time::timeout_at(deadline, approved_rx.recv()).await {
+        let approval = tokio::select! {
+            approval = tokio::time::timeout_at(deadline, approved_rx.recv()) => approval,
+            _ = progress.tick() => {
+                eprintln!("{done} of {users} users have all their contacts");
+                continue;
+            }
+        };
+        match approval {
             Ok(Some((n, contact))) => {
                 let approved = approvals.entry(n).or_default();
                 if approved.insert(contact) && approved.len() == contacts {
@@ -180,12 +194,13 @@ pub async fn presence(
     contacts: usize,
     rate: u64,
     duration: u64,
+    setup_timeout: Duration,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         contacts >= 4 && contacts.is_multiple_of(4) && contacts < users,
         "--contacts must be a multiple of 4, below --users"
     );
-    set_up_rosters(cli, users, contacts).await?;
+    set_up_rosters(cli, users, contacts, setup_timeout).await?;
     let pids = server_pids(cli);
     let online: Vec<usize> = (1..=users).filter(|n| n % 2 == 1).collect();
     let is_online = |n: usize| n % 2 == 1;
