@@ -21,6 +21,17 @@ fn priority(presence: &Element) -> i8 {
         .unwrap_or(0)
 }
 
+/// The copy of a session's presence kept for probes and new resources: its
+/// content without attributes (`from` and `to` are set on every copy sent), so
+/// an idle session keeps no attribute map (over 0.5 KiB each).
+fn kept_presence(presence: &Element) -> Element {
+    let mut kept = Element::bare("presence", ns::CLIENT);
+    for child in presence.children() {
+        kept.append_child(child.clone());
+    }
+    kept
+}
+
 /// An unavailable presence from `from`.
 fn unavailable_from(from: &str) -> Element {
     let mut presence = Element::bare("presence", ns::CLIENT);
@@ -101,7 +112,7 @@ impl Router {
         }
         if available {
             session.info.priority = priority(&presence);
-            session.info.presence = Some(Arc::new(presence.clone()));
+            session.info.presence = Some(Arc::new(kept_presence(&presence)));
         } else {
             session.info.presence = None;
         }

@@ -229,7 +229,9 @@ pub struct ServerStream {
     secure: bool,
     state: State,
     reader: StreamReader,
-    writer: StreamWriter,
+    /// Made when there is something to write, dropped when all is sent: its
+    /// namespace state is about 0.5 KiB that an idle session does not keep.
+    writer: Option<StreamWriter>,
     /// Unparsed input.
     input: BytesMut,
     /// Output not yet taken by `poll_transmit`.
@@ -262,17 +264,13 @@ impl ServerStream {
         secure: bool,
         now: Instant,
     ) -> Self {
-        let writer = match framing {
-            Framing::Tcp => StreamWriter::new(),
-            Framing::WebSocket => StreamWriter::standalone(),
-        };
         ServerStream {
             reader: StreamReader::new(config.limits),
             config,
             framing,
             secure,
             state: State::Header,
-            writer,
+            writer: None,
             input: BytesMut::new(),
             out: BytesMut::new(),
             frames: VecDeque::new(),
@@ -599,6 +597,10 @@ impl ServerStream {
             if let Some(event) = self.events.pop_front() {
                 return Some(event);
             }
+            if self.events.capacity() > 0 {
+                // Drained: an idle session keeps no event queue (about 0.5 KiB).
+                self.events = VecDeque::new();
+            }
             if self.awaiting_caller() || self.is_closed() {
                 return None;
             }
@@ -643,11 +645,18 @@ impl ServerStream {
             self.write_element(&Element::bare("r", ns::SM));
         }
         match self.framing {
-            Framing::WebSocket => self.frames.pop_front(),
+            Framing::WebSocket => {
+                let frame = self.frames.pop_front();
+                if frame.is_none() {
+                    self.writer = None;
+                }
+                frame
+            }
             Framing::Tcp if self.out.is_empty() => {
                 if self.out.capacity() > 0 {
                     self.out = BytesMut::new();
                 }
+                self.writer = None;
                 None
             }
             Framing::Tcp => Some(self.out.split().freeze()),
@@ -1294,15 +1303,16 @@ impl ServerStream {
                 );
             }
         }
+        let writer = writer(&mut self.writer, self.framing);
         for feature in &features {
-            self.writer.write(feature, &mut self.out);
+            writer.write(feature, &mut self.out);
         }
         self.out.extend_from_slice(b"</stream:features>");
         self.finish_unit();
     }
 
     fn write_element(&mut self, element: &Element) {
-        self.writer.write(element, &mut self.out);
+        writer(&mut self.writer, self.framing).write(element, &mut self.out);
         self.last_tx = self.now;
         self.finish_unit();
     }
@@ -1314,6 +1324,14 @@ impl ServerStream {
             self.frames.push_back(frame);
         }
     }
+}
+
+/// The stream's writer, made if there is none.
+fn writer(writer: &mut Option<StreamWriter>, framing: Framing) -> &mut StreamWriter {
+    writer.get_or_insert_with(|| match framing {
+        Framing::Tcp => StreamWriter::new(),
+        Framing::WebSocket => StreamWriter::standalone(),
+    })
 }
 
 fn name(local: &str) -> rxml::NcName {
