@@ -100,11 +100,12 @@ async fn set_up_rosters(
 ) -> anyhow::Result<()> {
     let numbers: Vec<usize> = (1..=users).collect();
     let mut connections = log_in(cli, &numbers).await?;
+    // Every session fetches its roster: subscription approvals and roster
+    // pushes go to "interested" resources only (RFC 6121 3.1.6, 2.1.6).
     let mut complete = true;
     for (_, connection) in &mut connections {
         if mutual_contacts(connection).await? < contacts {
             complete = false;
-            break;
         }
     }
     if complete {
@@ -124,6 +125,23 @@ async fn set_up_rosters(
         let replies = sender.clone();
         tokio::spawn(async move {
             while let Some(element) = receiver.next().await {
+                // A contact's approval also shows as a roster push with a `to`
+                // subscription; pushes are answered as clients must.
+                if element.name() == "iq" && element.attr("type") == Some("set") {
+                    if let Some(query) = element.get_child("query", "jabber:iq:roster") {
+                        for item in query.children() {
+                            if matches!(item.attr("subscription"), Some("to" | "both"))
+                                && let Some(jid) = item.attr("jid")
+                            {
+                                let _ = approved_tx.send((n, jid.to_owned()));
+                            }
+                        }
+                    }
+                    let id = element.attr("id").unwrap_or_default();
+                    let result = format!("<iq type='result' id='{id}'/>");
+                    let _ = replies.lock().await.send(&result).await;
+                    continue;
+                }
                 if element.name() != "presence" {
                     continue;
                 }
