@@ -7,23 +7,12 @@ use rookery_stream::ns;
 use crate::stanza::PresenceType;
 use crate::{Router, Session};
 
-/// A server-generated XEP-0191 block list push.
-fn is_blocklist_push(stanza: &Element) -> bool {
+/// A push the server generated (an iq with no `from`; a client's iq always
+/// carries the `from` the server stamped on it) with a payload in `namespace`.
+fn is_server_push(stanza: &Element, namespace: &str) -> bool {
     stanza.is("iq", ns::CLIENT)
         && stanza.attr("from").is_none()
-        && stanza
-            .children()
-            .any(|child| child.has_ns(crate::namespaces::BLOCKING))
-}
-
-/// A server-generated roster push (RFC 6121 2.1.6); a client's iq always
-/// carries the `from` the server stamped on it.
-fn is_roster_push(stanza: &Element) -> bool {
-    stanza.is("iq", ns::CLIENT)
-        && stanza.attr("from").is_none()
-        && stanza
-            .children()
-            .any(|child| child.has_ns(crate::namespaces::ROSTER))
+        && stanza.children().any(|child| child.has_ns(namespace))
 }
 
 /// True for presence an inactive client can do without for a while.
@@ -38,11 +27,12 @@ fn holdable(stanza: &Element) -> bool {
 impl Router {
     /// Takes a stanza delivered to the session into its outbox, or holds it while inactive.
     pub fn accept_delivery(&self, session: &mut Session, stanza: Element) {
-        if is_blocklist_push(&stanza) && !session.blocklist_requested {
+        if is_server_push(&stanza, crate::namespaces::BLOCKING) && !session.blocklist_requested {
             // XEP-0191: pushes go only to clients that fetched the block list.
             return;
         }
-        if is_roster_push(&stanza) {
+        if is_server_push(&stanza, crate::namespaces::ROSTER) {
+            // A roster push (RFC 6121 2.1.6): the roster changed.
             session.subscribers = None;
             if !session.info.interested {
                 return;
