@@ -63,6 +63,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A connection to a local file does not drop the way a network
+            // one does; the default ping before every acquire would double
+            // the cross-thread round trips of each query.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(backend)?;
