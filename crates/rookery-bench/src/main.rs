@@ -298,26 +298,48 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Logs in accounts 1 ..= `users`, `concurrency` at a time, each going
+/// online (roster fetched, initial presence sent); the connections, the
+/// failures and the time taken.
 async fn login_all(
     cli: &Cli,
     users: usize,
     concurrency: usize,
 ) -> (Vec<Connection>, usize, Duration) {
+    let numbers: Vec<usize> = (1..=users).collect();
+    let (connections, failures, elapsed) = log_in(cli, &numbers, concurrency, true).await;
+    let connections = connections.into_iter().map(|(_, c)| c).collect();
+    (connections, failures, elapsed)
+}
+
+/// Logs in the accounts `numbers`, `concurrency` at a time; with
+/// `go_online`, each also fetches its roster and sends initial presence.
+/// The connections with their account numbers, the failures and the time taken.
+async fn log_in(
+    cli: &Cli,
+    numbers: &[usize],
+    concurrency: usize,
+    go_online: bool,
+) -> (Vec<(usize, Connection)>, usize, Duration) {
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(users);
-    for n in 1..=users {
-        let (target, semaphore) = (target(cli, n), semaphore.clone());
-        let user = format!("{}{n}", cli.user_prefix);
-        let password = cli.password.clone();
-        tasks.push(tokio::spawn(async move {
-            let _permit = semaphore.acquire().await.expect("open");
-            let mut connection = Connection::login(&target, n, &user, &password, "bench").await?;
-            connection.go_online().await?;
-            anyhow::Ok(connection)
-        }));
-    }
-    let mut connections = Vec::with_capacity(users);
+    let tasks: Vec<_> = numbers
+        .iter()
+        .map(|&n| {
+            let (target, semaphore) = (target(cli, n), semaphore.clone());
+            let (user, password) = (format!("{}{n}", cli.user_prefix), cli.password.clone());
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire().await.expect("open");
+                let mut connection =
+                    Connection::login(&target, n, &user, &password, "bench").await?;
+                if go_online {
+                    connection.go_online().await?;
+                }
+                anyhow::Ok((n, connection))
+            })
+        })
+        .collect();
+    let mut connections = Vec::with_capacity(numbers.len());
     let mut failures = 0;
     for task in tasks {
         match task.await {

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use rookery_bench::client::{Connection, Receiver, Sender};
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
-use crate::{Cli, cpu_seconds, emit, percentile, server_pids, target};
+use crate::{Cli, cpu_seconds, emit, percentile, server_pids};
 
 /// What the presence scenario measured.
 #[derive(Debug, Serialize)]
@@ -69,25 +68,10 @@ async fn mutual_contacts(connection: &mut Connection) -> anyhow::Result<usize> {
         }))
 }
 
-/// Logs in accounts `numbers`, `concurrency` at a time.
+/// Logs in the accounts `numbers` (without going online); every login must succeed.
 async fn log_in(cli: &Cli, numbers: &[usize]) -> anyhow::Result<Vec<(usize, Connection)>> {
-    let semaphore = Arc::new(Semaphore::new(100));
-    let tasks: Vec<_> = numbers
-        .iter()
-        .map(|&n| {
-            let (target, semaphore) = (target(cli, n), semaphore.clone());
-            let (user, password) = (format!("{}{n}", cli.user_prefix), cli.password.clone());
-            tokio::spawn(async move {
-                let _permit = semaphore.acquire().await.expect("open");
-                let connection = Connection::login(&target, n, &user, &password, "bench").await?;
-                anyhow::Ok((n, connection))
-            })
-        })
-        .collect();
-    let mut connections = Vec::with_capacity(numbers.len());
-    for task in tasks {
-        connections.push(task.await??);
-    }
+    let (connections, failures, _) = crate::log_in(cli, numbers, 100, false).await;
+    anyhow::ensure!(failures == 0, "{failures} logins failed");
     Ok(connections)
 }
 
