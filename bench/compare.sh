@@ -21,6 +21,7 @@
 #   INSTALL=1 bench/compare.sh                   # installs ejabberd and Prosody from Debian first
 #   RUNS=3 TLS=none bench/compare.sh             # plain TCP on all three
 #   SERVERS="rookery ejabberd" SESSIONS=5000 bench/compare.sh
+#   SCENARIOS="findmax storm" SESSIONS=1000 bench/compare.sh   # a subset
 #
 # Results (JSON of every scenario, server logs, the table) stay in OUT.
 set -euo pipefail
@@ -33,14 +34,15 @@ SESSIONS=${SESSIONS:-19000}
 CHAT_USERS=${CHAT_USERS:-1000}
 CHAT_RATE=${CHAT_RATE:-1000}
 CHAT_SECONDS=${CHAT_SECONDS:-10}
-FIND_START=${FIND_START:-1000}
-FIND_FACTOR=${FIND_FACTOR:-1.5}
+FIND_START=${FIND_START:-2000}
+FIND_FACTOR=${FIND_FACTOR:-1.25}
 FIND_SECONDS=${FIND_SECONDS:-5}
 STORM_LOGINS=${STORM_LOGINS:-5000}
 STORM_CONCURRENCY=${STORM_CONCURRENCY:-50}
 PRESENCE_USERS=${PRESENCE_USERS:-200}
 PRESENCE_CONTACTS=${PRESENCE_CONTACTS:-20}
 PRESENCE_RATE=${PRESENCE_RATE:-100}
+SCENARIOS=${SCENARIOS:-"connections chat findmax storm presence websocket"}
 MECHANISM=SCRAM-SHA-1 # the one all three store keys for by default
 PORT=${PORT:-27222}
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
@@ -163,19 +165,29 @@ cleanup() {
 trap cleanup EXIT
 
 bench() { # server, rookery-bench arguments...
-    local server=$1
+    local server=$1 status=0
     shift
-    local tls=$TLS
-    "$BIN/rookery-bench" --server "127.0.0.1:$(port_of "$server")" --tls "$tls" \
-        --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null
+    "$BIN/rookery-bench" --server "127.0.0.1:$(port_of "$server")" --tls "$TLS" \
+        --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
+    settle
+    return $status
 }
+
+# Lets the server finish what the last scenario left (the last find-max step
+# overloads it on purpose) before the next one starts measuring.
+settle() { sleep "${SETTLE:-3}"; }
 
 websocket() { # server, rookery-bench arguments...: over ws:// at /xmpp-websocket
     local server=$1
     shift
+    local status=0
     "$BIN/rookery-bench" --server "127.0.0.1:$(($(port_of "$server") + 2))" --tls none \
-        --websocket /xmpp-websocket --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null
+        --websocket /xmpp-websocket --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
+    settle
+    return $status
 }
+
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 accounts=$SESSIONS
 [ "$CHAT_USERS" -gt "$accounts" ] && accounts=$CHAT_USERS
@@ -185,35 +197,43 @@ for server in $SERVERS; do
     echo "$server: registering $accounts accounts" >&2
     bench "$server" --source-ips 1 --json "$OUT/$server-register.json" register --users "$accounts"
     # Subscribes the presence scenario's rosters once (minutes on Prosody).
-    bench "$server" --json "$OUT/$server-presence-setup.json" presence --users "$PRESENCE_USERS" \
-        --contacts "$PRESENCE_CONTACTS" --rate "$PRESENCE_RATE" --duration 1 ||
-        echo "$server: presence set-up failed; see $OUT/bench.log" >&2
+    if want presence; then
+        bench "$server" --json "$OUT/$server-presence-setup.json" presence --users "$PRESENCE_USERS" \
+            --contacts "$PRESENCE_CONTACTS" --rate "$PRESENCE_RATE" --duration 1 ||
+            echo "$server: presence set-up failed; see $OUT/bench.log" >&2
+    fi
     stop "$server"
 done
 
 for run in $(seq "$RUNS"); do
     for server in $SERVERS; do
         echo "run $run: $server" >&2
+        if want connections; then
+            start "$server"
+            bench "$server" --json "$OUT/$server-connections-$run.json" \
+                connections --users "$SESSIONS" --hold 2
+            stop "$server"
+        fi
         start "$server"
-        bench "$server" --json "$OUT/$server-connections-$run.json" \
-            connections --users "$SESSIONS" --hold 2
-        stop "$server"
-        start "$server"
-        bench "$server" --json "$OUT/$server-chat-$run.json" \
+        want chat && bench "$server" --json "$OUT/$server-chat-$run.json" \
             chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS"
-        bench "$server" --json "$OUT/$server-findmax-$run.json" \
+        want findmax && bench "$server" --json "$OUT/$server-findmax-$run.json" \
             chat --users "$CHAT_USERS" --rate "$FIND_START" --duration "$FIND_SECONDS" \
             --find-max --step-factor "$FIND_FACTOR"
-        bench "$server" --json "$OUT/$server-storm-$run.json" \
+        want storm && bench "$server" --json "$OUT/$server-storm-$run.json" \
             login-storm --users "$CHAT_USERS" --logins "$STORM_LOGINS" \
             --concurrency "$STORM_CONCURRENCY"
-        bench "$server" --json "$OUT/$server-presence-$run.json" \
-            presence --users "$PRESENCE_USERS" --contacts "$PRESENCE_CONTACTS" \
-            --rate "$PRESENCE_RATE" --duration "$CHAT_SECONDS" ||
-            echo "$server: presence failed; see $OUT/bench.log" >&2
-        websocket "$server" --json "$OUT/$server-websocket-$run.json" \
-            chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS" ||
-            echo "$server: WebSocket chat failed; see $OUT/bench.log" >&2
+        if want presence; then
+            bench "$server" --json "$OUT/$server-presence-$run.json" \
+                presence --users "$PRESENCE_USERS" --contacts "$PRESENCE_CONTACTS" \
+                --rate "$PRESENCE_RATE" --duration "$CHAT_SECONDS" ||
+                echo "$server: presence failed; see $OUT/bench.log" >&2
+        fi
+        if want websocket; then
+            websocket "$server" --json "$OUT/$server-websocket-$run.json" \
+                chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS" ||
+                echo "$server: WebSocket chat failed; see $OUT/bench.log" >&2
+        fi
         stop "$server"
     done
 done
