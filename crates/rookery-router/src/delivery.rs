@@ -15,17 +15,6 @@ fn is_server_push(stanza: &Element, namespace: &str) -> bool {
         && stanza.children().any(|child| child.has_ns(namespace))
 }
 
-/// An answer to or cancellation of a subscription, which RFC 6121 (3.1.6,
-/// 3.2.3, 3.3.3) delivers to interested resources only, like the roster
-/// push that follows it. Requests (`subscribe`) go to every available resource.
-fn is_subscription_change(stanza: &Element) -> bool {
-    stanza.is("presence", ns::CLIENT)
-        && matches!(
-            PresenceType::of(stanza),
-            Some(PresenceType::Subscribed | PresenceType::Unsubscribe | PresenceType::Unsubscribed)
-        )
-}
-
 /// True for presence an inactive client can do without for a while.
 fn holdable(stanza: &Element) -> bool {
     stanza.is("presence", ns::CLIENT)
@@ -48,9 +37,6 @@ impl Router {
             if !session.info.interested {
                 return;
             }
-        }
-        if is_subscription_change(&stanza) && !session.info.interested {
-            return;
         }
         if session.inactive && holdable(&stanza) {
             // Only the latest presence of each sender matters.
