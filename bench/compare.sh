@@ -245,6 +245,10 @@ def load(server, kind):
     # A scenario that failed on a server left no file: its cell says n/a.
     paths = [f"{out}/{server}-{kind}-{n}.json" for n in range(1, runs + 1)]
     return [json.load(open(p)) for p in paths if os.path.exists(p)]
+def at_max(report, key):
+    # The figure of the find-max step at the highest sustained rate.
+    steps = [s for s in report["steps"] if s["target_rate"] == report["max_sustained_rate"]]
+    return steps[0].get(key) if steps else None
 metrics = [
     ("KiB per idle session", "connections", lambda r: r["server_kib_per_session"], "lower"),
     ("sessions held", "connections", lambda r: r["sessions"], "higher"),
@@ -252,10 +256,14 @@ metrics = [
     (f"chat p50 ms at {rate} msg/s", "chat", lambda r: r["latency_ms_p50"], "lower"),
     (f"chat p99 ms at {rate} msg/s", "chat", lambda r: r["latency_ms_p99"], "lower"),
     (f"server CPU µs/msg at {rate} msg/s", "chat", lambda r: r["server_cpu_us_per_message"], "lower"),
+    (f"bench CPU µs/msg at {rate} msg/s", "chat", lambda r: r.get("bench_cpu_us_per_message"), "lower"),
     ("chat messages lost", "chat", lambda r: r["lost"], "lower"),
     ("highest msg/s, p99 <= 100 ms, no loss", "findmax", lambda r: r["max_sustained_rate"] or 0, "higher"),
+    ("server CPU µs/msg at that rate", "findmax", lambda r: at_max(r, "server_cpu_us_per_message"), "lower"),
+    ("bench CPU µs/msg at that rate", "findmax", lambda r: at_max(r, "bench_cpu_us_per_message"), "lower"),
     ("login-storm logins/s", "storm", lambda r: r["logins_per_second"], "higher"),
     ("server CPU ms/login", "storm", lambda r: r["server_cpu_ms_per_login"], "lower"),
+    ("bench CPU ms/login", "storm", lambda r: r.get("bench_cpu_ms_per_login"), "lower"),
     ("presence p99 ms", "presence", lambda r: r["latency_ms_p99"], "lower"),
     ("server CPU µs/presence delivered", "presence", lambda r: r["server_cpu_us_per_delivery"], "lower"),
     ("presences lost", "presence", lambda r: r["lost"], "lower"),

@@ -222,6 +222,11 @@ fn cpu_seconds(pids: &[u32]) -> Option<f64> {
         .flatten()
 }
 
+/// The CPU time (user and system) this process has used so far.
+fn own_cpu_seconds() -> Option<f64> {
+    process::cpu_seconds(std::process::id()).ok()
+}
+
 fn emit<T: Serialize + std::fmt::Debug>(cli: &Cli, report: &T) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     if let Some(path) = &cli.json {

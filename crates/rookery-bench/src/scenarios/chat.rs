@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Cli, cpu_seconds, emit, login_all, percentile, server_pids};
+use crate::{Cli, cpu_seconds, emit, login_all, own_cpu_seconds, percentile, server_pids};
 
 /// Where the recipients of the chat scenario are, relative to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -38,6 +38,8 @@ pub struct ChatReport {
     latency_ms_max: f64,
     server_cpu_seconds: Option<f64>,
     server_cpu_us_per_message: Option<f64>,
+    /// The load generator's own CPU per message (it shares the machine).
+    bench_cpu_us_per_message: Option<f64>,
 }
 
 /// How `--find-max` searches.
@@ -173,6 +175,7 @@ async fn run(
     }
     drop(latency_tx);
     let cpu_before = cpu_seconds(&pids);
+    let bench_before = own_cpu_seconds();
     let per_user = rate as f64 / users as f64;
     let paced = senders
         .into_iter()
@@ -207,6 +210,9 @@ async fn run(
         }
     }
     let cpu_after = cpu_seconds(&pids);
+    let bench_cpu = bench_before
+        .zip(own_cpu_seconds())
+        .map(|(before, after)| after - before);
     for sender in &mut senders {
         let _ = sender.close().await;
     }
@@ -236,9 +242,12 @@ async fn run(
         server_cpu_us_per_message: cpu
             .filter(|_| delivered > 0)
             .map(|cpu| cpu * 1e6 / delivered as f64),
+        bench_cpu_us_per_message: bench_cpu
+            .filter(|_| delivered > 0)
+            .map(|cpu| cpu * 1e6 / delivered as f64),
     };
     eprintln!(
-        "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message)",
+        "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message); bench CPU {:?} us/message",
         report.sent,
         report.delivered,
         report.lost,
@@ -249,7 +258,8 @@ async fn run(
         report.latency_ms_p99,
         report.latency_ms_max,
         report.server_cpu_seconds,
-        report.server_cpu_us_per_message
+        report.server_cpu_us_per_message,
+        report.bench_cpu_us_per_message
     );
     Ok(report)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rookery_bench::client::Connection;
 use serde::Serialize;
 
-use crate::{Cli, cpu_seconds, emit, percentile, server_pids, target};
+use crate::{Cli, cpu_seconds, emit, own_cpu_seconds, percentile, server_pids, target};
 
 /// What the storm measured.
 #[derive(Debug, Serialize)]
@@ -23,6 +23,8 @@ pub struct LoginStormReport {
     login_ms_p99: f64,
     server_cpu_seconds: Option<f64>,
     server_cpu_ms_per_login: Option<f64>,
+    /// The load generator's own CPU per login (it shares the machine).
+    bench_cpu_ms_per_login: Option<f64>,
 }
 
 /// `logins` logins over accounts 1 ..= `users`, `concurrency` at a time,
@@ -37,6 +39,7 @@ pub async fn login_storm(
     anyhow::ensure!(users > 0 && concurrency > 0, "need users and concurrency");
     let pids = server_pids(cli);
     let cpu_before = cpu_seconds(&pids);
+    let bench_before = own_cpu_seconds();
     let next = Arc::new(AtomicUsize::new(0));
     let end = Instant::now() + Duration::from_secs(duration);
     let started = Instant::now();
@@ -84,6 +87,9 @@ pub async fn login_storm(
     let cpu = cpu_before
         .zip(cpu_seconds(&pids))
         .map(|(before, after)| after - before);
+    let bench_cpu = bench_before
+        .zip(own_cpu_seconds())
+        .map(|(before, after)| after - before);
     times.sort_unstable();
     let report = LoginStormReport {
         scenario: "login-storm",
@@ -98,14 +104,18 @@ pub async fn login_storm(
         server_cpu_ms_per_login: cpu
             .filter(|_| !times.is_empty())
             .map(|cpu| cpu * 1000.0 / times.len() as f64),
+        bench_cpu_ms_per_login: bench_cpu
+            .filter(|_| !times.is_empty())
+            .map(|cpu| cpu * 1000.0 / times.len() as f64),
     };
     eprintln!(
-        "{} logins ({failures} failed) in {seconds:.1} s: {:.0} logins/s; login p50 {:.1} ms p99 {:.1} ms; server CPU {:.2?} ms per login",
+        "{} logins ({failures} failed) in {seconds:.1} s: {:.0} logins/s; login p50 {:.1} ms p99 {:.1} ms; server CPU {:.2?} ms per login; bench CPU {:.2?} ms per login",
         report.logins,
         report.logins_per_second,
         report.login_ms_p50,
         report.login_ms_p99,
-        report.server_cpu_ms_per_login
+        report.server_cpu_ms_per_login,
+        report.bench_cpu_ms_per_login
     );
     emit(cli, &report)?;
     anyhow::ensure!(report.logins > 0, "no login succeeded");
