@@ -162,18 +162,23 @@ impl<T: Transport> Connection<T> {
         // session) must not add its state to the future every idle session holds.
         let ending = Box::pin(self.connected()).await;
         self.transport.shutdown().await;
+        // The socket, TLS state, stream and buffers go now: ending the session
+        // may wait for storage, and after a mass disconnect thousands of
+        // sessions wait at once; they must not hold their sockets and buffers
+        // meanwhile.
+        let (c2s, bound) = (self.c2s.clone(), self.bound.take());
+        let undelivered = std::mem::take(&mut self.undelivered);
+        drop(self);
         match ending {
             Ending::HandedOver => tracing::info!("Session handed over to a resuming connection."),
             Ending::End => {
-                if let Some(bound) = self.bound.take() {
-                    let undelivered = std::mem::take(&mut self.undelivered);
-                    Box::pin(finish(&self.c2s, bound, undelivered)).await;
+                if let Some(bound) = bound {
+                    Box::pin(finish(&c2s, bound, undelivered)).await;
                 }
             }
             Ending::Hibernate(sm) => {
-                let bound = self.bound.take().expect("only bound sessions hibernate");
-                let undelivered = std::mem::take(&mut self.undelivered);
-                Box::pin(hibernate(self.c2s.clone(), bound, sm, undelivered)).await;
+                let bound = bound.expect("only bound sessions hibernate");
+                Box::pin(hibernate(c2s, bound, sm, undelivered)).await;
             }
         }
     }

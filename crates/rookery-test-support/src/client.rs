@@ -84,6 +84,15 @@ impl TestClient {
         TestClient::new(Io::Tls(Box::new(tls)))
     }
 
+    /// The client's end of the connection, while it is open.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.io {
+            Io::Plain(tcp) => tcp.local_addr().ok(),
+            Io::Tls(tls) => tls.get_ref().0.local_addr().ok(),
+            Io::Gone => None,
+        }
+    }
+
     fn new(io: Io) -> TestClient {
         TestClient {
             io,

@@ -1197,3 +1197,84 @@ async fn data_survives_a_restart() {
     alice.send("<presence/>").await;
     assert_eq!(body(&alice.expect_message().await), "while you were away");
 }
+
+/// A connection that ends gives its socket (and its TLS state and buffers)
+/// back at once, even while the end of its session (unavailable presence,
+/// last activity) waits for storage: after a mass disconnect thousands of
+/// sessions queue for SQLite's one writer, and must not hold their sockets
+/// meanwhile.
+#[tokio::test]
+async fn an_ended_connection_releases_its_socket_while_storage_is_busy() {
+    use sqlx::Connection as _;
+    let server = server_with(&["alice"]).await;
+    let alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
+    let client = alice.local_addr().expect("connected");
+    let socket = server_socket(server.starttls(), client).expect("the server's socket");
+    // Another writer holds SQLite's write lock: storing alice's last activity waits.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(server.data_dir().join("rookery.sqlite"));
+    let mut lock = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("open the database");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .expect("write lock");
+    alice.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while socket_held(&socket) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server still holds the socket of an ended connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.sessions(), 1, "the session is still ending");
+    sqlx::query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .expect("unlock");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while server.sessions() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The inode of the server's end of the TCP connection from `client` to `server`.
+fn server_socket(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<String> {
+    let hex = |address: std::net::SocketAddr| match address {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("the test server listens on IPv4"),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|fields| fields.len() > 9 && fields[1] == local && fields[2] == remote)
+        .map(|fields| fields[9].clone())
+}
+
+/// Whether a file descriptor of this process (the in-process server's)
+/// still holds the socket with this inode.
+fn socket_held(inode: &str) -> bool {
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
+        })
+}
