@@ -215,6 +215,13 @@ fn rss_kib(pids: &[u32]) -> Option<u64> {
         .flatten()
 }
 
+/// Open files of every measured process together.
+fn open_files(pids: &[u32]) -> Option<usize> {
+    (!pids.is_empty())
+        .then(|| pids.iter().map(|pid| process::open_files(*pid).ok()).sum())
+        .flatten()
+}
+
 /// CPU time of every measured process together, in seconds.
 fn cpu_seconds(pids: &[u32]) -> Option<f64> {
     (!pids.is_empty())

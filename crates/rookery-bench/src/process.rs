@@ -15,6 +15,11 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
 }
 
+/// The number of open file descriptors of `pid` (sockets included).
+pub fn open_files(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
 /// The kernel's slab memory (`Slab:` in /proc/meminfo), in KiB: socket
 /// structures, open files and epoll entries live there.
 pub fn kernel_slab_kib() -> anyhow::Result<u64> {

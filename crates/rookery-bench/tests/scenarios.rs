@@ -72,6 +72,12 @@ async fn chat_delivers_every_message_once_over_every_transport() {
         assert!(report["latency_ms_p99"].as_f64().expect("p99") > 0.0);
         // The server runs in this process: its CPU is measured too.
         assert!(report["server_cpu_seconds"].as_f64().expect("CPU") > 0.0);
+        assert!(
+            report["bench_cpu_us_per_message"]
+                .as_f64()
+                .expect("bench CPU")
+                > 0.0
+        );
     }
 }
 
@@ -88,6 +94,11 @@ async fn connections_and_login_storms_over_every_transport() {
         assert_eq!(report["sessions"].as_u64(), Some(USERS as u64), "{report}");
         assert_eq!(report["failures"], 0, "{report}");
         assert!(report["server_kib_per_session"].is_number(), "{report}");
+        // The clients all leave at once and the server lets go of their sockets.
+        assert!(
+            report["server_files_released_seconds"].is_number(),
+            "{report}"
+        );
         let report = bench(
             address,
             &transport,
