@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rookery_cluster::{Bus, LocalBus};
@@ -393,6 +393,27 @@ impl App {
             );
         }
         if let Some(nats) = &nats {
+            // The ending sessions stored what their clients had not
+            // acknowledged for users who may already be binding on another
+            // node; the periodic redelivery is gone with this node, so it
+            // runs once more when the registry is known current past now.
+            let ended = Instant::now();
+            let deadline = ended + FINAL_REDELIVERY_WAIT;
+            while router
+                .bus()
+                .registry_confirmed()
+                .is_none_or(|at| at < ended)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let routed = router.redeliver_deferred().await;
+            if routed > 0 {
+                tracing::info!(
+                    routed,
+                    "Messages stored while stopping went to sessions on other nodes."
+                );
+            }
             nats.leave().await;
         }
         store.close().await;
@@ -403,6 +424,9 @@ impl App {
 
 /// How often messages deferred by a cluster outage are retried.
 const REDELIVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping node waits for its registry view to be confirmed
+/// before its last redelivery (the registry is checked every second).
+const FINAL_REDELIVERY_WAIT: Duration = Duration::from_secs(3);
 
 fn rand_secret() -> [u8; 32] {
     rookery_stream::StreamConfig::new("").decoy_secret
