@@ -164,11 +164,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bench() { # server, rookery-bench arguments...
-    local server=$1 status=0
-    shift
-    "$BIN/rookery-bench" --server "127.0.0.1:$(port_of "$server")" --tls "$TLS" \
-        --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
+# Runs rookery-bench (its report goes to the JSON file its arguments name,
+# its messages to bench.log), then lets the server settle.
+run_bench() { # rookery-bench arguments...
+    local status=0
+    "$BIN/rookery-bench" --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
     settle
     return $status
 }
@@ -177,14 +177,17 @@ bench() { # server, rookery-bench arguments...
 # overloads it on purpose) before the next one starts measuring.
 settle() { sleep "${SETTLE:-3}"; }
 
+bench() { # server, rookery-bench arguments...
+    local server=$1
+    shift
+    run_bench --server "127.0.0.1:$(port_of "$server")" --tls "$TLS" "$@"
+}
+
 websocket() { # server, rookery-bench arguments...: over ws:// at /xmpp-websocket
     local server=$1
     shift
-    local status=0
-    "$BIN/rookery-bench" --server "127.0.0.1:$(($(port_of "$server") + 2))" --tls none \
-        --websocket /xmpp-websocket --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
-    settle
-    return $status
+    run_bench --server "127.0.0.1:$(($(port_of "$server") + 2))" --tls none \
+        --websocket /xmpp-websocket "$@"
 }
 
 want() { [[ " $SCENARIOS " == *" $1 "* ]]; }

@@ -208,30 +208,58 @@ fn server_pids(cli: &Cli) -> Vec<u32> {
         .collect()
 }
 
+/// `read` of every measured process, summed; `None` without processes or
+/// when one cannot be read.
+fn sum_over<T: std::iter::Sum>(pids: &[u32], read: fn(u32) -> anyhow::Result<T>) -> Option<T> {
+    (!pids.is_empty())
+        .then(|| pids.iter().map(|pid| read(*pid).ok()).sum())
+        .flatten()
+}
+
 /// Resident memory of every measured process together, in KiB.
 fn rss_kib(pids: &[u32]) -> Option<u64> {
-    (!pids.is_empty())
-        .then(|| pids.iter().map(|pid| process::rss_kib(*pid).ok()).sum())
-        .flatten()
+    sum_over(pids, process::rss_kib)
 }
 
 /// Open files of every measured process together.
 fn open_files(pids: &[u32]) -> Option<usize> {
-    (!pids.is_empty())
-        .then(|| pids.iter().map(|pid| process::open_files(*pid).ok()).sum())
-        .flatten()
+    sum_over(pids, process::open_files)
 }
 
-/// CPU time of every measured process together, in seconds.
-fn cpu_seconds(pids: &[u32]) -> Option<f64> {
-    (!pids.is_empty())
-        .then(|| pids.iter().map(|pid| process::cpu_seconds(*pid).ok()).sum())
-        .flatten()
+/// The CPU time (user and system) spent over a measurement window by the
+/// measured servers and by the bench itself (it shares the machine).
+struct CpuWindow {
+    pids: Vec<u32>,
+    servers: Option<f64>,
+    bench: Option<f64>,
 }
 
-/// The CPU time (user and system) this process has used so far.
-fn own_cpu_seconds() -> Option<f64> {
-    process::cpu_seconds(std::process::id()).ok()
+impl CpuWindow {
+    /// Opens the window now.
+    fn start(pids: &[u32]) -> CpuWindow {
+        CpuWindow {
+            pids: pids.to_vec(),
+            servers: sum_over(pids, process::cpu_seconds),
+            bench: process::cpu_seconds(std::process::id()).ok(),
+        }
+    }
+
+    /// Seconds spent since the start: (servers, bench).
+    fn spent(&self) -> (Option<f64>, Option<f64>) {
+        let since = |before: Option<f64>, now: Option<f64>| before.zip(now).map(|(b, n)| n - b);
+        (
+            since(self.servers, sum_over(&self.pids, process::cpu_seconds)),
+            since(self.bench, process::cpu_seconds(std::process::id()).ok()),
+        )
+    }
+}
+
+/// `seconds` per unit of work in `scale` (1e6 for µs, 1e3 for ms); `None`
+/// when nothing was done or nothing measured.
+fn per_unit(seconds: Option<f64>, units: u64, scale: f64) -> Option<f64> {
+    seconds
+        .filter(|_| units > 0)
+        .map(|seconds| seconds * scale / units as f64)
 }
 
 fn emit<T: Serialize + std::fmt::Debug>(cli: &Cli, report: &T) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Cli, cpu_seconds, emit, login_all, own_cpu_seconds, percentile, server_pids};
+use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids};
 
 /// Where the recipients of the chat scenario are, relative to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -174,8 +174,7 @@ async fn run(
         });
     }
     drop(latency_tx);
-    let cpu_before = cpu_seconds(&pids);
-    let bench_before = own_cpu_seconds();
+    let window = CpuWindow::start(&pids);
     let per_user = rate as f64 / users as f64;
     let paced = senders
         .into_iter()
@@ -209,10 +208,7 @@ async fn run(
             break;
         }
     }
-    let cpu_after = cpu_seconds(&pids);
-    let bench_cpu = bench_before
-        .zip(own_cpu_seconds())
-        .map(|(before, after)| after - before);
+    let (cpu, bench_cpu) = window.spent();
     for sender in &mut senders {
         let _ = sender.close().await;
     }
@@ -220,9 +216,6 @@ async fn run(
     latencies.sort_unstable();
     let delivered = seen.len() as u64;
     let duplicated = seen.values().map(|c| u64::from(c - 1)).sum();
-    let cpu = cpu_before
-        .zip(cpu_after)
-        .map(|(before, after)| after - before);
     let report = ChatReport {
         scenario: "chat",
         servers,
@@ -239,12 +232,8 @@ async fn run(
         latency_ms_p99: percentile(&latencies, 0.99),
         latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
         server_cpu_seconds: cpu,
-        server_cpu_us_per_message: cpu
-            .filter(|_| delivered > 0)
-            .map(|cpu| cpu * 1e6 / delivered as f64),
-        bench_cpu_us_per_message: bench_cpu
-            .filter(|_| delivered > 0)
-            .map(|cpu| cpu * 1e6 / delivered as f64),
+        server_cpu_us_per_message: per_unit(cpu, delivered, 1e6),
+        bench_cpu_us_per_message: per_unit(bench_cpu, delivered, 1e6),
     };
     eprintln!(
         "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message); bench CPU {:?} us/message",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rookery_bench::client::Connection;
 use serde::Serialize;
 
-use crate::{Cli, cpu_seconds, emit, own_cpu_seconds, percentile, server_pids, target};
+use crate::{Cli, CpuWindow, emit, per_unit, percentile, server_pids, target};
 
 /// What the storm measured.
 #[derive(Debug, Serialize)]
@@ -38,8 +38,7 @@ pub async fn login_storm(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(users > 0 && concurrency > 0, "need users and concurrency");
     let pids = server_pids(cli);
-    let cpu_before = cpu_seconds(&pids);
-    let bench_before = own_cpu_seconds();
+    let window = CpuWindow::start(&pids);
     let next = Arc::new(AtomicUsize::new(0));
     let end = Instant::now() + Duration::from_secs(duration);
     let started = Instant::now();
@@ -84,12 +83,7 @@ pub async fn login_storm(
         failures += worker_failures;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_before
-        .zip(cpu_seconds(&pids))
-        .map(|(before, after)| after - before);
-    let bench_cpu = bench_before
-        .zip(own_cpu_seconds())
-        .map(|(before, after)| after - before);
+    let (cpu, bench_cpu) = window.spent();
     times.sort_unstable();
     let report = LoginStormReport {
         scenario: "login-storm",
@@ -101,12 +95,8 @@ pub async fn login_storm(
         login_ms_p50: percentile(&times, 0.50),
         login_ms_p99: percentile(&times, 0.99),
         server_cpu_seconds: cpu,
-        server_cpu_ms_per_login: cpu
-            .filter(|_| !times.is_empty())
-            .map(|cpu| cpu * 1000.0 / times.len() as f64),
-        bench_cpu_ms_per_login: bench_cpu
-            .filter(|_| !times.is_empty())
-            .map(|cpu| cpu * 1000.0 / times.len() as f64),
+        server_cpu_ms_per_login: per_unit(cpu, times.len() as u64, 1e3),
+        bench_cpu_ms_per_login: per_unit(bench_cpu, times.len() as u64, 1e3),
     };
     eprintln!(
         "{} logins ({failures} failed) in {seconds:.1} s: {:.0} logins/s; login p50 {:.1} ms p99 {:.1} ms; server CPU {:.2?} ms per login; bench CPU {:.2?} ms per login",

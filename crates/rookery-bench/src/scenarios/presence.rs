@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rookery_bench::client::{Connection, Receiver, Sender};
 use serde::Serialize;
 
-use crate::{Cli, cpu_seconds, emit, percentile, server_pids};
+use crate::{Cli, CpuWindow, emit, per_unit, percentile, server_pids};
 
 /// What the presence scenario measured.
 #[derive(Debug, Serialize)]
@@ -230,7 +230,7 @@ pub async fn presence(
             (n, count as u64)
         })
         .collect();
-    let cpu_before = cpu_seconds(&pids);
+    let window = CpuWindow::start(&pids);
     let sent = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
     let per_user = rate as f64 / online.len() as f64;
@@ -262,9 +262,7 @@ pub async fn presence(
             _ => break,
         }
     }
-    let cpu = cpu_before
-        .zip(cpu_seconds(&pids))
-        .map(|(before, after)| after - before);
+    let (cpu, _) = window.spent();
     for sender in &mut senders {
         let _ = sender.close().await;
     }
@@ -287,9 +285,7 @@ pub async fn presence(
         latency_ms_p99: percentile(&latencies, 0.99),
         latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
         server_cpu_seconds: cpu,
-        server_cpu_us_per_delivery: cpu
-            .filter(|_| deliveries > 0)
-            .map(|cpu| cpu * 1e6 / deliveries as f64),
+        server_cpu_us_per_delivery: per_unit(cpu, deliveries, 1e6),
     };
     eprintln!(
         "{changes} presence changes, {deliveries} of {total_expected} deliveries ({:.0}/s); latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:.1?} us per delivery",
