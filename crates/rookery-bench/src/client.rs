@@ -73,6 +73,8 @@ pub struct Connection {
     pub jid: String,
     /// The features of the latest stream (re)start.
     pub features: Option<Element>,
+    /// Messages [`until`](Self::until) passed over, once [`keep_messages`](Self::keep_messages) is on.
+    kept: Option<Vec<Element>>,
 }
 
 /// The server ended the stream with an error (RFC 6120, 4.9).
@@ -317,6 +319,7 @@ impl Connection {
             sender: Sender { sink },
             jid: String::new(),
             features: None,
+            kept: None,
         }
     }
 
@@ -412,7 +415,8 @@ impl Connection {
         self.receiver.read().await
     }
 
-    /// The first element matching `matches`, dropping others.
+    /// The first element matching `matches`, dropping others (but see
+    /// [`keep_messages`](Self::keep_messages)).
     pub async fn until(&mut self, matches: impl Fn(&Element) -> bool) -> anyhow::Result<Element> {
         loop {
             let element = self.next().await?;
@@ -422,7 +426,24 @@ impl Connection {
             if matches(&element) {
                 return Ok(element);
             }
+            if let Some(kept) = &mut self.kept
+                && element.name() == "message"
+            {
+                kept.push(element);
+            }
         }
+    }
+
+    /// From now on [`until`](Self::until) keeps the messages it passes over:
+    /// once bound, a session may be sent messages before the client's next
+    /// request is answered (stream management enabled, say).
+    pub fn keep_messages(&mut self) {
+        self.kept.get_or_insert_with(Vec::new);
+    }
+
+    /// The messages [`until`](Self::until) kept, oldest first.
+    pub fn take_kept(&mut self) -> Vec<Element> {
+        self.kept.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Splits into a reading and a writing half.

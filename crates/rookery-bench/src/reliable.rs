@@ -83,6 +83,8 @@ pub struct Report {
     pub latency_ms_p99: f64,
     /// Maximum.
     pub latency_ms_max: f64,
+    /// The first lost messages, as `id -> recipient`, to look for in logs and storage.
+    pub lost_examples: Vec<String>,
 }
 
 impl std::fmt::Display for Report {
@@ -105,7 +107,11 @@ impl std::fmt::Display for Report {
             self.latency_ms_p50,
             self.latency_ms_p99,
             self.latency_ms_max,
-        )
+        )?;
+        if !self.lost_examples.is_empty() {
+            write!(f, "; lost {}", self.lost_examples.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -218,6 +224,13 @@ impl Ledger {
     /// The counts now.
     pub fn report(&self) -> Report {
         let book = self.book();
+        let mut lost: Vec<u64> = book
+            .acknowledged
+            .iter()
+            .filter(|seq| !book.arrivals.contains_key(seq))
+            .copied()
+            .collect();
+        lost.sort_unstable();
         let mut latencies = book.latencies.clone();
         latencies.sort_unstable();
         let percentile = |p: f64| {
@@ -232,11 +245,7 @@ impl Ledger {
             acknowledged: book.acknowledged.len() as u64,
             delivered: book.arrivals.len() as u64,
             duplicated: book.arrivals.values().map(|n| u64::from(n - 1)).sum(),
-            lost: book
-                .acknowledged
-                .iter()
-                .filter(|seq| !book.arrivals.contains_key(seq))
-                .count() as u64,
+            lost: lost.len() as u64,
             unconfirmed: book
                 .sent
                 .keys()
@@ -253,6 +262,11 @@ impl Ledger {
             latency_ms_max: latencies
                 .last()
                 .map_or(f64::NAN, |l| l.as_secs_f64() * 1000.0),
+            lost_examples: lost
+                .iter()
+                .take(10)
+                .map(|seq| format!("m{seq} -> {}", book.sent[seq].to))
+                .collect(),
         }
     }
 }
@@ -501,6 +515,7 @@ impl Actor {
             self.ledger.resume_failed.fetch_add(1, Ordering::Relaxed);
             self.previd = None;
         }
+        connection.keep_messages();
         connection.bind(&self.settings.resource).await?;
         connection
             .send(&format!("<enable xmlns='{SM}' resume='true'/>"))
@@ -508,6 +523,11 @@ impl Actor {
         let enabled = connection
             .until(|e| e.has_ns(SM) && matches!(e.name(), "enabled" | "failed"))
             .await?;
+        // Messages that reached the new session before stream management
+        // was on: delivered, and outside its count.
+        for message in connection.take_kept() {
+            self.arrived(&message);
+        }
         if enabled.name() != "enabled" {
             bail!("stream management refused: {}", String::from(&enabled));
         }
@@ -679,15 +699,7 @@ impl Actor {
         }
         self.inbound = self.inbound.wrapping_add(1);
         match element.name() {
-            "message" if element.attr("type") == Some("error") => self.ledger.record_bounce(),
-            "message" => {
-                let seq = element
-                    .get_child("body", CLIENT)
-                    .and_then(|body| body.text().split(' ').next()?.parse::<u64>().ok());
-                if let Some(seq) = seq {
-                    self.ledger.record_arrival(seq, &self.bare);
-                }
-            }
+            "message" => self.arrived(element),
             "iq" if matches!(element.attr("type"), Some("get" | "set")) => {
                 let id = element.attr("id").unwrap_or_default();
                 let to = element
@@ -707,6 +719,20 @@ impl Actor {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Records a message from the server: a chat message's arrival, or a bounce.
+    fn arrived(&self, message: &Element) {
+        if message.attr("type") == Some("error") {
+            self.ledger.record_bounce();
+            return;
+        }
+        let seq = message
+            .get_child("body", CLIENT)
+            .and_then(|body| body.text().split(' ').next()?.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            self.ledger.record_arrival(seq, &self.bare);
+        }
     }
 }
 
