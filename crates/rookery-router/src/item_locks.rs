@@ -9,6 +9,12 @@
 //!
 //! Striped: a pair maps to one of a fixed number of mutexes. Never hold one
 //! guard while taking another: two pairs may share a stripe.
+//!
+//! The lock orders the changes made on one node. In a cluster the node of
+//! each user of the pair writes the same items, so the write itself is
+//! conditional too (`RosterStore::replace_roster_item`): a change whose item
+//! changed since it was read is read and applied again
+//! ([`retry_changed_item`]).
 
 use std::hash::{BuildHasher, RandomState};
 
@@ -39,4 +45,18 @@ impl ItemLocks {
         let stripe = self.hasher.hash_one((user, contact)) as usize % STRIPES;
         self.stripes[stripe].lock().await
     }
+}
+
+/// How often a subscription change is redone when the roster item keeps
+/// changing under it; in practice once is enough.
+const ITEM_CHANGE_ATTEMPTS: u32 = 8;
+
+/// Whether to redo a change whose roster item changed since it was read.
+pub(crate) fn retry_changed_item(attempts: &mut u32, user: &BareJid, contact: &BareJid) -> bool {
+    *attempts += 1;
+    if *attempts < ITEM_CHANGE_ATTEMPTS {
+        return true;
+    }
+    tracing::error!(%user, %contact, "Roster item kept changing; this change is dropped.");
+    false
 }

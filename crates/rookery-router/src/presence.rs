@@ -8,6 +8,7 @@ use rookery_store::RosterItem;
 use rookery_stream::ns;
 use rookery_stream::xml::set_attr;
 
+use crate::item_locks::retry_changed_item;
 use crate::rules::{self, PresenceFallback};
 use crate::stanza::{self, ErrorCondition, PresenceType, error_reply};
 use crate::subscription::{self, SubState};
@@ -292,7 +293,10 @@ impl Router {
         (item, state)
     }
 
-    /// Stores a new subscription state and pushes the roster item if it changed.
+    /// Stores a new subscription state and pushes the roster item if it
+    /// changed. Returns false, having stored nothing, if the item changed
+    /// since `item` was read (another node's change): read it again and redo
+    /// the transition.
     async fn save_sub_state(
         &self,
         user: &BareJid,
@@ -300,7 +304,7 @@ impl Router {
         item: Option<RosterItem>,
         before: SubState,
         after: SubState,
-    ) {
+    ) -> bool {
         let item_changed = (before.subscription, before.ask, before.approved)
             != (after.subscription, after.ask, after.approved);
         if item_changed
@@ -311,12 +315,19 @@ impl Router {
                         ..SubState::default()
                     })
         {
-            let mut item = item.unwrap_or_else(|| RosterItem::new(contact.clone()));
-            item.subscription = after.subscription;
-            item.ask = after.ask;
-            item.approved = after.approved;
-            match self.store.put_roster_item(user, &item).await {
-                Ok(version) => self.push_roster_item(user, &item, version).await,
+            let mut changed = item
+                .clone()
+                .unwrap_or_else(|| RosterItem::new(contact.clone()));
+            changed.subscription = after.subscription;
+            changed.ask = after.ask;
+            changed.approved = after.approved;
+            match self
+                .store
+                .replace_roster_item(user, item.as_ref(), &changed)
+                .await
+            {
+                Ok(Some(version)) => self.push_roster_item(user, &changed, version).await,
+                Ok(None) => return false,
                 Err(error) => {
                     tracing::error!(%user, %contact, %error, "Roster item could not be stored.")
                 }
@@ -328,6 +339,7 @@ impl Router {
         {
             tracing::warn!(%user, %error, "Subscription request could not be removed.");
         }
+        true
     }
 
     /// The user sends a subscription stanza (section 3, the user's server).
@@ -343,28 +355,28 @@ impl Router {
             return;
         }
         let guard = self.item_locks.lock(&user, contact).await;
-        let (item, before) = self.sub_state(&user, contact).await;
-        if item.is_none() && kind == PresenceType::Subscribe {
-            let count = self
-                .store
-                .roster(&user)
-                .await
-                .map(|r| r.items.len())
-                .unwrap_or(0);
-            if count >= self.config.max_roster_items {
-                let text = Some("Your roster is full.");
+        let mut attempts = 0;
+        let outcome = loop {
+            let (item, before) = self.sub_state(&user, contact).await;
+            if item.is_none() && kind == PresenceType::Subscribe && self.roster_is_full(&user).await
+            {
                 session.outbox.push(error_reply(
                     &presence,
                     ErrorCondition::RESOURCE_CONSTRAINT,
-                    text,
+                    Some("Your roster is full."),
                     None,
                 ));
                 return;
             }
-        }
-        let outcome = subscription::outbound(before, kind);
-        self.save_sub_state(&user, contact, item, before, outcome.next)
-            .await;
+            let outcome = subscription::outbound(before, kind);
+            if self
+                .save_sub_state(&user, contact, item, before, outcome.next)
+                .await
+                || !retry_changed_item(&mut attempts, &user, contact)
+            {
+                break outcome;
+            }
+        };
         drop(guard);
         if !outcome.forward {
             return;
@@ -417,8 +429,18 @@ impl Router {
             return;
         }
         let guard = self.item_locks.lock(recipient, sender).await;
-        let (item, before) = self.sub_state(recipient, sender).await;
-        let outcome = subscription::inbound(before, kind);
+        let mut attempts = 0;
+        let outcome = loop {
+            let (item, before) = self.sub_state(recipient, sender).await;
+            let outcome = subscription::inbound(before, kind);
+            if self
+                .save_sub_state(recipient, sender, item, before, outcome.next)
+                .await
+                || !retry_changed_item(&mut attempts, recipient, sender)
+            {
+                break outcome;
+            }
+        };
         if kind == PresenceType::Subscribe
             && outcome.next.pending_in
             && let Err(error) = self
@@ -428,8 +450,6 @@ impl Router {
         {
             tracing::error!(%recipient, %error, "Subscription request could not be stored.");
         }
-        self.save_sub_state(recipient, sender, item, before, outcome.next)
-            .await;
         drop(guard);
         if outcome.deliver {
             let routes = rules::presence_to_bare(&self.bus.routes(recipient));

@@ -5,6 +5,7 @@ use minidom::Element;
 use rookery_store::RosterItem;
 use rookery_stream::xml::set_attr;
 
+use crate::item_locks::retry_changed_item;
 use crate::stanza::{ErrorCondition, PresenceType, error_reply, iq_result};
 use crate::{IqType, Router, Session, namespaces};
 
@@ -164,21 +165,16 @@ impl Router {
             groups.push(name);
         }
         let _guard = self.item_locks.lock(&user, &contact).await;
-        let existing = match self.store.roster_item(&user, &contact).await {
-            Ok(existing) => existing,
-            Err(error) => {
-                tracing::error!(%user, %error, "Roster item could not be read.");
-                return error_reply(iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None);
-            }
-        };
-        if existing.is_none() {
-            let count = self
-                .store
-                .roster(&user)
-                .await
-                .map(|r| r.items.len())
-                .unwrap_or(0);
-            if count >= self.config.max_roster_items {
+        let mut attempts = 0;
+        loop {
+            let existing = match self.store.roster_item(&user, &contact).await {
+                Ok(existing) => existing,
+                Err(error) => {
+                    tracing::error!(%user, %error, "Roster item could not be read.");
+                    return error_reply(iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None);
+                }
+            };
+            if existing.is_none() && self.roster_is_full(&user).await {
                 return error_reply(
                     iq,
                     ErrorCondition::NOT_ALLOWED,
@@ -186,24 +182,45 @@ impl Router {
                     None,
                 );
             }
-        }
-        // The client sets name and groups; subscription state belongs to the server.
-        let mut updated = existing.unwrap_or_else(|| RosterItem::new(contact));
-        updated.name = item
-            .attr("name")
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned);
-        updated.groups = groups;
-        match self.store.put_roster_item(&user, &updated).await {
-            Ok(version) => {
-                self.push_roster_item(&user, &updated, version).await;
-                iq_result(iq, None)
+            // The client sets name and groups; subscription state belongs to the server.
+            let mut updated = existing
+                .clone()
+                .unwrap_or_else(|| RosterItem::new(contact.clone()));
+            updated.name = item
+                .attr("name")
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned);
+            updated.groups = groups.clone();
+            match self
+                .store
+                .replace_roster_item(&user, existing.as_ref(), &updated)
+                .await
+            {
+                Ok(Some(version)) => {
+                    self.push_roster_item(&user, &updated, version).await;
+                    return iq_result(iq, None);
+                }
+                Ok(None) if retry_changed_item(&mut attempts, &user, &contact) => {}
+                Ok(None) => {
+                    return error_reply(iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None);
+                }
+                Err(error) => {
+                    tracing::error!(%user, %error, "Roster item could not be stored.");
+                    return error_reply(iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None);
+                }
             }
-            Err(error) => {
-                tracing::error!(%user, %error, "Roster item could not be stored.");
-                error_reply(iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None)
-            }
         }
+    }
+
+    /// Whether `user`'s roster holds as many items as it may (a new one is refused).
+    pub(crate) async fn roster_is_full(&self, user: &BareJid) -> bool {
+        let count = self
+            .store
+            .roster(user)
+            .await
+            .map(|r| r.items.len())
+            .unwrap_or(0);
+        count >= self.config.max_roster_items
     }
 
     /// Section 2.5: removing a contact cancels subscriptions both ways first.

@@ -69,6 +69,43 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
+    async fn read_roster_item(
+        connection: &mut sqlx::PgConnection,
+        user: &BareJid,
+        contact: &BareJid,
+    ) -> StoreResult<Option<RosterItem>> {
+        let row = sqlx::query("SELECT * FROM roster_items WHERE jid = $1 AND contact = $2")
+            .bind(user.as_str())
+            .bind(contact.as_str())
+            .fetch_optional(connection)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(roster_item_from_row).transpose()
+    }
+
+    async fn write_roster_item(
+        tx: &mut sqlx::PgConnection,
+        user: &BareJid,
+        item: &RosterItem,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO roster_items (jid, contact, name, subscription, ask, approved, groups) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (jid, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
+             ask = excluded.ask, approved = excluded.approved, groups = excluded.groups",
+        )
+        .bind(user.as_str())
+        .bind(item.jid.as_str())
+        .bind(item.name.as_deref())
+        .bind(item.subscription.as_str())
+        .bind(item.ask)
+        .bind(item.approved)
+        .bind(&item.groups)
+        .execute(tx)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
     async fn bump_roster_version(tx: &mut sqlx::PgConnection, user: &str) -> StoreResult<i64> {
         let row = sqlx::query(
             "INSERT INTO roster_versions (jid, version) VALUES ($1, 1)
@@ -283,35 +320,37 @@ impl RosterStore for PostgresStore {
         user: &BareJid,
         contact: &BareJid,
     ) -> StoreResult<Option<RosterItem>> {
-        let row = sqlx::query("SELECT * FROM roster_items WHERE jid = $1 AND contact = $2")
-            .bind(user.as_str())
-            .bind(contact.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        row.as_ref().map(roster_item_from_row).transpose()
+        let mut connection = self.pool.acquire().await.map_err(backend)?;
+        Self::read_roster_item(&mut connection, user, contact).await
     }
 
     async fn put_roster_item(&self, user: &BareJid, item: &RosterItem) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        sqlx::query(
-            "INSERT INTO roster_items (jid, contact, name, subscription, ask, approved, groups) VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (jid, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
-             ask = excluded.ask, approved = excluded.approved, groups = excluded.groups",
-        )
-        .bind(user.as_str())
-        .bind(item.jid.as_str())
-        .bind(item.name.as_deref())
-        .bind(item.subscription.as_str())
-        .bind(item.ask)
-        .bind(item.approved)
-        .bind(&item.groups)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
+        // Every roster write takes the user's version first (see replace_roster_item).
         let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        Self::write_roster_item(&mut tx, user, item).await?;
         tx.commit().await.map_err(backend)?;
         Ok(version)
+    }
+
+    async fn replace_roster_item(
+        &self,
+        user: &BareJid,
+        expected: Option<&RosterItem>,
+        item: &RosterItem,
+    ) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        // Bumping the version first locks the user's version row until the
+        // commit: the item read next is the latest, and stays so.
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        let current = Self::read_roster_item(&mut tx, user, &item.jid).await?;
+        if current.as_ref() != expected {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(None);
+        }
+        Self::write_roster_item(&mut tx, user, item).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(version))
     }
 
     async fn remove_roster_item(
@@ -320,6 +359,7 @@ impl RosterStore for PostgresStore {
         contact: &BareJid,
     ) -> StoreResult<Option<i64>> {
         let mut tx = self.pool.begin().await.map_err(backend)?;
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
         let deleted = sqlx::query("DELETE FROM roster_items WHERE jid = $1 AND contact = $2")
             .bind(user.as_str())
             .bind(contact.as_str())
@@ -327,9 +367,9 @@ impl RosterStore for PostgresStore {
             .await
             .map_err(backend)?;
         if deleted.rows_affected() == 0 {
+            tx.rollback().await.map_err(backend)?;
             return Ok(None);
         }
-        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(version))
     }

@@ -82,6 +82,72 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
+    async fn read_roster_item(
+        connection: &mut sqlx::SqliteConnection,
+        user: &BareJid,
+        contact: &BareJid,
+    ) -> StoreResult<Option<RosterItem>> {
+        let row = sqlx::query("SELECT * FROM roster_items WHERE jid = ?1 AND contact = ?2")
+            .bind(user.as_str())
+            .bind(contact.as_str())
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(backend)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut item = roster_item_from_row(&row)?;
+        let groups = sqlx::query(
+            "SELECT name FROM roster_groups WHERE jid = ?1 AND contact = ?2 ORDER BY position",
+        )
+        .bind(user.as_str())
+        .bind(contact.as_str())
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(backend)?;
+        item.groups = groups.into_iter().map(|row| row.get(0)).collect();
+        Ok(Some(item))
+    }
+
+    /// Creates or replaces the item and its groups.
+    async fn write_roster_item(
+        connection: &mut sqlx::SqliteConnection,
+        user: &BareJid,
+        item: &RosterItem,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO roster_items (jid, contact, name, subscription, ask, approved) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (jid, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
+             ask = excluded.ask, approved = excluded.approved",
+        )
+        .bind(user.as_str())
+        .bind(item.jid.as_str())
+        .bind(item.name.as_deref())
+        .bind(item.subscription.as_str())
+        .bind(i64::from(item.ask))
+        .bind(i64::from(item.approved))
+        .execute(&mut *connection)
+        .await
+        .map_err(backend)?;
+        sqlx::query("DELETE FROM roster_groups WHERE jid = ?1 AND contact = ?2")
+            .bind(user.as_str())
+            .bind(item.jid.as_str())
+            .execute(&mut *connection)
+            .await
+            .map_err(backend)?;
+        for (position, group) in item.groups.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO roster_groups (jid, contact, position, name) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(user.as_str())
+            .bind(item.jid.as_str())
+            .bind(position as i64)
+            .bind(group)
+            .execute(&mut *connection)
+            .await
+            .map_err(backend)?;
+        }
+        Ok(())
+    }
+
     async fn bump_roster_version(tx: &mut sqlx::SqliteConnection, user: &str) -> StoreResult<i64> {
         let row = sqlx::query(
             "INSERT INTO roster_versions (jid, version) VALUES (?1, 1)
@@ -316,63 +382,37 @@ impl RosterStore for SqliteStore {
         user: &BareJid,
         contact: &BareJid,
     ) -> StoreResult<Option<RosterItem>> {
-        let row = sqlx::query("SELECT * FROM roster_items WHERE jid = ?1 AND contact = ?2")
-            .bind(user.as_str())
-            .bind(contact.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        let Some(row) = row else { return Ok(None) };
-        let mut item = roster_item_from_row(&row)?;
-        let groups = sqlx::query(
-            "SELECT name FROM roster_groups WHERE jid = ?1 AND contact = ?2 ORDER BY position",
-        )
-        .bind(user.as_str())
-        .bind(contact.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend)?;
-        item.groups = groups.into_iter().map(|row| row.get(0)).collect();
-        Ok(Some(item))
+        let mut connection = self.pool.acquire().await.map_err(backend)?;
+        Self::read_roster_item(&mut connection, user, contact).await
     }
 
     async fn put_roster_item(&self, user: &BareJid, item: &RosterItem) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        sqlx::query(
-            "INSERT INTO roster_items (jid, contact, name, subscription, ask, approved) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (jid, contact) DO UPDATE SET name = excluded.name, subscription = excluded.subscription,
-             ask = excluded.ask, approved = excluded.approved",
-        )
-        .bind(user.as_str())
-        .bind(item.jid.as_str())
-        .bind(item.name.as_deref())
-        .bind(item.subscription.as_str())
-        .bind(i64::from(item.ask))
-        .bind(i64::from(item.approved))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        sqlx::query("DELETE FROM roster_groups WHERE jid = ?1 AND contact = ?2")
-            .bind(user.as_str())
-            .bind(item.jid.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        for (position, group) in item.groups.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO roster_groups (jid, contact, position, name) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(user.as_str())
-            .bind(item.jid.as_str())
-            .bind(position as i64)
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        }
+        // Every roster write takes the user's version first (see replace_roster_item).
         let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        Self::write_roster_item(&mut tx, user, item).await?;
         tx.commit().await.map_err(backend)?;
         Ok(version)
+    }
+
+    async fn replace_roster_item(
+        &self,
+        user: &BareJid,
+        expected: Option<&RosterItem>,
+        item: &RosterItem,
+    ) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        // Writing first takes the database's write lock until the commit:
+        // the item read next is the latest, and stays so.
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
+        let current = Self::read_roster_item(&mut tx, user, &item.jid).await?;
+        if current.as_ref() != expected {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(None);
+        }
+        Self::write_roster_item(&mut tx, user, item).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(version))
     }
 
     async fn remove_roster_item(
@@ -381,6 +421,7 @@ impl RosterStore for SqliteStore {
         contact: &BareJid,
     ) -> StoreResult<Option<i64>> {
         let mut tx = self.pool.begin().await.map_err(backend)?;
+        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
         let deleted = sqlx::query("DELETE FROM roster_items WHERE jid = ?1 AND contact = ?2")
             .bind(user.as_str())
             .bind(contact.as_str())
@@ -388,6 +429,7 @@ impl RosterStore for SqliteStore {
             .await
             .map_err(backend)?;
         if deleted.rows_affected() == 0 {
+            tx.rollback().await.map_err(backend)?;
             return Ok(None);
         }
         sqlx::query("DELETE FROM roster_groups WHERE jid = ?1 AND contact = ?2")
@@ -396,7 +438,6 @@ impl RosterStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-        let version = Self::bump_roster_version(&mut tx, user.as_str()).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(version))
     }

@@ -300,6 +300,85 @@ pub async fn offline_messages(store: &dyn Store) {
 }
 
 /// Concurrent writers never lose an offline message.
+/// A conditional replace writes only over what the caller read.
+pub async fn roster_item_replaced_only_if_unchanged(store: &dyn Store) {
+    let alice = jid("alice@localhost");
+    let mut bob = RosterItem::new(jid("bob@localhost"));
+    bob.ask = true;
+    let v1 = store
+        .replace_roster_item(&alice, None, &bob)
+        .await
+        .unwrap()
+        .expect("written over nothing");
+    // Someone else created it first.
+    assert_eq!(
+        store.replace_roster_item(&alice, None, &bob).await.unwrap(),
+        None
+    );
+    let mut both = bob.clone();
+    both.subscription = Subscription::Both;
+    both.ask = false;
+    let stale = RosterItem::new(bob.jid.clone());
+    assert_eq!(
+        store
+            .replace_roster_item(&alice, Some(&stale), &both)
+            .await
+            .unwrap(),
+        None
+    );
+    let unchanged = store.roster(&alice).await.unwrap();
+    assert_eq!(unchanged.version, v1, "a refused write leaves the version");
+    assert_eq!(unchanged.items, vec![bob.clone()]);
+    let v2 = store
+        .replace_roster_item(&alice, Some(&bob), &both)
+        .await
+        .unwrap()
+        .expect("written over what was read");
+    assert!(v2 > v1);
+    assert_eq!(
+        store.roster_item(&alice, &bob.jid).await.unwrap(),
+        Some(both)
+    );
+}
+
+/// Concurrent read-modify-write cycles that retry on a refused replace lose
+/// no change: each adds a group, and every group is there at the end.
+pub async fn roster_item_changes_under_concurrency(store: &dyn Store) {
+    let alice = jid("alice@localhost");
+    let bob = jid("bob@localhost");
+    let changes = (0..12).map(|n| {
+        let (alice, bob) = (alice.clone(), bob.clone());
+        async move {
+            loop {
+                let current = store.roster_item(&alice, &bob).await.unwrap();
+                let mut item = current
+                    .clone()
+                    .unwrap_or_else(|| RosterItem::new(bob.clone()));
+                item.groups.push(format!("g{n}"));
+                if store
+                    .replace_roster_item(&alice, current.as_ref(), &item)
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    futures_join_all(changes).await;
+    let mut groups = store
+        .roster_item(&alice, &bob)
+        .await
+        .unwrap()
+        .expect("item")
+        .groups;
+    groups.sort();
+    let mut expected: Vec<String> = (0..12).map(|n| format!("g{n}")).collect();
+    expected.sort();
+    assert_eq!(groups, expected);
+}
+
 pub async fn offline_messages_under_concurrency(store: &dyn Store) {
     let alice = jid("alice@localhost");
     let pushes = (0..20).map(|n| {
@@ -505,6 +584,7 @@ macro_rules! store_conformance_tests {
     ($make:expr) => {
         $crate::store_conformance_tests!(@each $make;
             accounts, password_change, account_deletion_cascades, roster_items_and_versions,
+            roster_item_replaced_only_if_unchanged, roster_item_changes_under_concurrency,
             subscription_requests, offline_messages, offline_messages_under_concurrency,
             documents, blocking, last_activity);
     };

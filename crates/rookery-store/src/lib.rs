@@ -176,6 +176,17 @@ pub trait RosterStore: Send + Sync {
     ) -> StoreResult<Option<RosterItem>>;
     /// Creates or replaces an item; returns the new roster version.
     async fn put_roster_item(&self, user: &BareJid, item: &RosterItem) -> StoreResult<i64>;
+    /// Writes `item` only if the stored item for its contact is still
+    /// `expected` (`None`: there is none), and returns the new roster
+    /// version; `None` if it changed since it was read (read it again and
+    /// redo the change). Nodes of a cluster change the same item: a
+    /// subscription stanza changes the sender's and the recipient's items.
+    async fn replace_roster_item(
+        &self,
+        user: &BareJid,
+        expected: Option<&RosterItem>,
+        item: &RosterItem,
+    ) -> StoreResult<Option<i64>>;
     /// Removes an item; returns the new version, or `None` if there was no such item.
     async fn remove_roster_item(
         &self,

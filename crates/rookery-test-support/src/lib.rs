@@ -9,6 +9,7 @@ pub mod haproxy;
 pub mod nats;
 pub mod process;
 pub mod proxy;
+pub mod ring;
 pub mod server;
 pub mod xmpp_rs;
 

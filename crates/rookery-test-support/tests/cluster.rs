@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use minidom::Element;
 use rookery_test_support::proxy::TcpProxy;
+use rookery_test_support::ring::ask_each_other_in_a_ring;
 use rookery_test_support::{TestClient, TestCluster};
 
 const CLIENT: &str = "jabber:client";
@@ -25,6 +26,22 @@ async fn cluster(nodes: usize, users: &[&str]) -> TestCluster {
         cluster.create_user(user, "secret").await;
     }
     cluster
+}
+
+/// Neighbours in a ring on alternating nodes ask each other for
+/// subscriptions at once: each roster item is changed by both users' nodes at
+/// the same moment, and no change is lost (the write is conditional, the
+/// per-node item locks alone did not order the two nodes' writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_on_two_nodes_asking_each_other_at_once_end_subscribed_both_ways() {
+    const USERS: usize = 30;
+    let cluster = TestCluster::start(2).await;
+    for n in 0..USERS {
+        cluster.create_user(&format!("ring{n}"), "secret").await;
+    }
+    let wrong =
+        ask_each_other_in_a_ring("ring", USERS, 4, |n| cluster.node(n % 2).starttls()).await;
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 #[tokio::test]

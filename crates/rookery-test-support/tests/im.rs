@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use minidom::Element;
+use rookery_test_support::ring::ask_each_other_in_a_ring;
 use rookery_test_support::{TestClient, TestServer};
 
 const CLIENT: &str = "jabber:client";
@@ -314,74 +315,12 @@ async fn the_subscription_handshake_and_presence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_asking_each_other_at_once_end_subscribed_both_ways() {
     const USERS: usize = 30;
-    const HALF: usize = 4; // contacts on each side in a ring
-    let names: Vec<String> = (0..USERS).map(|n| format!("ring{n}")).collect();
     let server = TestServer::start().await;
-    for name in &names {
-        server.create_user(name, "secret").await;
+    for n in 0..USERS {
+        server.create_user(&format!("ring{n}"), "secret").await;
     }
-    let contacts = |n: usize| -> Vec<String> {
-        (1..=HALF)
-            .flat_map(|k| [(n + k) % USERS, (n + USERS - k) % USERS])
-            .map(|c| format!("ring{c}@localhost"))
-            .collect()
-    };
-    let mut clients = Vec::new();
-    for name in &names {
-        clients.push(TestClient::online(server.starttls(), name, "secret", "r").await);
-    }
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(n, mut client)| {
-            let contacts = contacts(n);
-            tokio::spawn(async move {
-                let requests: String = contacts
-                    .iter()
-                    .map(|c| format!("<presence type='subscribe' to='{c}'/>"))
-                    .collect();
-                client.send(&requests).await;
-                let (mut approved, mut answered) = (0, 0);
-                while approved < contacts.len() || answered < contacts.len() {
-                    let element = client.recv().await;
-                    let from = element.attr("from").unwrap_or_default().to_owned();
-                    match (element.name(), element.attr("type")) {
-                        ("presence", Some("subscribe")) => {
-                            client
-                                .send(&format!("<presence type='subscribed' to='{from}'/>"))
-                                .await;
-                            answered += 1;
-                        }
-                        ("presence", Some("subscribed")) => approved += 1,
-                        _ => {}
-                    }
-                }
-                client
-            })
-        })
-        .collect();
-    let mut clients = Vec::new();
-    for task in tasks {
-        clients.push(task.await.expect("client task"));
-    }
-    // Every change has been applied once the answers to these arrive.
-    tokio::time::sleep(SHORT).await;
-    for (n, client) in clients.iter_mut().enumerate() {
-        let roster = client
-            .iq(&format!("<iq type='get'><query xmlns='{ROSTER}'/></iq>"))
-            .await;
-        let query = roster.get_child("query", ROSTER).expect("roster");
-        let items: Vec<String> = query.children().map(String::from).collect();
-        assert_eq!(items.len(), 2 * HALF, "ring{n}: {items:?}");
-        for item in query.children() {
-            assert_eq!(
-                (item.attr("subscription"), item.attr("ask")),
-                (Some("both"), None),
-                "ring{n}: {}",
-                String::from(item)
-            );
-        }
-    }
+    let wrong = ask_each_other_in_a_ring("ring", USERS, 4, |_| server.starttls()).await;
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 /// A session keeps its subscribers between roster pushes: a contact who
