@@ -3,6 +3,7 @@
 
 use rookery_app::Config;
 use rookery_app::config::ClusterConfig;
+use rookery_cluster::RouteInfo;
 use rookery_store_postgres::testing::TempDatabase;
 
 use crate::nats::NatsServer;
@@ -75,6 +76,32 @@ impl TestCluster {
     /// Creates an account (through node 0; the database is shared).
     pub async fn create_user(&self, name: &str, password: &str) {
         self.nodes[0].create_user(name, password).await;
+    }
+
+    /// Waits (at most 10 s) until every node's copy of the session registry
+    /// shows the session `jid` (a full JID) in a state `what` accepts. A
+    /// session's routing state (availability, priority, carbons) reaches the
+    /// other nodes through the registry watch a moment after its own node
+    /// answered the client.
+    pub async fn wait_until_every_node_sees(&self, jid: &str, what: impl Fn(&RouteInfo) -> bool) {
+        let full: jid::FullJid = jid.parse().expect("a full JID");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let seen = self.nodes.iter().all(|node| {
+                node.router()
+                    .bus()
+                    .route(&full)
+                    .is_some_and(|route| what(&route.info))
+            });
+            if seen {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every node saw the expected state of {jid}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Adds a node.

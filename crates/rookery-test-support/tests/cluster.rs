@@ -108,6 +108,13 @@ async fn priorities_decide_across_nodes() {
         .await;
     high.expect(|e| e.name() == "presence" && e.attr("from") == Some("alice@localhost/low"))
         .await;
+    for (resource, priority) in [("high", 10), ("low", 1)] {
+        cluster
+            .wait_until_every_node_sees(&format!("alice@localhost/{resource}"), |info| {
+                info.available() && info.priority == priority
+            })
+            .await;
+    }
     bob.send("<message to='alice@localhost' type='chat'><body>most available</body></message>")
         .await;
     assert_eq!(body(&high.expect_message().await), "most available");
@@ -139,6 +146,9 @@ async fn carbons_blocking_and_offline_across_nodes() {
         TestClient::online(cluster.node(2).starttls(), "alice", "secret", "laptop").await;
     laptop
         .iq("<iq type='set'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+        .await;
+    cluster
+        .wait_until_every_node_sees("alice@localhost/laptop", |info| info.carbons)
         .await;
     bob.send("<message to='alice@localhost/phone' type='chat'><body>carbon me</body></message>")
         .await;
