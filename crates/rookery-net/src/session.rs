@@ -31,6 +31,10 @@ use crate::transport::{Received, Transport};
 
 /// How long one write may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Input or mail closer together than this is a burst: the session keeps its
+/// read buffer, output buffer and XML writer until a gap this long, rather
+/// than freeing and making them again for every stanza.
+const BURST_GAP: Duration = Duration::from_millis(100);
 
 /// Runs one client connection to its end.
 pub async fn run<T: Transport>(
@@ -41,21 +45,7 @@ pub async fn run<T: Transport>(
     secure: bool,
 ) {
     let span = tracing::info_span!("c2s", %peer, jid = tracing::field::Empty);
-    let now = Instant::now();
-    let connection = Box::new(Connection {
-        stream: ServerStream::new(config, transport.framing(), secure, now.into_std()),
-        byte_rate: c2s
-            .byte_rate
-            .map(|(rate, burst)| ByteRate::new(rate, burst, now.into_std())),
-        c2s,
-        transport,
-        peer,
-        buffer: BytesMut::new(),
-        bound: None,
-        undelivered: Vec::new(),
-        throttled_until: None,
-        shutdown_seen: false,
-    });
+    let connection = Box::new(Connection::new(c2s, config, transport, peer, secure));
     // A bug in one session must not take the node down: the panic is contained
     // here and reported; its routing entry is skipped once its inbox is gone.
     let outcome = std::panic::AssertUnwindSafe(connection.run().instrument(span.clone()))
@@ -146,9 +136,39 @@ struct Connection<T> {
     byte_rate: Option<ByteRate>,
     throttled_until: Option<Instant>,
     shutdown_seen: bool,
+    /// The last input or mail.
+    last_active: Option<Instant>,
+    /// While traffic comes in bursts, buffers are kept until this moment.
+    release_at: Option<Instant>,
 }
 
 impl<T: Transport> Connection<T> {
+    fn new(
+        c2s: Arc<C2s>,
+        config: Arc<StreamConfig>,
+        transport: T,
+        peer: SocketAddr,
+        secure: bool,
+    ) -> Self {
+        let now = Instant::now().into_std();
+        Connection {
+            stream: ServerStream::new(config, transport.framing(), secure, now),
+            byte_rate: c2s
+                .byte_rate
+                .map(|(rate, burst)| ByteRate::new(rate, burst, now)),
+            c2s,
+            transport,
+            peer,
+            buffer: BytesMut::new(),
+            bound: None,
+            undelivered: Vec::new(),
+            throttled_until: None,
+            shutdown_seen: false,
+            last_active: None,
+            release_at: None,
+        }
+    }
+
     async fn run(mut self: Box<Self>) {
         tracing::debug!("Connection accepted.");
         if let Err(error) = self.c2s.admit() {
@@ -193,7 +213,10 @@ impl<T: Transport> Connection<T> {
                 continue;
             }
             self.settle_receipts().await;
-            let timer = self.stream.poll_timeout().map(Instant::from_std);
+            let timer = match (self.stream.poll_timeout(), self.release_at) {
+                (Some(stream), Some(release)) => Some(release.min(Instant::from_std(stream))),
+                (stream, release) => release.or(stream.map(Instant::from_std)),
+            };
             let throttled = self.throttled_until;
             let wake = tokio::select! {
                 biased;
@@ -204,6 +227,9 @@ impl<T: Transport> Connection<T> {
                 _ = sleep_until(timer), if timer.is_some() => Wake::Timer,
             };
             let now = Instant::now();
+            if matches!(wake, Wake::Mail(Some(_)) | Wake::Input(Ok(Received::Bytes))) {
+                self.note_activity(now);
+            }
             match wake {
                 Wake::Shutdown => {
                     self.shutdown_seen = true;
@@ -218,8 +244,12 @@ impl<T: Transport> Connection<T> {
                 Wake::Input(Ok(Received::Bytes)) => {
                     self.stream.handle_input(now.into_std(), &self.buffer);
                     let read = self.buffer.len();
-                    // Released: an idle connection keeps no read buffer.
-                    self.buffer = BytesMut::new();
+                    if self.release_at.is_some() {
+                        self.buffer.clear();
+                    } else {
+                        // Released: an idle connection keeps no read buffer.
+                        self.buffer = BytesMut::new();
+                    }
                     if let Some(rate) = &mut self.byte_rate {
                         let wait = rate.consume(read, now.into_std());
                         if !wait.is_zero() {
@@ -236,9 +266,32 @@ impl<T: Transport> Connection<T> {
                     self.stream.handle_eof(now.into_std());
                 }
                 Wake::Throttle => self.throttled_until = None,
-                Wake::Timer => self.stream.handle_timeout(now.into_std()),
+                Wake::Timer => {
+                    if self.release_at.is_some_and(|at| now >= at) {
+                        self.release_at = None;
+                        self.buffer = BytesMut::new();
+                        self.stream.release_buffers();
+                    }
+                    self.stream.handle_timeout(now.into_std());
+                }
             }
         }
+    }
+
+    /// Input or mail at `now`: if it follows the last within [`BURST_GAP`],
+    /// a bound session is in a burst and keeps its buffers until a gap that
+    /// long. (The round trips of a login are no burst: a login storm would
+    /// otherwise hold the buffers of every session of its last moments.)
+    fn note_activity(&mut self, now: Instant) {
+        if self.bound.is_some()
+            && self
+                .last_active
+                .is_some_and(|last| now.duration_since(last) < BURST_GAP)
+        {
+            self.stream.hold_buffers();
+            self.release_at = Some(now + BURST_GAP);
+        }
+        self.last_active = Some(now);
     }
 
     /// Acts on every pending stream event; returns the ending once the stream is closed.

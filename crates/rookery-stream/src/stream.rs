@@ -232,6 +232,9 @@ pub struct ServerStream {
     /// Made when there is something to write, dropped when all is sent: its
     /// namespace state is about 0.5 KiB that an idle session does not keep.
     writer: Option<StreamWriter>,
+    /// The caller expects more traffic soon: drained buffers, the writer and
+    /// the parser's scratch memory are kept until [`release_buffers`](Self::release_buffers).
+    holding: bool,
     /// Unparsed input.
     input: BytesMut,
     /// Output not yet taken by `poll_transmit`.
@@ -271,6 +274,7 @@ impl ServerStream {
             secure,
             state: State::Header,
             writer: None,
+            holding: false,
             input: BytesMut::new(),
             out: BytesMut::new(),
             frames: VecDeque::new(),
@@ -597,7 +601,7 @@ impl ServerStream {
             if let Some(event) = self.events.pop_front() {
                 return Some(event);
             }
-            if self.events.capacity() > 0 {
+            if self.events.capacity() > 0 && !self.holding {
                 // Drained: an idle session keeps no event queue (about 0.5 KiB).
                 self.events = VecDeque::new();
             }
@@ -623,7 +627,7 @@ impl ServerStream {
                     } else {
                         self.element_started = None;
                     }
-                    if self.input.is_empty() {
+                    if self.input.is_empty() && !self.holding {
                         self.input = BytesMut::new();
                         self.reader.release_memory();
                     }
@@ -647,20 +651,52 @@ impl ServerStream {
         match self.framing {
             Framing::WebSocket => {
                 let frame = self.frames.pop_front();
-                if frame.is_none() {
+                if frame.is_none() && !self.holding {
                     self.writer = None;
                 }
                 frame
             }
             Framing::Tcp if self.out.is_empty() => {
-                if self.out.capacity() > 0 {
-                    self.out = BytesMut::new();
+                if !self.holding {
+                    self.release_output();
                 }
-                self.writer = None;
                 None
             }
             Framing::Tcp => Some(self.out.split().freeze()),
         }
+    }
+
+    /// Keeps drained buffers, the XML writer and the parser's scratch memory
+    /// for the next input or output, instead of freeing them each time: for
+    /// a session in the middle of a burst of traffic, where making them again
+    /// for every stanza costs more than holding them for a moment.
+    pub fn hold_buffers(&mut self) {
+        self.holding = true;
+    }
+
+    /// Frees what [`hold_buffers`](Self::hold_buffers) kept and is empty: an
+    /// idle session holds only its state, not its buffers.
+    pub fn release_buffers(&mut self) {
+        self.holding = false;
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+            self.reader.release_memory();
+        }
+        match self.framing {
+            Framing::WebSocket if self.frames.is_empty() => self.writer = None,
+            Framing::Tcp if self.out.is_empty() => self.release_output(),
+            _ => {}
+        }
+    }
+
+    fn release_output(&mut self) {
+        if self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+        self.writer = None;
     }
 
     /// When `handle_timeout` should be called next.

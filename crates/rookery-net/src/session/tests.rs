@@ -11,7 +11,6 @@ use tokio_util::task::TaskTracker;
 use super::*;
 use crate::limit::AddressLimiter;
 use crate::transport::TcpTransport;
-use rookery_stream::Framing;
 
 /// The future of an idle connection is the connected loop (boxed) plus its caller.
 const BUDGET_BYTES: usize = 2048;
@@ -49,18 +48,13 @@ async fn session_futures_stay_small() {
     let _client = client.unwrap();
     let (stream, peer) = accepted.unwrap();
     let config = Arc::new(StreamConfig::new("localhost"));
-    let mut connection = Box::new(Connection {
-        stream: ServerStream::new(config, Framing::Tcp, false, Instant::now().into_std()),
-        byte_rate: None,
+    let mut connection = Box::new(Connection::new(
         c2s,
-        transport: TcpTransport::plain(stream),
+        config,
+        TcpTransport::plain(stream),
         peer,
-        buffer: BytesMut::new(),
-        bound: None,
-        undelivered: Vec::new(),
-        throttled_until: None,
-        shutdown_seen: false,
-    });
+        false,
+    ));
     let connected = connection.connected();
     let size = std::mem::size_of_val(&connected);
     assert!(

@@ -1047,3 +1047,35 @@ fn see_other_host_names_the_host() {
         "<stream:error><see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>[::1]:5222</see-other-host></stream:error></stream:stream>"
     );
 }
+
+#[test]
+fn buffers_are_freed_when_drained_unless_held_until_released() {
+    let mut h = Harness::secure();
+    h.send(OPEN);
+    h.output();
+    h.auth_and_bind("phone");
+    let message = || {
+        "<message xmlns='jabber:client' type='chat' to='alice@localhost/phone' from='bob@localhost/desk'><body>hi</body></message>"
+            .parse::<Element>()
+            .unwrap()
+    };
+    // Idle by default: drained output gives its buffer and writer back.
+    h.stream.send_stanza(message()).unwrap();
+    assert!(h.output().contains("<body>hi</body>"));
+    assert!(h.stream.writer.is_none());
+    assert_eq!(h.stream.out.capacity(), 0);
+    // In a burst they stay for the next stanza ...
+    h.stream.hold_buffers();
+    h.stream.send_stanza(message()).unwrap();
+    assert!(h.output().contains("<body>hi</body>"));
+    assert!(h.stream.writer.is_some());
+    assert!(h.stream.out.capacity() > 0);
+    // ... until released, which frees what is empty.
+    h.stream.release_buffers();
+    assert!(h.stream.writer.is_none());
+    assert_eq!(h.stream.out.capacity(), 0);
+    // And the stream goes on as before.
+    h.stream.send_stanza(message()).unwrap();
+    assert!(h.output().contains("<body>hi</body>"));
+    assert!(h.stream.writer.is_none());
+}
