@@ -213,10 +213,13 @@ impl<T: Transport> Connection<T> {
                 continue;
             }
             self.settle_receipts().await;
-            let timer = match (self.stream.poll_timeout(), self.release_at) {
-                (Some(stream), Some(release)) => Some(release.min(Instant::from_std(stream))),
-                (stream, release) => release.or(stream.map(Instant::from_std)),
-            };
+            let timer = [
+                self.stream.poll_timeout().map(Instant::from_std),
+                self.release_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let throttled = self.throttled_until;
             let wake = tokio::select! {
                 biased;

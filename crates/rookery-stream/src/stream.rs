@@ -601,9 +601,8 @@ impl ServerStream {
             if let Some(event) = self.events.pop_front() {
                 return Some(event);
             }
-            if self.events.capacity() > 0 && !self.holding {
-                // Drained: an idle session keeps no event queue (about 0.5 KiB).
-                self.events = VecDeque::new();
+            if !self.holding {
+                self.release_events();
             }
             if self.awaiting_caller() || self.is_closed() {
                 return None;
@@ -627,9 +626,8 @@ impl ServerStream {
                     } else {
                         self.element_started = None;
                     }
-                    if self.input.is_empty() && !self.holding {
-                        self.input = BytesMut::new();
-                        self.reader.release_memory();
+                    if !self.holding {
+                        self.release_input();
                     }
                     return None;
                 }
@@ -652,7 +650,7 @@ impl ServerStream {
             Framing::WebSocket => {
                 let frame = self.frames.pop_front();
                 if frame.is_none() && !self.holding {
-                    self.writer = None;
+                    self.release_output();
                 }
                 frame
             }
@@ -678,25 +676,38 @@ impl ServerStream {
     /// idle session holds only its state, not its buffers.
     pub fn release_buffers(&mut self) {
         self.holding = false;
-        if self.events.is_empty() {
+        self.release_events();
+        self.release_input();
+        self.release_output();
+    }
+
+    /// Drained: an idle session keeps no event queue (about 0.5 KiB).
+    fn release_events(&mut self) {
+        if self.events.is_empty() && self.events.capacity() > 0 {
             self.events = VecDeque::new();
         }
+    }
+
+    /// All input parsed: no input buffer, no parser scratch memory.
+    fn release_input(&mut self) {
         if self.input.is_empty() {
             self.input = BytesMut::new();
             self.reader.release_memory();
         }
-        match self.framing {
-            Framing::WebSocket if self.frames.is_empty() => self.writer = None,
-            Framing::Tcp if self.out.is_empty() => self.release_output(),
-            _ => {}
-        }
     }
 
+    /// All output taken: no output buffer, no writer.
     fn release_output(&mut self) {
-        if self.out.capacity() > 0 {
-            self.out = BytesMut::new();
+        match self.framing {
+            Framing::WebSocket if self.frames.is_empty() => self.writer = None,
+            Framing::Tcp if self.out.is_empty() => {
+                if self.out.capacity() > 0 {
+                    self.out = BytesMut::new();
+                }
+                self.writer = None;
+            }
+            _ => {}
         }
-        self.writer = None;
     }
 
     /// When `handle_timeout` should be called next.
