@@ -5,7 +5,8 @@
 #     presence sent); login rate and the server's resident memory per session;
 #   - chat: CHAT_USERS online users at CHAT_RATE msg/s (a moderate rate):
 #     latency percentiles and server CPU per message;
-#   - chat --find-max: the highest rate with p99 <= 100 ms and nothing lost;
+#   - chat --find-max: the highest rate with p99 <= 100 ms and nothing lost,
+#     and the p99 of every server at each rate it stepped through;
 #   - login-storm: full logins (TLS, SASL SCRAM-SHA-1, bind) per second;
 #   - presence: PRESENCE_USERS users with rosters of PRESENCE_CONTACTS
 #     contacts (half online) change presence at PRESENCE_RATE changes/s:
@@ -22,6 +23,7 @@
 #   RUNS=3 TLS=none bench/compare.sh             # plain TCP on all three
 #   SERVERS="rookery ejabberd" SESSIONS=5000 bench/compare.sh
 #   SCENARIOS="findmax storm" SESSIONS=1000 bench/compare.sh   # a subset
+#   SERVER_CPUS=0 BENCH_CPUS=1 bench/compare.sh  # each server on CPU 0, the load generator on CPU 1
 #
 # Results (JSON of every scenario, server logs, the table) stay in OUT.
 set -euo pipefail
@@ -37,6 +39,7 @@ CHAT_SECONDS=${CHAT_SECONDS:-10}
 FIND_START=${FIND_START:-2000}
 FIND_FACTOR=${FIND_FACTOR:-1.25}
 FIND_SECONDS=${FIND_SECONDS:-5}
+FIND_REFINE=${FIND_REFINE:-3}
 STORM_LOGINS=${STORM_LOGINS:-5000}
 STORM_CONCURRENCY=${STORM_CONCURRENCY:-50}
 PRESENCE_USERS=${PRESENCE_USERS:-200}
@@ -46,6 +49,9 @@ SCENARIOS=${SCENARIOS:-"connections chat findmax storm presence websocket"}
 MECHANISM=SCRAM-SHA-1 # the one all three store keys for by default
 PORT=${PORT:-27222}
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
+# CPU lists (taskset) for the servers and the load generator; empty: anywhere.
+SERVER_CPUS=${SERVER_CPUS:-}
+BENCH_CPUS=${BENCH_CPUS:-}
 
 case "$TLS" in
     starttls) require_tls=true; allow_plain=false ;;
@@ -73,6 +79,12 @@ cargo build --release --quiet -p rookery -p rookery-bench
 BIN=$ROOT/target/release
 mkdir -p "$OUT"
 echo "results in $OUT" >&2
+
+on_cpus() { # cpu list, command...: the command confined to the list, if any
+    local cpus=$1
+    shift
+    if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi
+}
 
 port_of() { # server -> port
     case "$1" in rookery) echo "$PORT" ;; ejabberd) echo $((PORT + 10)) ;; prosody) echo $((PORT + 20)) ;; esac
@@ -118,18 +130,18 @@ start() { # server
     port=$(port_of "$server")
     case "$server" in
         rookery)
-            "$BIN/rookery" --config "$dir/rookery.toml" serve >> "$dir/server.log" 2>&1 &
+            on_cpus "$SERVER_CPUS" "$BIN/rookery" --config "$dir/rookery.toml" serve >> "$dir/server.log" 2>&1 &
             ;;
         # Each runs as its own user; su and runuser reset the soft file limit
         # to 1024, so it is raised again to the hard limit before the server starts.
         ejabberd)
-            runuser -u ejabberd -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
+            on_cpus "$SERVER_CPUS" runuser -u ejabberd -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
                 ejabberdctl --config-dir "$dir" --config "$dir/ejabberd.yml" --logs "$dir/logs" \
                 --spool "$dir/spool" --node "ejabberd-bench@localhost" foreground \
                 >> "$dir/server.log" 2>&1 &
             ;;
         prosody)
-            runuser -u prosody -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
+            on_cpus "$SERVER_CPUS" runuser -u prosody -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
                 prosody --config "$dir/prosody.cfg.lua" -F >> "$dir/server.log" 2>&1 &
             ;;
     esac
@@ -168,7 +180,7 @@ trap cleanup EXIT
 # its messages to bench.log), then lets the server settle.
 run_bench() { # rookery-bench arguments...
     local status=0
-    "$BIN/rookery-bench" --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
+    on_cpus "$BENCH_CPUS" "$BIN/rookery-bench" --mechanism "$MECHANISM" "$@" 2>> "$OUT/bench.log" > /dev/null || status=$?
     settle
     return $status
 }
@@ -222,7 +234,7 @@ for run in $(seq "$RUNS"); do
             chat --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS"
         want findmax && bench "$server" --json "$OUT/$server-findmax-$run.json" \
             chat --users "$CHAT_USERS" --rate "$FIND_START" --duration "$FIND_SECONDS" \
-            --find-max --step-factor "$FIND_FACTOR"
+            --find-max --step-factor "$FIND_FACTOR" --refine-steps "$FIND_REFINE"
         want storm && bench "$server" --json "$OUT/$server-storm-$run.json" \
             login-storm --users "$CHAT_USERS" --logins "$STORM_LOGINS" \
             --concurrency "$STORM_CONCURRENCY"
@@ -298,4 +310,30 @@ for label, kind, get, better in metrics:
             a, b = medians["rookery"], medians[p]
             cells.append(f"{a / b:.2f}" if a is not None and b else "n/a")
     print(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
+# The p99 at each rate find-max stepped through (the same rates on every
+# server; a server whose search stopped lower has no cell there).
+p99_at = {server: {} for server in servers}
+for server in servers:
+    for report in load(server, "findmax"):
+        for step in report["steps"]:
+            p99_at[server].setdefault(step["target_rate"], []).append(step["latency_ms_p99"])
+shared = lambda rate: sum(rate in p99_at[s] for s in servers) >= min(2, len(servers))
+rates = sorted({r for s in servers for r in p99_at[s] if shared(r)})
+if rates:
+    print()
+    head = ["find-max step msg/s: chat p99 ms, median (min–max)"] + servers
+    if "rookery" in servers:
+        head += [f"rookery/{p}" for p in peers]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for rate in rates:
+        medians, cells = {}, []
+        for server in servers:
+            medians[server], text = cell(p99_at[server].get(rate, []))
+            cells.append(text)
+        if "rookery" in servers:
+            for p in peers:
+                a, b = medians["rookery"], medians[p]
+                cells.append(f"{a / b:.2f}" if a is not None and b else "n/a")
+        print(f"| {rate} | " + " | ".join(cells) + " |")
 PY

@@ -97,7 +97,8 @@ enum Scenario {
         #[arg(long, value_enum, default_value = "any")]
         placement: Placement,
         /// Step the rate up from --rate until p99 exceeds --max-p99-ms or a
-        /// message is lost; report the highest sustained rate.
+        /// message is lost, then narrow the gap between the last pass and
+        /// the first failure; report the highest sustained rate.
         #[arg(long)]
         find_max: bool,
         /// Latency bound of --find-max, in milliseconds.
@@ -106,9 +107,13 @@ enum Scenario {
         /// Rate factor between --find-max steps.
         #[arg(long, default_value_t = 1.25)]
         step_factor: f64,
-        /// Most --find-max steps.
+        /// Most --find-max steps up.
         #[arg(long, default_value_t = 20)]
         max_steps: usize,
+        /// --find-max steps after the first failure, each halfway between
+        /// the highest passing rate and the lowest failing one.
+        #[arg(long, default_value_t = 3)]
+        refine_steps: usize,
     },
     /// Create the accounts by in-band registration (XEP-0077).
     Register {
@@ -301,11 +306,13 @@ async fn main() -> anyhow::Result<()> {
             max_p99_ms,
             step_factor,
             max_steps,
+            refine_steps,
         } => {
             let search = find_max.then_some(scenarios::chat::Search {
                 max_p99_ms: *max_p99_ms,
                 factor: *step_factor,
                 steps: *max_steps,
+                refine: *refine_steps,
             });
             scenarios::chat::chat(&cli, *users, *rate, *duration, *placement, search).await
         }

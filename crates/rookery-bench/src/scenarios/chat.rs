@@ -49,8 +49,42 @@ pub struct Search {
     pub max_p99_ms: f64,
     /// Each step's rate is the previous one times this.
     pub factor: f64,
-    /// Give up after this many steps.
+    /// Give up after this many steps up.
     pub steps: usize,
+    /// After the first failing step, this many steps halfway between the
+    /// highest passing rate and the lowest failing one.
+    pub refine: usize,
+}
+
+impl Search {
+    /// The rate of the next step, given where the search started and the
+    /// steps so far as (rate, sustained) in order; `None` when it is over.
+    /// The rate goes up by `factor` while every step passes; then the gap
+    /// between the highest pass and the lowest failure is halved `refine`
+    /// times, or until it is under 2 % of the rate.
+    fn next_rate(&self, start: u64, tried: &[(u64, bool)]) -> Option<u64> {
+        let Some(first_failure) = tried.iter().position(|(_, sustained)| !sustained) else {
+            return match tried.last() {
+                None => Some(start),
+                Some(&(last, _)) => (tried.len() < self.steps)
+                    .then(|| ((last as f64 * self.factor) as u64).max(last + 1)),
+            };
+        };
+        let passed = tried
+            .iter()
+            .filter(|(_, s)| *s)
+            .map(|(rate, _)| *rate)
+            .max()?;
+        let failed = tried
+            .iter()
+            .filter(|(_, s)| !*s)
+            .map(|(rate, _)| *rate)
+            .min()?;
+        let refined = tried.len() - first_failure - 1;
+        let middle = passed + failed.saturating_sub(passed) / 2;
+        (refined < self.refine && failed > passed && (failed - passed) * 50 > passed)
+            .then_some(middle)
+    }
 }
 
 /// The outcome of `--find-max`.
@@ -87,20 +121,21 @@ pub async fn chat(
         return emit(cli, &report);
     };
     let mut steps: Vec<ChatReport> = Vec::new();
-    let mut best = None;
-    let mut rate = rate;
-    for _ in 0..search.steps {
-        let report = run(cli, users, rate, duration, placement).await?;
-        let sustained = report.sustained(search.max_p99_ms);
-        steps.push(report);
-        if !sustained {
-            break;
+    let mut tried = Vec::new();
+    while let Some(rate) = search.next_rate(rate, &tried) {
+        if !tried.is_empty() {
+            // Let the server drain and settle between steps.
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        best = Some(rate);
-        rate = ((rate as f64 * search.factor) as u64).max(rate + 1);
-        // Let the server drain and settle between steps.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let report = run(cli, users, rate, duration, placement).await?;
+        tried.push((rate, report.sustained(search.max_p99_ms)));
+        steps.push(report);
     }
+    let best = tried
+        .iter()
+        .filter(|(_, s)| *s)
+        .map(|(rate, _)| *rate)
+        .max();
     eprintln!(
         "highest sustained rate (p99 <= {} ms, nothing lost): {}",
         search.max_p99_ms,
@@ -268,5 +303,44 @@ fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -
         if to != index {
             return to;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Search;
+
+    const SEARCH: Search = Search {
+        max_p99_ms: 100.0,
+        factor: 2.0,
+        steps: 4,
+        refine: 2,
+    };
+
+    #[test]
+    fn find_max_steps_up_then_halves_the_gap_around_the_first_failure() {
+        assert_eq!(SEARCH.next_rate(1000, &[]), Some(1000));
+        assert_eq!(SEARCH.next_rate(1000, &[(1000, true)]), Some(2000));
+        let failed = [(1000, true), (2000, true), (4000, false)];
+        assert_eq!(SEARCH.next_rate(1000, &failed), Some(3000));
+        let refined = [(1000, true), (2000, true), (4000, false), (3000, true)];
+        assert_eq!(SEARCH.next_rate(1000, &refined), Some(3500));
+        let done = [
+            (1000, true),
+            (2000, true),
+            (4000, false),
+            (3000, false),
+            (2500, true),
+        ];
+        assert_eq!(SEARCH.next_rate(1000, &done), None, "refined twice");
+    }
+
+    #[test]
+    fn find_max_stops_when_nothing_passes_steps_run_out_or_the_gap_is_small() {
+        assert_eq!(SEARCH.next_rate(1000, &[(1000, false)]), None);
+        let all_passed = [(1000, true), (2000, true), (4000, true), (8000, true)];
+        assert_eq!(SEARCH.next_rate(1000, &all_passed), None);
+        let close = [(1000, true), (1010, false)];
+        assert_eq!(SEARCH.next_rate(1000, &close), None);
     }
 }
