@@ -174,6 +174,14 @@ stop() { # server
 cleanup() {
     for server in $SERVERS; do stop "$server" || true; done
 }
+# A server already on one of the ports (one left running) would be measured
+# instead of the one started here, and stopped by the clean-up.
+for server in $SERVERS; do
+    if listening "$(port_of "$server")"; then
+        echo "port $(port_of "$server") ($server) is already taken: stop what listens there or set PORT" >&2
+        exit 1
+    fi
+done
 trap cleanup EXIT
 
 # Runs rookery-bench (its report goes to the JSON file its arguments name,
