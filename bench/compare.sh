@@ -303,21 +303,24 @@ def cell(values):
         return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
     return m, f"{fmt(m)} ({fmt(min(values))}–{fmt(max(values))})"
 peers = [s for s in servers if s != "rookery"]
-head = ["figure (median (min–max) of %d runs; TLS %s, %s sessions, %s chat users)" % (runs, tls, sessions, users)] + servers
-if "rookery" in servers:
-    head += [f"rookery/{p}" for p in peers]
-print("| " + " | ".join(head) + " |")
-print("|" + " --- |" * len(head))
-for label, kind, get, better in metrics:
+def header(title):
+    head = [title] + servers + ([f"rookery/{p}" for p in peers] if "rookery" in servers else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+def row(label, values):
+    # values: server -> the figures of its runs; a cell per server, then the ratios.
     medians, cells = {}, []
     for server in servers:
-        medians[server], text = cell([get(r) for r in load(server, kind)])
+        medians[server], text = cell(values(server))
         cells.append(text)
     if "rookery" in servers:
         for p in peers:
             a, b = medians["rookery"], medians[p]
             cells.append(f"{a / b:.2f}" if a is not None and b else "n/a")
-    print(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
+    print(f"| {label} | " + " | ".join(cells) + " |")
+header("figure (median (min–max) of %d runs; TLS %s, %s sessions, %s chat users)" % (runs, tls, sessions, users))
+for label, kind, get, better in metrics:
+    row(f"{label} ({better} is better)", lambda server: [get(r) for r in load(server, kind)])
 # The p99 at each rate find-max stepped through (the same rates on every
 # server; a server whose search stopped lower has no cell there).
 p99_at = {server: {} for server in servers}
@@ -329,19 +332,7 @@ shared = lambda rate: sum(rate in p99_at[s] for s in servers) >= min(2, len(serv
 rates = sorted({r for s in servers for r in p99_at[s] if shared(r)})
 if rates:
     print()
-    head = ["find-max step msg/s: chat p99 ms, median (min–max)"] + servers
-    if "rookery" in servers:
-        head += [f"rookery/{p}" for p in peers]
-    print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
+    header("find-max step msg/s: chat p99 ms, median (min–max)")
     for rate in rates:
-        medians, cells = {}, []
-        for server in servers:
-            medians[server], text = cell(p99_at[server].get(rate, []))
-            cells.append(text)
-        if "rookery" in servers:
-            for p in peers:
-                a, b = medians["rookery"], medians[p]
-                cells.append(f"{a / b:.2f}" if a is not None and b else "n/a")
-        print(f"| {rate} | " + " | ".join(cells) + " |")
+        row(str(rate), lambda server: p99_at[server].get(rate, []))
 PY

@@ -70,11 +70,7 @@ impl Search {
                     .then(|| ((last as f64 * self.factor) as u64).max(last + 1)),
             };
         };
-        let passed = tried
-            .iter()
-            .filter(|(_, s)| *s)
-            .map(|(rate, _)| *rate)
-            .max()?;
+        let passed = highest_sustained(tried)?;
         let failed = tried
             .iter()
             .filter(|(_, s)| !*s)
@@ -85,6 +81,15 @@ impl Search {
         (refined < self.refine && failed > passed && (failed - passed) * 50 > passed)
             .then_some(middle)
     }
+}
+
+/// The highest rate of the steps (rate, sustained) that was sustained.
+fn highest_sustained(tried: &[(u64, bool)]) -> Option<u64> {
+    tried
+        .iter()
+        .filter(|(_, sustained)| *sustained)
+        .map(|(rate, _)| *rate)
+        .max()
 }
 
 /// The outcome of `--find-max`.
@@ -131,11 +136,7 @@ pub async fn chat(
         tried.push((rate, report.sustained(search.max_p99_ms)));
         steps.push(report);
     }
-    let best = tried
-        .iter()
-        .filter(|(_, s)| *s)
-        .map(|(rate, _)| *rate)
-        .max();
+    let best = highest_sustained(&tried);
     eprintln!(
         "highest sustained rate (p99 <= {} ms, nothing lost): {}",
         search.max_p99_ms,
