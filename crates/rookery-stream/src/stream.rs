@@ -229,11 +229,8 @@ pub struct ServerStream {
     secure: bool,
     state: State,
     reader: StreamReader,
-    /// Made when there is something to write, dropped when all is sent: its
-    /// namespace state is about 0.5 KiB that an idle session does not keep.
-    writer: Option<StreamWriter>,
-    /// The caller expects more traffic soon: drained buffers, the writer and
-    /// the parser's scratch memory are kept until [`release_buffers`](Self::release_buffers).
+    /// The caller expects more traffic soon: drained buffers and the
+    /// parser's scratch memory are kept until [`release_buffers`](Self::release_buffers).
     holding: bool,
     /// Unparsed input.
     input: BytesMut,
@@ -273,7 +270,6 @@ impl ServerStream {
             framing,
             secure,
             state: State::Header,
-            writer: None,
             holding: false,
             input: BytesMut::new(),
             out: BytesMut::new(),
@@ -664,7 +660,7 @@ impl ServerStream {
         }
     }
 
-    /// Keeps drained buffers, the XML writer and the parser's scratch memory
+    /// Keeps drained buffers and the parser's scratch memory
     /// for the next input or output, instead of freeing them each time: for
     /// a session in the middle of a burst of traffic, where making them again
     /// for every stanza costs more than holding them for a moment.
@@ -696,17 +692,10 @@ impl ServerStream {
         }
     }
 
-    /// All output taken: no output buffer, no writer.
+    /// All output taken: no output buffer.
     fn release_output(&mut self) {
-        match self.framing {
-            Framing::WebSocket if self.frames.is_empty() => self.writer = None,
-            Framing::Tcp if self.out.is_empty() => {
-                if self.out.capacity() > 0 {
-                    self.out = BytesMut::new();
-                }
-                self.writer = None;
-            }
-            _ => {}
+        if self.framing == Framing::Tcp && self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
         }
     }
 
@@ -1106,11 +1095,11 @@ impl ServerStream {
         if !is_stanza(&element) {
             return self.reject_unknown(&element);
         }
-        let jid = self.bound.clone().expect("bound");
+        let jid = self.bound.as_ref().expect("bound");
         if let Some(from) = element.attr("from") {
             let ok = match jid::Jid::new(from) {
                 Ok(from) => match from.try_as_full() {
-                    Ok(full) => *full == jid,
+                    Ok(full) => full == jid,
                     Err(bare) => *bare == jid.to_bare(),
                 },
                 Err(_) => false,
@@ -1122,7 +1111,7 @@ impl ServerStream {
                 ));
             }
         }
-        xml::set_attr(&mut element, "from", jid.to_string());
+        xml::set_attr(&mut element, "from", jid.as_str());
         if let Some(sm) = &mut self.sm {
             sm.handled_inbound();
         }
@@ -1350,7 +1339,7 @@ impl ServerStream {
                 );
             }
         }
-        let writer = writer(&mut self.writer, self.framing);
+        let writer = self.writer();
         for feature in &features {
             writer.write(feature, &mut self.out);
         }
@@ -1358,8 +1347,15 @@ impl ServerStream {
         self.finish_unit();
     }
 
+    fn writer(&self) -> StreamWriter {
+        match self.framing {
+            Framing::Tcp => StreamWriter::new(),
+            Framing::WebSocket => StreamWriter::standalone(),
+        }
+    }
+
     fn write_element(&mut self, element: &Element) {
-        writer(&mut self.writer, self.framing).write(element, &mut self.out);
+        self.writer().write(element, &mut self.out);
         self.last_tx = self.now;
         self.finish_unit();
     }
@@ -1371,14 +1367,6 @@ impl ServerStream {
             self.frames.push_back(frame);
         }
     }
-}
-
-/// The stream's writer, made if there is none.
-fn writer(writer: &mut Option<StreamWriter>, framing: Framing) -> &mut StreamWriter {
-    writer.get_or_insert_with(|| match framing {
-        Framing::Tcp => StreamWriter::new(),
-        Framing::WebSocket => StreamWriter::standalone(),
-    })
 }
 
 fn name(local: &str) -> rxml::NcName {
