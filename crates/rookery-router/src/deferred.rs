@@ -139,7 +139,8 @@ impl Router {
         for stored in messages {
             match stored.stanza.parse::<Element>() {
                 Ok(message) => {
-                    Box::pin(self.route_message_to(message, &to, None)).await;
+                    let message_type = crate::stanza::MessageType::of(&message);
+                    Box::pin(self.route_message_to(message, message_type, &to, None)).await;
                     sent += 1;
                 }
                 Err(error) => {

@@ -529,7 +529,10 @@ impl Router {
             return;
         }
         match Kind::of(&stanza) {
-            Some(Kind::Message) => self.route_message_to(stanza, &to, None).await,
+            Some(Kind::Message) => {
+                let message_type = stanza::MessageType::of(&stanza);
+                self.route_message_to(stanza, message_type, &to, None).await
+            }
             Some(Kind::Presence) => self.deliver_presence(stanza, &to).await,
             Some(Kind::Iq) => {
                 if let Ok(full) = to.try_as_full()

@@ -21,8 +21,8 @@ pub(crate) fn is_carbon_copy(message: &Element) -> bool {
 }
 
 /// XEP-0280 section 6: which messages are copied.
-fn carbons_eligible(message: &Element) -> bool {
-    let eligible_type = match MessageType::of(message) {
+fn carbons_eligible(message: &Element, message_type: MessageType) -> bool {
+    let eligible_type = match message_type {
         MessageType::Chat => true,
         MessageType::Normal => message.has_child("body", ns::CLIENT),
         _ => false,
@@ -77,7 +77,7 @@ impl Router {
         // Sent carbons go to the sender's other carbons-enabled resources, except
         // one that receives the message itself; the copy is only made when needed.
         let user = &session.account;
-        let copies: Vec<_> = if carbons_eligible(&message) {
+        let copies: Vec<_> = if carbons_eligible(&message, message_type) {
             self.bus
                 .routes(user)
                 .into_iter()
@@ -91,7 +91,8 @@ impl Router {
             Vec::new()
         };
         let original = (!copies.is_empty()).then(|| message.clone());
-        self.route_message_to(message, &to, Some(session)).await;
+        self.route_message_to(message, message_type, &to, Some(session))
+            .await;
         if let Some(original) = original {
             for route in copies {
                 let _ = self
@@ -105,10 +106,12 @@ impl Router {
     pub(crate) async fn route_message_to(
         &self,
         message: Element,
+        message_type: MessageType,
         to: &Jid,
         sender: Option<&Session>,
     ) {
-        let user = to.to_bare();
+        // `into_bare` truncates a copy; `to_bare` would format the parts again.
+        let user = to.clone().into_bare();
         let blocklist = self.blocklist(&user).await;
         // Most users block no one: the sender's address is only parsed when it matters.
         if !blocklist.is_empty()
@@ -117,14 +120,13 @@ impl Router {
             && crate::is_blocked(&blocklist, &from)
         {
             // XEP-0191 section 3.5: the blocked sender learns nothing more.
-            if MessageType::of(&message) != MessageType::Error {
+            if message_type != MessageType::Error {
                 let error = error_reply(&message, ErrorCondition::SERVICE_UNAVAILABLE, None, None);
                 Box::pin(self.reply(sender, error)).await;
             }
             return;
         }
         let routes = self.bus.routes(&user);
-        let message_type = MessageType::of(&message);
         let exists = match routes.is_empty() {
             true => Box::pin(self.account_exists(&user)).await,
             false => Some(true),
@@ -144,13 +146,14 @@ impl Router {
                 Err(_) => rules::message_to_bare(message_type, &routes),
             }
         };
-        self.apply_message_outcome(message, &user, outcome, &routes, sender)
+        self.apply_message_outcome(message, message_type, &user, outcome, &routes, sender)
             .await;
     }
 
     async fn apply_message_outcome(
         &self,
         message: Element,
+        message_type: MessageType,
         user: &BareJid,
         outcome: MessageOutcome,
         routes: &[Arc<Route>],
@@ -158,8 +161,8 @@ impl Router {
     ) {
         match outcome {
             MessageOutcome::Deliver(targets) => {
-                let eligible = carbons_eligible(&message);
-                let wants_copies = eligible && routes.iter().any(|route| route.info.carbons);
+                let wants_copies = routes.iter().any(|route| route.info.carbons)
+                    && carbons_eligible(&message, message_type);
                 let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
                 let mut last_failed = None;
                 // The last target gets the message itself, unless carbons still need it.
@@ -179,7 +182,8 @@ impl Router {
                     // Every target went away in the meantime: try again without them.
                     if let Some(message) = last_failed {
                         let excluded: Vec<_> = targets.iter().map(|t| t.jid.clone()).collect();
-                        self.route_to_user_excluding(message, user, &excluded).await;
+                        self.route_to_user_excluding(message, message_type, user, &excluded)
+                            .await;
                     }
                     return;
                 }
@@ -214,12 +218,15 @@ impl Router {
         except: Option<&FullJid>,
     ) {
         let excluded: Vec<FullJid> = except.into_iter().cloned().collect();
-        self.route_to_user_excluding(message, user, &excluded).await;
+        let message_type = MessageType::of(&message);
+        self.route_to_user_excluding(message, message_type, user, &excluded)
+            .await;
     }
 
     async fn route_to_user_excluding(
         &self,
         message: Element,
+        message_type: MessageType,
         user: &BareJid,
         excluded: &[FullJid],
     ) {
@@ -232,9 +239,10 @@ impl Router {
             .into_iter()
             .filter(|r| !(excluded.contains(&r.jid) || (stopping && r.node == node)))
             .collect();
-        let outcome = rules::message_to_bare(MessageType::of(&message), &routes);
+        let outcome = rules::message_to_bare(message_type, &routes);
         // Boxed: a failed delivery may come back here once more.
-        Box::pin(self.apply_message_outcome(message, user, outcome, &routes, None)).await;
+        Box::pin(self.apply_message_outcome(message, message_type, user, outcome, &routes, None))
+            .await;
     }
 
     async fn deliver_offline(&self, user: &BareJid, message: Element, sender: Option<&Session>) {
