@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -69,6 +70,8 @@ const KV_OPERATION: &str = "KV-Operation";
 const CATCH_UP_LIMIT: u64 = 2000;
 /// How long joining waits for JetStream to be ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the delivery consumer is checked for removal by a peer.
+const CONSUMER_CHECK: Duration = Duration::from_secs(1);
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())
@@ -930,8 +933,27 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                 continue;
             }
         };
-        while let Some(message) = messages.next().await {
-            let Ok(message) = message else { break };
+        // A peer that took this node for dead (a partition, not a crash)
+        // deletes this consumer when it replays the deliveries, and the pull
+        // stream may not notice for long: deliveries to this node's new
+        // sessions would wait in the stream meanwhile. So the consumer is
+        // looked up now and then, and made again when it is gone.
+        let mut check = tokio::time::interval(CONSUMER_CHECK);
+        check.tick().await;
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = check.tick() => {
+                    match bus.deliveries.consumer_info(&name).await {
+                        Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                            tracing::warn!("A peer removed this node's delivery consumer; making it again.");
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+            };
+            let Some(Ok(message)) = message else { break };
             let Some((to, stanza, durable)) = decode_delivery(&message) else {
                 tracing::error!("A delivery could not be decoded; dropping it.");
                 let _ = message.ack().await;
