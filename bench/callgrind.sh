@@ -16,6 +16,7 @@
 #   bench/callgrind.sh                        # prints instructions per message
 #   USERS=100 RATE=200 SHORT=5 LONG=15 bench/callgrind.sh
 #   BIN=/tmp/other/target/release bench/callgrind.sh   # binaries built elsewhere
+#   SCENARIO=presence USERS=40 CONTACTS=8 RATE=20 bench/callgrind.sh   # per delivered presence
 #   callgrind_annotate target/callgrind/<dir>/long.out | head -60   # where they go
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,10 +56,24 @@ for _ in $(seq 600); do
 done
 bench --json "$OUT/register.json" register --users "$USERS" > /dev/null
 
-# Counts the instructions of one chat run into OUT/<name>.out.
+# SCENARIO=presence counts per delivered presence instead: users with
+# rosters of CONTACTS contacts (subscribed once, uncounted) change presence
+# at RATE changes a second.
+SCENARIO=${SCENARIO:-chat}
+CONTACTS=${CONTACTS:-8}
+run() { # json, seconds
+    case "$SCENARIO" in
+        chat) bench --json "$1" chat --users "$USERS" --rate "$RATE" --duration "$2" ;;
+        presence) bench --json "$1" presence --users "$USERS" --contacts "$CONTACTS" --rate "$RATE" --duration "$2" ;;
+        *) echo "SCENARIO is chat or presence" >&2; exit 1 ;;
+    esac
+}
+[ "$SCENARIO" = presence ] && run "$OUT/setup.json" 1 > /dev/null
+
+# Counts the instructions of one run into OUT/<name>.out.
 counted() { # name, seconds
     callgrind_control -z "$server" > /dev/null 2>&1
-    bench --json "$OUT/$1.json" chat --users "$USERS" --rate "$RATE" --duration "$2" > /dev/null
+    run "$OUT/$1.json" "$2" > /dev/null
     callgrind_control -d "$1" "$server" > /dev/null 2>&1
     mv "$(ls -t "$OUT"/callgrind.*."$1"* 2> /dev/null | head -1 || ls -t "$OUT"/callgrind.* | head -1)" "$OUT/$1.out"
 }
@@ -74,12 +89,13 @@ def instructions(name):
             return int(line.split()[1])
     raise SystemExit(f"no totals in {name}.out")
 def delivered(name):
-    return json.load(open(f"{out}/{name}.json"))["delivered"]
+    report = json.load(open(f"{out}/{name}.json"))
+    return report.get("delivered", report.get("deliveries"))
 i_short, i_long = instructions("short"), instructions("long")
 d_short, d_long = delivered("short"), delivered("long")
 per = (i_long - i_short) / (d_long - d_short)
 print(f"messages {d_short} and {d_long}; instructions {i_short} and {i_long}")
-print(f"instructions per message: {per:.0f}")
+print(f"instructions per {'message' if 'delivered' in json.load(open(f'{out}/long.json')) else 'delivered presence'}: {per:.0f}")
 json.dump({"instructions_per_message": per, "short": [d_short, i_short], "long": [d_long, i_long]},
           open(f"{out}/result.json", "w"))
 EOF
