@@ -20,6 +20,7 @@
 #   callgrind_annotate target/callgrind/<dir>/long.out | head -60   # where they go
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 PORT=${PORT:-28222}
 USERS=${USERS:-100}
 RATE=${RATE:-200}
@@ -33,16 +34,13 @@ if [ -z "${BIN:-}" ]; then
     BIN=$PWD/target/release
 fi
 mkdir -p "$OUT"
-if (exec 3<> "/dev/tcp/127.0.0.1/$PORT") 2> /dev/null; then
+if listening "$PORT"; then
     echo "port $PORT is already taken: stop what listens there or set PORT" >&2
     exit 1
 fi
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$OUT/key.pem" \
-    -out "$OUT/cert.pem" -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2> /dev/null
-sed -e "s#@DIR@#$OUT#g" -e "s#@PORT@#$PORT#g" -e "s#@PORT_DIRECT@#$((PORT + 1))#g" \
-    -e "s#@PORT_HTTP@#$((PORT + 2))#g" -e "s#@REQUIRE_TLS@#true#g" -e "s#@ALLOW_PLAIN@#false#g" \
-    bench/peers/rookery.toml > "$OUT/rookery.toml"
+self_signed_cert "$OUT"
+render_config rookery.toml "$OUT/rookery.toml" "$OUT" "$PORT" true false
 
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.%p" \
     "$BIN/rookery" --config "$OUT/rookery.toml" serve > "$OUT/server.log" 2>&1 &

@@ -29,6 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 RUNS=${RUNS:-3}
 SERVERS=${SERVERS:-"rookery ejabberd prosody"}
 TLS=${TLS:-starttls}
@@ -90,7 +91,6 @@ port_of() { # server -> port
     case "$1" in rookery) echo "$PORT" ;; ejabberd) echo $((PORT + 10)) ;; prosody) echo $((PORT + 20)) ;; esac
 }
 dir_of() { echo "$OUT/$1"; }
-listening() { (echo > "/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
 pid_on() { # port -> pid of the listening process
     local inode
     inode=$(awk -v port="$(printf '%04X' "$1")" '$2 ~ ":"port"$" && $4 == "0A" {print $10; exit}' /proc/net/tcp)
@@ -107,17 +107,14 @@ setup() { # server: configuration, certificate, data folder
     dir=$(dir_of "$server")
     port=$(port_of "$server")
     mkdir -p "$dir"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$dir/key.pem" -out "$dir/cert.pem" \
-        -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2> /dev/null
+    self_signed_cert "$dir"
     local template
     case "$server" in
         rookery) template=rookery.toml ;;
         ejabberd) template=ejabberd.yml; mkdir -p "$dir/logs" "$dir/spool" ;;
         prosody) template=prosody.cfg.lua; mkdir -p "$dir/data" ;;
     esac
-    sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@PORT_DIRECT@#$((port + 1))#g" \
-        -e "s#@PORT_HTTP@#$((port + 2))#g" -e "s#@REQUIRE_TLS@#$require_tls#g" \
-        -e "s#@ALLOW_PLAIN@#$allow_plain#g" "bench/peers/$template" > "$dir/$template"
+    render_config "$template" "$dir/$template" "$dir" "$port" "$require_tls" "$allow_plain"
     case "$server" in
         ejabberd) chown -R ejabberd:ejabberd "$dir" ;;
         prosody) chown -R prosody:prosody "$dir" ;;

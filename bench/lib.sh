@@ -1,0 +1,23 @@
+# Shell functions shared by bench/compare.sh and bench/callgrind.sh (sourced
+# from the repository root): a server on loopback from the templates in
+# bench/peers/, with its own certificate.
+
+# True when something listens on 127.0.0.1:PORT.
+listening() { # port
+    (echo > "/dev/tcp/127.0.0.1/$1") 2> /dev/null
+}
+
+# A self-signed P-256 certificate for localhost: DIR/cert.pem and DIR/key.pem.
+self_signed_cert() { # dir
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1/key.pem" -out "$1/cert.pem" \
+        -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2> /dev/null
+}
+
+# Writes bench/peers/TEMPLATE to DEST with its @...@ placeholders filled in:
+# the data folder, the ports (PORT, PORT+1 direct TLS, PORT+2 HTTP) and the
+# TLS and PLAIN settings.
+render_config() { # template, dest, dir, port, require_tls, allow_plain
+    sed -e "s#@DIR@#$3#g" -e "s#@PORT@#$4#g" -e "s#@PORT_DIRECT@#$(($4 + 1))#g" \
+        -e "s#@PORT_HTTP@#$(($4 + 2))#g" -e "s#@REQUIRE_TLS@#$5#g" \
+        -e "s#@ALLOW_PLAIN@#$6#g" "bench/peers/$1" > "$2"
+}
