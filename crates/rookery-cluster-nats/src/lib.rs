@@ -80,7 +80,8 @@ fn unavailable(error: impl std::fmt::Display) -> BusError {
 /// What this node knows of the registry.
 #[derive(Debug, Default)]
 struct View {
-    users: HashMap<BareJid, Vec<Arc<Route>>>,
+    /// Read for every stanza: foldhash, as [`rookery_cluster::LocalBus`]'s registry.
+    users: foldhash::HashMap<BareJid, Vec<Arc<Route>>>,
     revisions: HashMap<FullJid, u64>,
 }
 
@@ -131,7 +132,7 @@ pub struct NatsBus {
     deliveries: stream::Stream,
     view: RwLock<View>,
     /// Sessions on this node: the session instance and its inbox.
-    local: RwLock<HashMap<FullJid, (SessionId, Mailbox)>>,
+    local: RwLock<foldhash::HashMap<FullJid, (SessionId, Mailbox)>>,
     /// Full JIDs whose bind is being written to the registry: a deletion seen
     /// meanwhile is the end of an earlier session (its revision is older than
     /// the write under way), not a peer removing the new one.
@@ -251,7 +252,7 @@ impl NatsBus {
             cleanup,
             deliveries,
             view: RwLock::new(View::default()),
-            local: RwLock::new(HashMap::new()),
+            local: RwLock::default(),
             binding: Mutex::new(HashSet::new()),
             members: RwLock::new(HashMap::new()),
             recovery: OnceLock::new(),

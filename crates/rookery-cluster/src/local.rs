@@ -13,8 +13,10 @@ use rookery_stream::StreamError;
 /// The in-process bus of a single node.
 #[derive(Debug, Default)]
 pub struct LocalBus {
-    /// Sessions by account; a handful of resources each.
-    users: RwLock<HashMap<BareJid, Vec<Arc<Route>>>>,
+    /// Sessions by account; a handful of resources each. Looked up for every
+    /// stanza, so hashed with foldhash (randomly seeded per process) rather
+    /// than SipHash; its keys are accounts that have authenticated.
+    users: RwLock<foldhash::HashMap<BareJid, Vec<Arc<Route>>>>,
     /// Resumption ids and the session they resume.
     resumable: RwLock<HashMap<String, (FullJid, SessionId)>>,
 }

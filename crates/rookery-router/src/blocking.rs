@@ -1,7 +1,6 @@
 //! XEP-0191 blocking: matching JIDs against a block list, and the node's cache of
 //! the block lists of local accounts so the message path needs no storage access.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use jid::{BareJid, Jid};
@@ -26,7 +25,8 @@ pub fn is_blocked(blocklist: &[Jid], jid: &Jid) -> bool {
 /// Block lists of accounts with local sessions.
 #[derive(Debug, Default)]
 pub(crate) struct BlocklistCache {
-    lists: RwLock<HashMap<BareJid, Arc<[Jid]>>>,
+    /// Read for both ends of every message: foldhash, as the bus's registry.
+    lists: RwLock<foldhash::HashMap<BareJid, Arc<[Jid]>>>,
 }
 
 impl BlocklistCache {

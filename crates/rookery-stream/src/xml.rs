@@ -371,34 +371,73 @@ impl Default for StreamWriter {
 /// itself is written as U+FFFD rather than breaking the stream.
 fn escape_into(out: &mut BytesMut, text: &str, attribute: bool) {
     let bytes = text.as_bytes();
+    let wanted = if attribute {
+        IN_CONTENT | IN_ATTRIBUTE
+    } else {
+        IN_CONTENT
+    };
     let mut start = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match byte {
+    let mut from = 0;
+    // Most text needs nothing: skip to the next byte that might, by table.
+    while let Some(found) = bytes[from..]
+        .iter()
+        .position(|&byte| ATTENTION[usize::from(byte)] & wanted != 0)
+    {
+        let index = from + found;
+        from = index + 1;
+        let escaped: &[u8] = match bytes[index] {
             b'<' => b"&lt;",
             b'>' => b"&gt;",
             b'&' => b"&amp;",
             b'\r' => b"&#xd;",
-            b'\'' if attribute => b"&#39;",
-            b'"' if attribute => b"&#34;",
-            b'\n' if attribute => b"&#xa;",
-            b'\t' if attribute => b"&#x9;",
-            b'\t' | b'\n' => continue,
+            b'\'' => b"&#39;",
+            b'"' => b"&#34;",
+            b'\n' => b"&#xa;",
+            b'\t' => b"&#x9;",
             0x00..=0x1f => "\u{fffd}".as_bytes(),
             // The last byte of U+FFFE (EF BF BE) or U+FFFF (EF BF BF).
             0xbe | 0xbf if index >= 2 && bytes[index - 2] == 0xef && bytes[index - 1] == 0xbf => {
                 out.extend_from_slice(&bytes[start..index - 2]);
                 out.extend_from_slice("\u{fffd}".as_bytes());
-                start = index + 1;
+                start = from;
                 continue;
             }
             _ => continue,
         };
         out.extend_from_slice(&bytes[start..index]);
         out.extend_from_slice(escaped);
-        start = index + 1;
+        start = from;
     }
     out.extend_from_slice(&bytes[start..]);
 }
+
+/// [`ATTENTION`] bit: the byte is escaped or replaced wherever it appears.
+const IN_CONTENT: u8 = 1;
+/// [`ATTENTION`] bit: the byte is escaped in an attribute value.
+const IN_ATTRIBUTE: u8 = 2;
+
+/// For every byte, what [`escape_into`] must look at it for: `<`, `>`, `&`,
+/// carriage return and the other C0 controls everywhere, and the last byte
+/// of U+FFFE and U+FFFF (checked against the two before it); quotes, line
+/// feed and tab in attribute values only.
+static ATTENTION: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = IN_CONTENT;
+        byte += 1;
+    }
+    table[b'\n' as usize] = IN_ATTRIBUTE;
+    table[b'\t' as usize] = IN_ATTRIBUTE;
+    table[b'\'' as usize] = IN_ATTRIBUTE;
+    table[b'"' as usize] = IN_ATTRIBUTE;
+    table[b'<' as usize] = IN_CONTENT;
+    table[b'>' as usize] = IN_CONTENT;
+    table[b'&' as usize] = IN_CONTENT;
+    table[0xbe] = IN_CONTENT;
+    table[0xbf] = IN_CONTENT;
+    table
+};
 
 /// Sets (or replaces) an unnamespaced attribute.
 pub fn set_attr(element: &mut Element, name: &str, value: impl Into<String>) {

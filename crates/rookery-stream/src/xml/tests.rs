@@ -232,6 +232,8 @@ const CORPUS: &[&str] = &[
     "<message xmlns='jabber:client'><body>one<b>two</b>three<i/>four</body></message>",
     "<features xmlns='http://etherx.jabber.org/streams'><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism></mechanisms></features>",
     "<a xmlns='urn:x'><b xmlns='urn:y'><c xmlns='urn:x'/></b></a>",
+    // Bytes BE and BF end U+FFFE and U+FFFF, which are replaced, but also these.
+    "<message xmlns='jabber:client' k='\u{be}\u{bf}\u{3ff}\u{ffbe}\u{feff}'><body>\u{bf}\u{be} \u{ffbf}\u{ffbd}\u{feff}</body></message>",
 ];
 
 #[test]
