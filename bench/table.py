@@ -65,6 +65,8 @@ def row(label, values, none=lambda server: "n/a"):
     print(f"| {label} | " + " | ".join(cells) + " |")
 header("figure (median (min–max) of %d runs; TLS %s, %s sessions, %s chat users)" % (runs, tls, sessions, users))
 for label, kind, get, better in metrics:
+    if not any(load(server, kind) for server in servers):
+        continue  # a scenario this run left out
     # A search whose first step already failed found no rate: below its start.
     none = (lambda server: f"below {start}" if load(server, kind) else "n/a") if label.startswith("highest") else (lambda server: "n/a")
     row(f"{label} ({better} is better)", lambda server: [get(r) for r in load(server, kind)], none)
