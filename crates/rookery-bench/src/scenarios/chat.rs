@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids};
+use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids, sum_over};
 
 /// Where the recipients of the chat scenario are, relative to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -83,6 +83,40 @@ impl Search {
     }
 }
 
+/// Waits between find-max steps until the servers have worked off the last
+/// one: at least [`SETTLE_MIN`], then until they spend less than a tenth of a
+/// core over [`SETTLE_SAMPLE`], at most [`SETTLE_MAX`]. A step that
+/// overloaded a slow server leaves it a backlog for seconds after the bench
+/// stopped sending; a step started on top of it would fail for the last
+/// step's load, not its own.
+async fn settle(pids: &[u32]) {
+    tokio::time::sleep(SETTLE_MIN).await;
+    let deadline = Instant::now() + SETTLE_MAX - SETTLE_MIN;
+    let Some(mut before) = sum_over(pids, crate::process::cpu_seconds) else {
+        return;
+    };
+    while Instant::now() < deadline {
+        tokio::time::sleep(SETTLE_SAMPLE).await;
+        let Some(now) = sum_over(pids, crate::process::cpu_seconds) else {
+            return;
+        };
+        if is_idle(now - before, SETTLE_SAMPLE) {
+            return;
+        }
+        before = now;
+    }
+    eprintln!("note: the server was still busy {SETTLE_MAX:?} after the step");
+}
+
+const SETTLE_MIN: Duration = Duration::from_secs(2);
+const SETTLE_SAMPLE: Duration = Duration::from_millis(500);
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+
+/// True when `cpu_seconds` spent over `window` is under a tenth of a core.
+fn is_idle(cpu_seconds: f64, window: Duration) -> bool {
+    cpu_seconds < 0.1 * window.as_secs_f64()
+}
+
 /// The highest rate of the steps (rate, sustained) that was sustained.
 fn highest_sustained(tried: &[(u64, bool)]) -> Option<u64> {
     tried
@@ -127,10 +161,10 @@ pub async fn chat(
     };
     let mut steps: Vec<ChatReport> = Vec::new();
     let mut tried = Vec::new();
+    let pids = server_pids(cli);
     while let Some(rate) = search.next_rate(rate, &tried) {
         if !tried.is_empty() {
-            // Let the server drain and settle between steps.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            settle(&pids).await;
         }
         let report = run(cli, users, rate, duration, placement).await?;
         tried.push((rate, report.sustained(search.max_p99_ms)));
@@ -309,7 +343,18 @@ fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -
 
 #[cfg(test)]
 mod tests {
-    use super::Search;
+    use std::time::Duration;
+
+    use super::{Search, is_idle};
+
+    #[test]
+    fn a_server_is_idle_under_a_tenth_of_a_core() {
+        let window = Duration::from_millis(500);
+        assert!(is_idle(0.0, window));
+        assert!(is_idle(0.04, window), "8 % of a core");
+        assert!(!is_idle(0.05, window), "10 % of a core");
+        assert!(!is_idle(0.5, window), "a busy core");
+    }
 
     const SEARCH: Search = Search {
         max_p99_ms: 100.0,
