@@ -249,6 +249,11 @@ impl CpuWindow {
         }
     }
 
+    /// Whether the servers' CPU could be read at the start.
+    fn measures_servers(&self) -> bool {
+        self.servers.is_some()
+    }
+
     /// Seconds spent since the start: (servers, bench).
     fn spent(&self) -> (Option<f64>, Option<f64>) {
         let since = |before: Option<f64>, now: Option<f64>| before.zip(now).map(|(b, n)| n - b);

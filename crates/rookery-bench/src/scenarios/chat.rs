@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids, sum_over};
+use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids};
 
 /// Where the recipients of the chat scenario are, relative to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -92,18 +92,16 @@ impl Search {
 async fn settle(pids: &[u32]) {
     tokio::time::sleep(SETTLE_MIN).await;
     let deadline = Instant::now() + SETTLE_MAX - SETTLE_MIN;
-    let Some(mut before) = sum_over(pids, crate::process::cpu_seconds) else {
-        return;
-    };
     while Instant::now() < deadline {
-        tokio::time::sleep(SETTLE_SAMPLE).await;
-        let Some(now) = sum_over(pids, crate::process::cpu_seconds) else {
-            return;
-        };
-        if is_idle(now - before, SETTLE_SAMPLE) {
+        let window = CpuWindow::start(pids);
+        if !window.measures_servers() {
             return;
         }
-        before = now;
+        tokio::time::sleep(SETTLE_SAMPLE).await;
+        match window.spent().0 {
+            Some(used) if !is_idle(used, SETTLE_SAMPLE) => {}
+            _ => return,
+        }
     }
     eprintln!("note: the server was still busy {SETTLE_MAX:?} after the step");
 }
