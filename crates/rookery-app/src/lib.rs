@@ -248,7 +248,7 @@ impl App {
         let limits = &config.limits;
         let c2s = Arc::new(C2s {
             router: router.clone(),
-            tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
+            tls: Some(tls),
             auth_limiter: AddressLimiter::new(
                 limits.login_failures_burst,
                 limits.login_failures_per_minute,

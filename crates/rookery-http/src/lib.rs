@@ -121,7 +121,7 @@ impl Transport for WsTransport {
             .map_err(io::Error::other)
     }
 
-    async fn start_tls(&mut self, _acceptor: &tokio_rustls::TlsAcceptor) -> io::Result<()> {
+    async fn start_tls(&mut self, _config: &Arc<rustls::ServerConfig>) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "no STARTTLS over WebSocket",

@@ -14,14 +14,15 @@ use std::time::Duration;
 use rookery_router::Router;
 use rookery_stream::StreamConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod limit;
 pub mod session;
+pub mod tls;
 pub mod transport;
 
+pub use tls::TlsStream;
 pub use transport::{Received, TcpTransport, Transport};
 
 /// What every client connection shares.
@@ -29,7 +30,7 @@ pub struct C2s {
     /// The router of the domain.
     pub router: Arc<Router>,
     /// TLS for STARTTLS and direct TLS; `None` when no certificate is configured.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Failed logins per client address.
     pub auth_limiter: limit::AddressLimiter,
     /// In-band registrations per client address.
@@ -170,10 +171,12 @@ pub async fn serve_direct_tls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<
     accept_loop(listener, c2s, move |c2s, stream, peer| {
         let config = config.clone();
         async move {
-            let Some(acceptor) = c2s.tls.clone() else {
+            let Some(tls) = c2s.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+            match tokio::time::timeout(Duration::from_secs(30), TlsStream::accept(tls, stream))
+                .await
+            {
                 Ok(Ok(tls)) => session::run(c2s, config, TcpTransport::tls(tls), peer, true).await,
                 Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed."),
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out."),

@@ -307,13 +307,13 @@ impl<T: Transport> Connection<T> {
                         self.stream.handle_eof(now);
                         continue;
                     }
-                    let Some(acceptor) = self.c2s.tls.clone() else {
+                    let Some(tls) = self.c2s.tls.clone() else {
                         self.stream.handle_eof(now);
                         continue;
                     };
                     match tokio::time::timeout(
                         WRITE_TIMEOUT,
-                        Box::pin(self.transport.start_tls(&acceptor)),
+                        Box::pin(self.transport.start_tls(&tls)),
                     )
                     .await
                     {

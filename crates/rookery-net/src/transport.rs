@@ -4,13 +4,16 @@
 use std::future::Future;
 use std::io;
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use rookery_stream::Framing;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
+
+use crate::tls::TlsStream;
 
 /// Bytes read at a time.
 const READ_SIZE: usize = 4096;
@@ -35,7 +38,10 @@ pub trait Transport: Send + 'static {
     /// Writes data (bytes, or one message for WebSocket) and flushes.
     fn send(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Runs the server side of a TLS handshake (STARTTLS).
-    fn start_tls(&mut self, acceptor: &TlsAcceptor) -> impl Future<Output = io::Result<()>> + Send;
+    fn start_tls(
+        &mut self,
+        config: &Arc<ServerConfig>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Closes the connection.
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
 }
@@ -43,10 +49,7 @@ pub trait Transport: Send + 'static {
 /// A TCP connection, in the clear or in TLS.
 pub struct TcpTransport {
     /// The TLS state (over a kilobyte) is boxed so plaintext connections stay small.
-    conn: Option<Either<TcpStream, Box<TlsStream<TcpStream>>>>,
-    /// The last TLS read filled the buffer: rustls may hold more plaintext, so
-    /// read again before waiting for the socket.
-    tls_pending: bool,
+    conn: Option<Either<TcpStream, Box<TlsStream>>>,
 }
 
 impl TcpTransport {
@@ -54,20 +57,17 @@ impl TcpTransport {
     pub fn plain(stream: TcpStream) -> Self {
         TcpTransport {
             conn: Some(Either::Left(stream)),
-            tls_pending: false,
         }
     }
 
     /// A connection that completed a TLS handshake (direct TLS, XEP-0368).
-    pub fn tls(stream: TlsStream<TcpStream>) -> Self {
+    pub fn tls(stream: TlsStream) -> Self {
         TcpTransport {
             conn: Some(Either::Right(Box::new(stream))),
-            // The handshake may have read application data already.
-            tls_pending: true,
         }
     }
 
-    fn conn(&mut self) -> io::Result<&mut Either<TcpStream, Box<TlsStream<TcpStream>>>> {
+    fn conn(&mut self) -> io::Result<&mut Either<TcpStream, Box<TlsStream>>> {
         self.conn.as_mut().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -84,7 +84,6 @@ impl Transport for TcpTransport {
 
     async fn recv(&mut self, buffer: &mut BytesMut) -> io::Result<Received> {
         // The buffer is only allocated once data is there: an idle connection holds none.
-        let tls_pending = self.tls_pending;
         let read = match self.conn()? {
             Either::Left(tcp) => loop {
                 tcp.readable().await?;
@@ -94,16 +93,7 @@ impl Transport for TcpTransport {
                     result => break result?,
                 }
             },
-            Either::Right(tls) => {
-                if !tls_pending {
-                    tls.get_ref().0.readable().await?;
-                }
-                buffer.reserve(READ_SIZE);
-                let spare = buffer.capacity() - buffer.len();
-                let read = tls.read_buf(buffer).await?;
-                self.tls_pending = read == spare;
-                read
-            }
+            Either::Right(tls) => tls.read(buffer).await?,
         };
         Ok(if read == 0 {
             Received::Eof
@@ -113,18 +103,17 @@ impl Transport for TcpTransport {
     }
 
     async fn send(&mut self, data: Bytes) -> io::Result<()> {
-        let conn = self.conn()?;
-        conn.write_all(&data).await?;
-        conn.flush().await
+        match self.conn()? {
+            Either::Left(tcp) => tcp.write_all(&data).await,
+            Either::Right(tls) => tls.write_all(&data).await,
+        }
     }
 
-    async fn start_tls(&mut self, acceptor: &TlsAcceptor) -> io::Result<()> {
+    async fn start_tls(&mut self, config: &Arc<ServerConfig>) -> io::Result<()> {
         match self.conn.take() {
             Some(Either::Left(tcp)) => {
-                let tls = acceptor.accept(tcp).await?;
+                let tls = TlsStream::accept(config.clone(), tcp).await?;
                 self.conn = Some(Either::Right(Box::new(tls)));
-                // The handshake may have read application data already.
-                self.tls_pending = true;
                 Ok(())
             }
             other => {
@@ -138,8 +127,15 @@ impl Transport for TcpTransport {
     }
 
     async fn shutdown(&mut self) {
-        if let Ok(conn) = self.conn() {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.shutdown()).await;
+        let timeout = std::time::Duration::from_secs(2);
+        match self.conn() {
+            Ok(Either::Left(tcp)) => {
+                let _ = tokio::time::timeout(timeout, tcp.shutdown()).await;
+            }
+            Ok(Either::Right(tls)) => {
+                let _ = tokio::time::timeout(timeout, tls.shutdown()).await;
+            }
+            Err(_) => {}
         }
     }
 }
