@@ -113,14 +113,18 @@ impl TlsStream {
     /// Encrypts `data` and writes it out.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         let mut data = Some(data);
-        drive(
+        // rustls must see the bytes it kept (part of a handshake message split
+        // over records, which it has looked into), never an empty buffer in
+        // their place: it indexes into them.
+        let used = drive(
             &mut self.conn,
-            &mut [],
+            &mut self.incoming,
             &mut self.early,
             &mut self.outgoing,
             &mut self.peer_closed,
             &mut data,
         )?;
+        self.incoming.drain(..used);
         if data.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -132,7 +136,7 @@ impl TlsStream {
 
     /// Sends close_notify and closes the sending half of the connection.
     pub async fn shutdown(&mut self) -> io::Result<()> {
-        let status = self.conn.process_tls_records(&mut []);
+        let status = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
             let mut alert = [0; 64];
             if let Ok(n) = traffic.queue_close_notify(&mut alert) {
@@ -185,7 +189,7 @@ impl TlsStream {
                     })
                 };
                 if result.is_ok() && self.incoming.len() > MAX_INCOMING {
-                    return Err(invalid_data("a TLS message larger than 64 KiB"));
+                    return Err(invalid_data("an unfinished TLS message over 80 KiB"));
                 }
                 result.map(|()| Some(true))
             });
@@ -193,7 +197,10 @@ impl TlsStream {
                 Ok(Some(open)) => return Ok(open),
                 Ok(None) => continue,
                 Err(error) => {
-                    self.send_alert();
+                    // What rustls refused (not a socket error) gets its alert.
+                    if error.kind() == io::ErrorKind::InvalidData {
+                        self.send_alert();
+                    }
                     return Err(error);
                 }
             }
@@ -226,6 +233,12 @@ impl TlsStream {
 
     /// After a TLS error: sends the alert rustls queued, if the socket takes it now.
     fn send_alert(&mut self) {
+        // With something queued, rustls hands it out before it looks at the
+        // input, so the empty buffer is not read (after an error in the middle
+        // of a read, the bytes it had seen are no longer at hand).
+        if !self.conn.wants_write() {
+            return;
+        }
         let status = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
             let mut alert = [0; 64];

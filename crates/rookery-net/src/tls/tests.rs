@@ -35,6 +35,13 @@ fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 /// A server stream and a tokio-rustls client, handshake done.
 async fn pair() -> (TlsStream, ClientStream<TcpStream>) {
     let (server_config, client_config) = configs();
+    pair_with(server_config, client_config).await
+}
+
+async fn pair_with(
+    server_config: Arc<rustls::ServerConfig>,
+    client_config: Arc<rustls::ClientConfig>,
+) -> (TlsStream, ClientStream<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let accept = tokio::spawn(async move {
@@ -250,4 +257,57 @@ async fn a_client_that_does_not_speak_tls_fails_the_handshake() {
         .expect("join");
     let error = result.expect_err("a cut handshake passed");
     assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn a_handshake_message_over_64_kib_is_refused_before_it_is_buffered() {
+    let (server_config, _) = configs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        TlsStream::accept(server_config, tcp).await
+    });
+    let mut tcp = TcpStream::connect(address).await.expect("connect");
+    // A ClientHello that announces 16 MiB, in full-size records.
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+    record.resize(5 + 0x4000, 0);
+    let sender = tokio::spawn(async move {
+        let mut continuation = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        continuation.resize(5 + 0x4000, 0);
+        tcp.write_all(&record).await?;
+        for _ in 0..64 {
+            tcp.write_all(&continuation).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let result = tokio::time::timeout(Duration::from_secs(5), accept)
+        .await
+        .expect("timed out")
+        .expect("join");
+    let error = result.expect_err("a 16 MiB handshake message was taken");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    // The server stopped reading long before the 1 MiB the client had to send.
+    let _ = sender.await;
+}
+
+#[tokio::test]
+async fn handshake_messages_and_data_cut_into_the_smallest_records_are_joined() {
+    let (server_config, client_config) = configs();
+    let mut client_config = Arc::unwrap_or_clone(client_config);
+    // The ClientHello and the client's Finished each span several records.
+    client_config.max_fragment_size = Some(32);
+    let (mut server, mut client) = pair_with(server_config, Arc::new(client_config)).await;
+    let message = pattern(1000, 11);
+    client.write_all(&message).await.expect("write");
+    client.flush().await.expect("flush");
+    assert!(server_reads(&mut server, message.len()).await[..] == message[..]);
+    server.write_all(b"ok").await.expect("server write");
+    let mut reply = [0; 2];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
+        .await
+        .expect("timed out")
+        .expect("client read");
+    assert_eq!(&reply, b"ok");
+    assert!(holds_no_buffer(&server), "{server:?}");
 }
