@@ -32,6 +32,22 @@ fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     (server, Arc::new(client))
 }
 
+/// A listener that runs the server side of one TLS handshake.
+async fn accept_one(
+    server_config: Arc<rustls::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<TlsStream>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        TlsStream::accept(server_config, tcp).await
+    });
+    (address, accept)
+}
+
 /// A server stream and a tokio-rustls client, handshake done.
 async fn pair() -> (TlsStream, ClientStream<TcpStream>) {
     let (server_config, client_config) = configs();
@@ -42,12 +58,7 @@ async fn pair_with(
     server_config: Arc<rustls::ServerConfig>,
     client_config: Arc<rustls::ClientConfig>,
 ) -> (TlsStream, ClientStream<TcpStream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        TlsStream::accept(server_config, tcp).await
-    });
+    let (address, accept) = accept_one(server_config).await;
     let tcp = TcpStream::connect(address).await.expect("connect");
     let client = tokio_rustls::TlsConnector::from(client_config)
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
@@ -221,12 +232,7 @@ async fn close_notify_ends_the_stream_cleanly_both_ways() {
 #[tokio::test]
 async fn a_client_that_does_not_speak_tls_fails_the_handshake() {
     let (server_config, _) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        TlsStream::accept(server_config, tcp).await
-    });
+    let (address, accept) = accept_one(server_config).await;
     let mut tcp = TcpStream::connect(address).await.expect("connect");
     tcp.write_all(b"<?xml version='1.0'?><stream:stream to='localhost'>")
         .await
@@ -240,12 +246,7 @@ async fn a_client_that_does_not_speak_tls_fails_the_handshake() {
 
     // And one that hangs up half-way is an error, not a hang.
     let (server_config, _) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        TlsStream::accept(server_config, tcp).await
-    });
+    let (address, accept) = accept_one(server_config).await;
     let mut tcp = TcpStream::connect(address).await.expect("connect");
     tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         .await
@@ -262,12 +263,7 @@ async fn a_client_that_does_not_speak_tls_fails_the_handshake() {
 #[tokio::test]
 async fn a_handshake_message_over_64_kib_is_refused_before_it_is_buffered() {
     let (server_config, _) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        TlsStream::accept(server_config, tcp).await
-    });
+    let (address, accept) = accept_one(server_config).await;
     let mut tcp = TcpStream::connect(address).await.expect("connect");
     // A ClientHello that announces 16 MiB, in full-size records.
     let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
