@@ -78,9 +78,9 @@ counted() { # name, seconds
 counted short "$SHORT"
 counted long "$LONG"
 
-python3 - "$OUT" << 'EOF'
-import json, re, sys
-out = sys.argv[1]
+python3 - "$OUT" "$SCENARIO" << 'EOF'
+import json, sys
+out, scenario = sys.argv[1], sys.argv[2]
 def instructions(name):
     for line in open(f"{out}/{name}.out"):
         if line.startswith(("summary:", "totals:")):
@@ -93,7 +93,7 @@ i_short, i_long = instructions("short"), instructions("long")
 d_short, d_long = delivered("short"), delivered("long")
 per = (i_long - i_short) / (d_long - d_short)
 print(f"messages {d_short} and {d_long}; instructions {i_short} and {i_long}")
-print(f"instructions per {'message' if 'delivered' in json.load(open(f'{out}/long.json')) else 'delivered presence'}: {per:.0f}")
+print(f"instructions per {'message' if scenario == 'chat' else 'delivered presence'}: {per:.0f}")
 json.dump({"instructions_per_message": per, "short": [d_short, i_short], "long": [d_long, i_long]},
           open(f"{out}/result.json", "w"))
 EOF
