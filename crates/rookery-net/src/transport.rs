@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::io;
-
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
