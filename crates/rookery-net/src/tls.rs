@@ -138,10 +138,10 @@ impl TlsStream {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         let status = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-            let mut alert = [0; 64];
-            if let Ok(n) = traffic.queue_close_notify(&mut alert) {
-                self.outgoing.extend_from_slice(&alert[..n]);
-            }
+            // Best effort: the connection closes either way.
+            let _ = append(&mut self.outgoing, 64, |buffer| {
+                traffic.queue_close_notify(buffer)
+            });
         }
         self.flush().await?;
         use tokio::io::AsyncWriteExt;
@@ -241,10 +241,7 @@ impl TlsStream {
         }
         let status = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
-            let mut alert = [0; 64];
-            if let Ok(n) = encode.encode(&mut alert) {
-                self.outgoing.extend_from_slice(&alert[..n]);
-            }
+            let _ = append(&mut self.outgoing, 64, |buffer| encode.encode(buffer));
         }
         let _ = self.try_flush();
     }
@@ -276,20 +273,7 @@ fn drive(
                 false
             }
             ConnectionState::EncodeTlsData(mut encode) => {
-                let start = outgoing.len();
-                outgoing.resize(start + 4096, 0);
-                loop {
-                    match encode.encode(&mut outgoing[start..]) {
-                        Ok(n) => break outgoing.truncate(start + n),
-                        Err(EncodeError::InsufficientSize(size)) => {
-                            outgoing.resize(start + size.required_size, 0);
-                        }
-                        Err(error) => {
-                            outgoing.truncate(start);
-                            return Err(io::Error::other(error));
-                        }
-                    }
-                }
+                append(outgoing, 4096, |buffer| encode.encode(buffer))?;
                 false
             }
             // The encoded bytes stay in `outgoing`, in order, for the caller to write.
@@ -303,21 +287,10 @@ fn drive(
             }
             ConnectionState::WriteTraffic(mut traffic) => {
                 if let Some(data) = app.take() {
-                    let start = outgoing.len();
                     let records = data.len() / 16384 + 1;
-                    outgoing.resize(start + data.len() + records * RECORD_OVERHEAD, 0);
-                    loop {
-                        match traffic.encrypt(data, &mut outgoing[start..]) {
-                            Ok(n) => break outgoing.truncate(start + n),
-                            Err(EncryptError::InsufficientSize(size)) => {
-                                outgoing.resize(start + size.required_size, 0);
-                            }
-                            Err(error) => {
-                                outgoing.truncate(start);
-                                return Err(io::Error::other(error));
-                            }
-                        }
-                    }
+                    append(outgoing, data.len() + records * RECORD_OVERHEAD, |buffer| {
+                        traffic.encrypt(data, buffer)
+                    })?;
                 }
                 true
             }
@@ -328,6 +301,56 @@ fn drive(
         used += discard;
         if done {
             return Ok(used);
+        }
+    }
+}
+
+/// Appends to `outgoing` what `write` (a rustls encoder) puts into a buffer
+/// of `guess` bytes, or of the size rustls asks for when that is too small.
+fn append<E: NeedsRoom>(
+    outgoing: &mut Vec<u8>,
+    guess: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> io::Result<()> {
+    let start = outgoing.len();
+    outgoing.resize(start + guess, 0);
+    loop {
+        match write(&mut outgoing[start..]) {
+            Ok(n) => {
+                outgoing.truncate(start + n);
+                return Ok(());
+            }
+            Err(error) => match error.required_size() {
+                Some(size) => outgoing.resize(start + size, 0),
+                None => {
+                    outgoing.truncate(start);
+                    return Err(io::Error::other(error));
+                }
+            },
+        }
+    }
+}
+
+/// rustls' encoding errors, which say how much room was missing.
+trait NeedsRoom: std::error::Error + Send + Sync + 'static {
+    /// The buffer size rustls needs, when the buffer was too small.
+    fn required_size(&self) -> Option<usize>;
+}
+
+impl NeedsRoom for EncodeError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(size) => Some(size.required_size),
+            _ => None,
+        }
+    }
+}
+
+impl NeedsRoom for EncryptError {
+    fn required_size(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(size) => Some(size.required_size),
+            _ => None,
         }
     }
 }

@@ -81,6 +81,16 @@ async fn server_reads(server: &mut TlsStream, n: usize) -> BytesMut {
     plain
 }
 
+/// Reads exactly `n` bytes of plaintext on the client.
+async fn client_reads(client: &mut ClientStream<TcpStream>, n: usize) -> Vec<u8> {
+    let mut received = vec![0; n];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut received))
+        .await
+        .expect("client read timed out")
+        .expect("client read");
+    received
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -102,15 +112,10 @@ async fn data_flows_both_ways_and_an_idle_stream_holds_no_buffer() {
 
     // More than one record each way, and more than a socket buffer takes at once.
     let big = pattern(300_000, 7);
-    let (written, read) = tokio::join!(server.write_all(&big), async {
-        let mut received = vec![0; big.len()];
-        client.read_exact(&mut received).await.map(|_| received)
-    });
+    let (written, read) =
+        tokio::join!(server.write_all(&big), client_reads(&mut client, big.len()));
     written.expect("server write");
-    assert!(
-        read.expect("client read") == big,
-        "the client read other bytes"
-    );
+    assert!(read == big, "the client read other bytes");
 
     let big = pattern(200_000, 3);
     let (written, read) = tokio::join!(
@@ -168,12 +173,7 @@ async fn data_still_flows_after_the_client_updates_its_keys() {
     );
 
     server.write_all(b"reply").await.expect("server write");
-    let mut reply = [0; 5];
-    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
-        .await
-        .expect("timed out")
-        .expect("client read");
-    assert_eq!(&reply, b"reply");
+    assert_eq!(client_reads(&mut client, 5).await, b"reply");
 }
 
 #[tokio::test]
@@ -299,11 +299,6 @@ async fn handshake_messages_and_data_cut_into_the_smallest_records_are_joined() 
     client.flush().await.expect("flush");
     assert!(server_reads(&mut server, message.len()).await[..] == message[..]);
     server.write_all(b"ok").await.expect("server write");
-    let mut reply = [0; 2];
-    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
-        .await
-        .expect("timed out")
-        .expect("client read");
-    assert_eq!(&reply, b"ok");
+    assert_eq!(client_reads(&mut client, 2).await, b"ok");
     assert!(holds_no_buffer(&server), "{server:?}");
 }
