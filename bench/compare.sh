@@ -12,7 +12,10 @@
 #     contacts (half online) change presence at PRESENCE_RATE changes/s:
 #     fan-out latency and server CPU per delivered presence;
 #   - chat over WebSocket (RFC 7395, ws:// on loopback, which all three count
-#     as secure, as behind a TLS proxy) at CHAT_RATE msg/s.
+#     as secure, as behind a TLS proxy) at CHAT_RATE msg/s;
+#   - floor: no server, the machine's own latency floor at CHAT_RATE (frames
+#     paced and timed like chat messages through a bare relay process, plain
+#     TCP, no XML), once per run before the servers, in the same window.
 # The three servers get the configurations in bench/peers/ (same domain,
 # loopback, SQLite storage, SCRAM keys with 4096 iterations, no shaping,
 # warnings-only logs) and the same TLS setting. Each run restarts every
@@ -46,7 +49,7 @@ STORM_CONCURRENCY=${STORM_CONCURRENCY:-50}
 PRESENCE_USERS=${PRESENCE_USERS:-200}
 PRESENCE_CONTACTS=${PRESENCE_CONTACTS:-20}
 PRESENCE_RATE=${PRESENCE_RATE:-100}
-SCENARIOS=${SCENARIOS:-"connections chat findmax storm presence websocket"}
+SCENARIOS=${SCENARIOS:-"floor connections chat findmax storm presence websocket"}
 MECHANISM=SCRAM-SHA-1 # the one all three store keys for by default
 PORT=${PORT:-27222}
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
@@ -226,6 +229,11 @@ for server in $SERVERS; do
 done
 
 for run in $(seq "$RUNS"); do
+    if want floor; then
+        echo "run $run: floor" >&2
+        run_bench --json "$OUT/floor-$run.json" \
+            floor --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS"
+    fi
     for server in $SERVERS; do
         echo "run $run: $server" >&2
         if want connections; then

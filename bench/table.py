@@ -10,7 +10,9 @@ import json, os, statistics, sys
 out, runs, servers, tls, sessions, users, rate, start = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), *sys.argv[4:]
 def load(server, kind):
     # A scenario that failed on a server left no file: its cell says n/a.
-    paths = [f"{out}/{server}-{kind}-{n}.json" for n in range(1, runs + 1)]
+    # The floor's files have no server in their name.
+    prefix = f"{server}-{kind}" if server else kind
+    paths = [f"{out}/{prefix}-{n}.json" for n in range(1, runs + 1)]
     return [json.load(open(p)) for p in paths if os.path.exists(p)]
 def at_max(report, key):
     # The figure of the find-max step at the highest sustained rate.
@@ -84,3 +86,12 @@ if rates:
     header("find-max step msg/s: chat p99 ms, median (min–max)")
     for rate in rates:
         row(str(rate), lambda server: p99_at[server].get(rate, []))
+# The machine's floor at the chat rate (no server): what no server's chat
+# latency at that rate can go below on this machine in this window.
+floor = load(None, "floor")
+if floor:
+    print()
+    print(f"| the machine's floor at {rate} msg/s (bare relay, plain TCP, no XML; median (min–max) of {len(floor)} runs) | ms |")
+    print("| --- | --- |")
+    for label, key in [("p50", "latency_ms_p50"), ("p99", "latency_ms_p99")]:
+        print(f"| {label} | {cell([r[key] for r in floor])[1]} |")

@@ -84,15 +84,8 @@ enum Scenario {
     },
     /// M online users send 1:1 messages to random others at a fixed aggregate rate.
     Chat {
-        /// Online users.
-        #[arg(long)]
-        users: usize,
-        /// Messages per second, all users together.
-        #[arg(long)]
-        rate: u64,
-        /// Seconds of sending.
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
+        #[command(flatten)]
+        load: Load,
         /// With several servers: whom a user writes to.
         #[arg(long, value_enum, default_value = "any")]
         placement: Placement,
@@ -159,6 +152,21 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         duration: u64,
     },
+    /// This machine's latency floor for `chat`: frames paced and timed as
+    /// `chat` messages, between plain TCP connections through a bare relay
+    /// process (no TLS, XML or routing). No server is involved: a server's
+    /// `chat` latency at the same rate cannot be lower.
+    Floor {
+        #[command(flatten)]
+        load: Load,
+    },
+    /// The relay process of `floor` (started by it).
+    #[command(hide = true)]
+    FloorRelay {
+        /// Connections to wait for.
+        #[arg(long)]
+        connections: usize,
+    },
     /// Pairs of users on the first and second server see each other's
     /// presence; the first server's process is killed (SIGKILL) and the time
     /// until the second server's users see their contacts go unavailable is
@@ -171,6 +179,20 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+}
+
+/// The paced load of `chat` and `floor`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct Load {
+    /// Online users (connections), each sending to random others.
+    #[arg(long)]
+    users: usize,
+    /// Messages per second, all users together.
+    #[arg(long)]
+    rate: u64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
 }
 
 /// How account `n` (from 1) reaches its server.
@@ -303,9 +325,7 @@ async fn main() -> anyhow::Result<()> {
             hold,
         } => scenarios::connections::connections(&cli, *users, *concurrency, *hold).await,
         Scenario::Chat {
-            users,
-            rate,
-            duration,
+            load,
             placement,
             find_max,
             max_p99_ms,
@@ -319,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
                 steps: *max_steps,
                 refine: *refine_steps,
             });
-            scenarios::chat::chat(&cli, *users, *rate, *duration, *placement, search).await
+            scenarios::chat::chat(&cli, load, *placement, search).await
         }
         Scenario::Presence {
             users,
@@ -344,6 +364,8 @@ async fn main() -> anyhow::Result<()> {
             scenarios::login_storm::login_storm(&cli, *users, *logins, *concurrency, *duration)
                 .await
         }
+        Scenario::Floor { load } => scenarios::floor::floor(&cli, load).await,
+        Scenario::FloorRelay { connections } => scenarios::floor::relay(*connections).await,
         Scenario::Failover { pairs, wait } => {
             scenarios::failover::failover(&cli, *pairs, *wait).await
         }

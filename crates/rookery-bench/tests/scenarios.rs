@@ -197,3 +197,30 @@ async fn find_max_reports_the_highest_passing_rate() {
     assert_eq!(report["max_sustained_rate"].as_u64(), best, "{report}");
     assert!(best.is_some(), "50 msg/s among 10 users passes: {report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_relays_every_frame_once_and_stops() {
+    // No server: the relay is a process of its own, started and stopped by
+    // the scenario (the address given is not used).
+    let report = bench(
+        "127.0.0.1:9".parse().expect("address"),
+        &[],
+        &["floor", "--users", "20", "--rate", "200", "--duration", "2"],
+    )
+    .await;
+    let sent = report["sent"].as_u64().expect("sent");
+    assert!(sent >= 300, "{report}");
+    assert_eq!(report["delivered"].as_u64(), Some(sent), "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicated"], 0, "{report}");
+    let p50 = report["latency_ms_p50"].as_f64().expect("p50");
+    let p99 = report["latency_ms_p99"].as_f64().expect("p99");
+    assert!(0.0 < p50 && p50 <= p99, "{report}");
+    assert!(
+        report["relay_cpu_us_per_message"]
+            .as_f64()
+            .expect("relay CPU")
+            > 0.0
+    );
+    assert_eq!(report["relay_stopped"], true, "{report}");
+}

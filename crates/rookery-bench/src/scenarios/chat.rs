@@ -1,13 +1,13 @@
 //! `chat`: 1:1 messages between online users at a fixed rate; latency, loss, server CPU.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{Cli, CpuWindow, emit, login_all, per_unit, percentile, server_pids};
+use super::Delivery;
+use crate::{Cli, CpuWindow, Load, emit, login_all, per_unit, server_pids};
 
 /// Where the recipients of the chat scenario are, relative to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -27,15 +27,8 @@ pub struct ChatReport {
     placement: Placement,
     users: usize,
     target_rate: u64,
-    sent: u64,
-    delivered: u64,
-    lost: u64,
-    duplicated: u64,
-    achieved_rate: f64,
-    latency_ms_p50: f64,
-    latency_ms_p90: f64,
-    latency_ms_p99: f64,
-    latency_ms_max: f64,
+    #[serde(flatten)]
+    delivery: Delivery,
     server_cpu_seconds: Option<f64>,
     server_cpu_us_per_message: Option<f64>,
     /// The load generator's own CPU per message (it shares the machine).
@@ -137,9 +130,10 @@ struct SearchReport {
 
 impl ChatReport {
     fn sustained(&self, max_p99_ms: f64) -> bool {
-        self.lost == 0
-            && self.latency_ms_p99 <= max_p99_ms
-            && self.achieved_rate >= 0.95 * self.target_rate as f64
+        let delivery = &self.delivery;
+        delivery.lost == 0
+            && delivery.latency_ms_p99 <= max_p99_ms
+            && delivery.achieved_rate >= 0.95 * self.target_rate as f64
     }
 }
 
@@ -147,12 +141,15 @@ impl ChatReport {
 /// the server sustains, starting at `rate`.
 pub async fn chat(
     cli: &Cli,
-    users: usize,
-    rate: u64,
-    duration: u64,
+    load: &Load,
     placement: Placement,
     search: Option<Search>,
 ) -> anyhow::Result<()> {
+    let Load {
+        users,
+        rate,
+        duration,
+    } = *load;
     let Some(search) = search else {
         let report = run(cli, users, rate, duration, placement).await?;
         return emit(cli, &report);
@@ -260,60 +257,30 @@ async fn run(
         .collect();
     let mut senders = super::send_paced(paced, per_user, duration).await?;
     let sending = epoch.elapsed();
-    // Stragglers.
-    let mut latencies = Vec::new();
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let total = sent.load(Ordering::Relaxed);
-    while let Ok(Some((seq, latency))) = tokio::time::timeout_at(deadline, latency_rx.recv()).await
-    {
-        let count = seen.entry(seq).or_default();
-        *count += 1;
-        if *count == 1 {
-            latencies.push(latency);
-        }
-        if seen.len() as u64 == total {
-            break;
-        }
-    }
+    // Stragglers.
+    let arrived = super::arrivals(&mut latency_rx, total, Duration::from_secs(3)).await;
     let (cpu, bench_cpu) = window.spent();
     for sender in &mut senders {
         let _ = sender.close().await;
     }
     drop(senders);
-    latencies.sort_unstable();
-    let delivered = seen.len() as u64;
-    let duplicated = seen.values().map(|c| u64::from(c - 1)).sum();
+    let delivery = Delivery::new(total, &arrived, sending);
+    let delivered = delivery.delivered;
     let report = ChatReport {
         scenario: "chat",
         servers,
         placement,
         users,
         target_rate: rate,
-        sent: total,
-        delivered,
-        lost: total - delivered,
-        duplicated,
-        achieved_rate: total as f64 / sending.as_secs_f64(),
-        latency_ms_p50: percentile(&latencies, 0.50),
-        latency_ms_p90: percentile(&latencies, 0.90),
-        latency_ms_p99: percentile(&latencies, 0.99),
-        latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+        delivery,
         server_cpu_seconds: cpu,
         server_cpu_us_per_message: per_unit(cpu, delivered, 1e6),
         bench_cpu_us_per_message: per_unit(bench_cpu, delivered, 1e6),
     };
     eprintln!(
-        "sent {} delivered {} lost {} dup {}; {:.0} msg/s; latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:?} s ({:?} us/message); bench CPU {:?} us/message",
-        report.sent,
-        report.delivered,
-        report.lost,
-        report.duplicated,
-        report.achieved_rate,
-        report.latency_ms_p50,
-        report.latency_ms_p90,
-        report.latency_ms_p99,
-        report.latency_ms_max,
+        "{}; server CPU {:?} s ({:?} us/message); bench CPU {:?} us/message",
+        report.delivery,
         report.server_cpu_seconds,
         report.server_cpu_us_per_message,
         report.bench_cpu_us_per_message
@@ -323,7 +290,7 @@ async fn run(
 
 /// A random recipient (0-based) for sender `index` among `users` spread
 /// round-robin over `servers` (user i is on server i mod servers).
-fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -> usize {
+pub(super) fn recipient(index: usize, users: usize, servers: usize, placement: Placement) -> usize {
     loop {
         let server = match placement {
             Placement::Any => rand::random_range(0..servers),
