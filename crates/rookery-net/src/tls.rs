@@ -17,6 +17,8 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::net::TcpStream;
 
+use crate::transport::read_now;
+
 /// Bytes read from the socket at a time: a TLS record of the largest size
 /// (16 KiB of data plus its header and tag) fits whole.
 const SCRATCH_SIZE: usize = 18 * 1024;
@@ -154,7 +156,8 @@ impl TlsStream {
         loop {
             self.tcp.readable().await?;
             let read = SCRATCH.with_borrow_mut(|scratch| {
-                let n = match self.tcp.try_read(scratch) {
+                let room = scratch.len();
+                let n = match read_now(&self.tcp, room, || self.tcp.try_read(scratch)) {
                     Ok(0) => return Ok(Some(false)),
                     Ok(n) => n,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rookery_stream::Framing;
 use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
@@ -76,6 +76,35 @@ impl TcpTransport {
     }
 }
 
+/// Reads once from `tcp` without waiting, through `read`, into `room` free
+/// bytes. A read that did not fill the room found the socket empty, so tokio
+/// is told the socket is no longer readable, as its own `poll_read` does;
+/// otherwise the next read would be one more system call that finds nothing
+/// (one per message at moderate rates). Bytes that arrive after the read
+/// make the socket readable again: tokio only forgets the readiness it had
+/// seen before the read.
+pub(crate) fn read_now(
+    tcp: &TcpStream,
+    room: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut done = None;
+    let result = tcp.try_io(Interest::READABLE, || {
+        let n = read()?;
+        done = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (done, result) {
+        (Some(n), _) => Ok(n),
+        (None, Err(error)) => Err(error),
+        (None, Ok(())) => unreachable!("the read ran and succeeded"),
+    }
+}
+
 impl Transport for TcpTransport {
     fn framing(&self) -> Framing {
         Framing::Tcp
@@ -87,7 +116,8 @@ impl Transport for TcpTransport {
             Either::Left(tcp) => loop {
                 tcp.readable().await?;
                 buffer.reserve(READ_SIZE);
-                match tcp.try_read_buf(buffer) {
+                let room = buffer.capacity() - buffer.len();
+                match read_now(tcp, room, || tcp.try_read_buf(buffer)) {
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                     result => break result?,
                 }
@@ -136,5 +166,66 @@ impl Transport for TcpTransport {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::timeout;
+
+    use super::read_now;
+
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    async fn read(socket: &TcpStream, room: usize) -> Vec<u8> {
+        let mut buffer = vec![0; room];
+        timeout(Duration::from_secs(5), socket.readable())
+            .await
+            .expect("readable in time")
+            .expect("readable");
+        let n = read_now(socket, room, || socket.try_read(&mut buffer)).expect("read");
+        buffer.truncate(n);
+        buffer
+    }
+
+    /// Whether tokio still takes the socket for readable (without a system call).
+    async fn still_readable(socket: &TcpStream) -> bool {
+        timeout(Duration::from_millis(50), socket.readable())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_short_read_forgets_readiness_until_more_bytes_come() {
+        let (mut client, server) = connected().await;
+        client.write_all(b"first").await.expect("write");
+        assert_eq!(read(&server, 64).await, b"first");
+        assert!(!still_readable(&server).await, "the socket was drained");
+        client.write_all(b"second").await.expect("write");
+        assert_eq!(read(&server, 64).await, b"second");
+    }
+
+    #[tokio::test]
+    async fn a_full_read_keeps_readiness_for_the_rest() {
+        let (mut client, server) = connected().await;
+        client.write_all(&[7; 100]).await.expect("write");
+        // All 100 bytes are in the socket before the first read.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read(&server, 64).await, [7; 64]);
+        assert!(still_readable(&server).await, "36 bytes are left");
+        assert_eq!(read(&server, 64).await, [7; 36]);
+        drop(client);
+        assert_eq!(read(&server, 64).await, b"", "the end of the stream");
     }
 }
