@@ -231,8 +231,10 @@ done
 for run in $(seq "$RUNS"); do
     if want floor; then
         echo "run $run: floor" >&2
+        # The relay stands in for a server: on the servers' CPUs.
         run_bench --json "$OUT/floor-$run.json" \
-            floor --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS"
+            floor --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$CHAT_SECONDS" \
+            ${SERVER_CPUS:+--relay-cpus "$SERVER_CPUS"}
     fi
     for server in $SERVERS; do
         echo "run $run: $server" >&2

@@ -159,6 +159,10 @@ enum Scenario {
     Floor {
         #[command(flatten)]
         load: Load,
+        /// Run the relay on these CPUs (a `taskset -c` list, such as the one
+        /// a server is confined to) rather than on the bench's.
+        #[arg(long, value_name = "LIST")]
+        relay_cpus: Option<String>,
     },
     /// The relay process of `floor` (started by it).
     #[command(hide = true)]
@@ -364,7 +368,9 @@ async fn main() -> anyhow::Result<()> {
             scenarios::login_storm::login_storm(&cli, *users, *logins, *concurrency, *duration)
                 .await
         }
-        Scenario::Floor { load } => scenarios::floor::floor(&cli, load).await,
+        Scenario::Floor { load, relay_cpus } => {
+            scenarios::floor::floor(&cli, load, relay_cpus.as_deref()).await
+        }
         Scenario::FloorRelay { connections } => scenarios::floor::relay(*connections).await,
         Scenario::Failover { pairs, wait } => {
             scenarios::failover::failover(&cli, *pairs, *wait).await

@@ -7,12 +7,26 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// Resident memory of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_field(pid, "VmRSS")?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("no VmRSS for {pid}"))
+}
+
+/// The CPUs `pid` may run on, as a list such as `0-1` or `0,2`.
+pub fn cpus_allowed(pid: u32) -> anyhow::Result<String> {
+    status_field(pid, "Cpus_allowed_list")
+}
+
+/// A field of /proc/<pid>/status, trimmed.
+fn status_field(pid: u32, name: &str) -> anyhow::Result<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(|value| value.trim().to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no {name} for {pid}"))
 }
 
 /// The number of open file descriptors of `pid` (sockets included).

@@ -205,9 +205,20 @@ async fn the_floor_relays_every_frame_once_and_stops() {
     let report = bench(
         "127.0.0.1:9".parse().expect("address"),
         &[],
-        &["floor", "--users", "20", "--rate", "200", "--duration", "2"],
+        &[
+            "floor",
+            "--users",
+            "20",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--relay-cpus",
+            "0",
+        ],
     )
     .await;
+    assert_eq!(report["relay_cpus"], "0", "{report}");
     let sent = report["sent"].as_u64().expect("sent");
     assert!(sent >= 300, "{report}");
     assert_eq!(report["delivered"].as_u64(), Some(sent), "{report}");

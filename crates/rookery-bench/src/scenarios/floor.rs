@@ -25,6 +25,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use rookery_bench::process;
+
 use super::chat::{Placement, recipient};
 use super::{Delivery, Pacer, arrivals};
 use crate::{Cli, CpuWindow, Load, emit, per_unit};
@@ -46,20 +48,32 @@ pub struct FloorReport {
     /// The relay process's CPU per message.
     relay_cpu_us_per_message: Option<f64>,
     bench_cpu_us_per_message: Option<f64>,
+    /// The CPUs the relay could run on.
+    relay_cpus: Option<String>,
     /// Whether the relay ended by itself once the connections closed.
     relay_stopped: bool,
 }
 
 /// Frames between `users` connections through a relay process, `rate` a
-/// second in all for `duration` seconds.
-pub async fn floor(cli: &Cli, load: &Load) -> anyhow::Result<()> {
+/// second in all for `duration` seconds; the relay on `relay_cpus` if given.
+pub async fn floor(cli: &Cli, load: &Load, relay_cpus: Option<&str>) -> anyhow::Result<()> {
     let Load {
         users,
         rate,
         duration,
     } = *load;
     anyhow::ensure!(users >= 2, "floor needs at least two connections");
-    let mut relay = tokio::process::Command::new(std::env::current_exe()?)
+    let bench = std::env::current_exe()?;
+    let mut relay = match relay_cpus {
+        // taskset replaces itself with the relay: the process is the relay's.
+        Some(cpus) => {
+            let mut taskset = tokio::process::Command::new("taskset");
+            taskset.args(["-c", cpus]).arg(bench);
+            taskset
+        }
+        None => tokio::process::Command::new(bench),
+    };
+    let mut relay = relay
         .args(["floor-relay", "--connections", &users.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -84,6 +98,9 @@ pub async fn floor(cli: &Cli, load: &Load) -> anyhow::Result<()> {
         lines.next_line().await?.as_deref() == Some("ready"),
         "the relay did not take the connections"
     );
+    let relay_cpus = pids
+        .first()
+        .and_then(|pid| process::cpus_allowed(*pid).ok());
 
     let epoch = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
@@ -142,6 +159,7 @@ pub async fn floor(cli: &Cli, load: &Load) -> anyhow::Result<()> {
         delivery: Delivery::new(total, &arrived, sending),
         relay_cpu_us_per_message: per_unit(relay_cpu, delivered, 1e6),
         bench_cpu_us_per_message: per_unit(bench_cpu, delivered, 1e6),
+        relay_cpus,
         relay_stopped,
     };
     eprintln!(
