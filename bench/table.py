@@ -84,8 +84,8 @@ rates = sorted({r for s in servers for r in p99_at[s] if shared(r)})
 if rates:
     print()
     header("find-max step msg/s: chat p99 ms, median (min–max)")
-    for rate in rates:
-        row(str(rate), lambda server: p99_at[server].get(rate, []))
+    for step in rates:
+        row(str(step), lambda server: p99_at[server].get(step, []))
 # The machine's floor at the chat rate (no server): what no server's chat
 # latency at that rate can go below on this machine in this window.
 floor = load(None, "floor")
