@@ -132,7 +132,7 @@ impl ChatReport {
     fn sustained(&self, max_p99_ms: f64) -> bool {
         let delivery = &self.delivery;
         delivery.lost == 0
-            && delivery.latency_ms_p99 <= max_p99_ms
+            && delivery.latency.latency_ms_p99 <= max_p99_ms
             && delivery.achieved_rate >= 0.95 * self.target_rate as f64
     }
 }

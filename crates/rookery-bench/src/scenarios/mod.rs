@@ -38,26 +38,42 @@ pub struct Delivery {
     pub duplicated: u64,
     /// Messages sent per second of sending.
     pub achieved_rate: f64,
+    #[serde(flatten)]
+    pub latency: Latency,
+}
+
+/// Percentiles of latencies, in milliseconds (at the top level of a
+/// scenario's JSON).
+#[derive(Debug, Serialize)]
+pub struct Latency {
     pub latency_ms_p50: f64,
     pub latency_ms_p90: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,
 }
 
+impl Latency {
+    /// The percentiles of `sorted` latencies given in µs.
+    pub fn of(sorted: &[u64]) -> Latency {
+        Latency {
+            latency_ms_p50: percentile(sorted, 0.50),
+            latency_ms_p90: percentile(sorted, 0.90),
+            latency_ms_p99: percentile(sorted, 0.99),
+            latency_ms_max: sorted.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+        }
+    }
+}
+
 impl Delivery {
     /// The figures of `sent` messages sent over `sending`, of which `arrived` arrived.
     pub fn new(sent: u64, arrived: &Arrivals, sending: Duration) -> Delivery {
-        let latencies = &arrived.latencies;
         Delivery {
             sent,
             delivered: arrived.delivered,
             lost: sent - arrived.delivered,
             duplicated: arrived.duplicated,
             achieved_rate: sent as f64 / sending.as_secs_f64(),
-            latency_ms_p50: percentile(latencies, 0.50),
-            latency_ms_p90: percentile(latencies, 0.90),
-            latency_ms_p99: percentile(latencies, 0.99),
-            latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+            latency: Latency::of(&arrived.latencies),
         }
     }
 }
@@ -72,10 +88,10 @@ impl std::fmt::Display for Delivery {
             self.lost,
             self.duplicated,
             self.achieved_rate,
-            self.latency_ms_p50,
-            self.latency_ms_p90,
-            self.latency_ms_p99,
-            self.latency_ms_max
+            self.latency.latency_ms_p50,
+            self.latency.latency_ms_p90,
+            self.latency.latency_ms_p99,
+            self.latency.latency_ms_max
         )
     }
 }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use rookery_bench::client::{Connection, Receiver, Sender};
 use serde::Serialize;
 
-use crate::{Cli, CpuWindow, emit, per_unit, percentile, server_pids};
+use super::Latency;
+use crate::{Cli, CpuWindow, emit, per_unit, server_pids};
 
 /// What the presence scenario measured.
 #[derive(Debug, Serialize)]
@@ -30,10 +31,8 @@ pub struct PresenceReport {
     deliveries: u64,
     lost: u64,
     fanout_per_second: f64,
-    latency_ms_p50: f64,
-    latency_ms_p90: f64,
-    latency_ms_p99: f64,
-    latency_ms_max: f64,
+    #[serde(flatten)]
+    latency: Latency,
     server_cpu_seconds: Option<f64>,
     server_cpu_us_per_delivery: Option<f64>,
 }
@@ -280,19 +279,16 @@ pub async fn presence(
         deliveries,
         lost: total_expected.saturating_sub(deliveries),
         fanout_per_second: deliveries as f64 / sending.as_secs_f64(),
-        latency_ms_p50: percentile(&latencies, 0.50),
-        latency_ms_p90: percentile(&latencies, 0.90),
-        latency_ms_p99: percentile(&latencies, 0.99),
-        latency_ms_max: latencies.last().map_or(f64::NAN, |l| *l as f64 / 1000.0),
+        latency: Latency::of(&latencies),
         server_cpu_seconds: cpu,
         server_cpu_us_per_delivery: per_unit(cpu, deliveries, 1e6),
     };
     eprintln!(
         "{changes} presence changes, {deliveries} of {total_expected} deliveries ({:.0}/s); latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms; server CPU {:.1?} us per delivery",
         report.fanout_per_second,
-        report.latency_ms_p50,
-        report.latency_ms_p99,
-        report.latency_ms_max,
+        report.latency.latency_ms_p50,
+        report.latency.latency_ms_p99,
+        report.latency.latency_ms_max,
         report.server_cpu_us_per_delivery
     );
     emit(cli, &report)
