@@ -114,6 +114,9 @@ pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// Treat WebSocket clients connecting from loopback as secure (a TLS proxy on this host).
     pub secure_loopback: bool,
+    /// Seconds a client has to send a request's headers; also how long an
+    /// idle keep-alive connection waits for its next request.
+    pub request_timeout: u64,
 }
 
 impl Default for HttpConfig {
@@ -121,6 +124,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 5280))),
             secure_loopback: true,
+            request_timeout: 10,
         }
     }
 }
@@ -230,8 +234,23 @@ pub struct LimitsConfig {
     pub c2s_burst: u64,
     /// Offline messages kept per account.
     pub offline_messages: usize,
+    /// Bytes of offline messages kept per account.
+    pub offline_bytes: usize,
     /// Roster items per account.
     pub roster_items: usize,
+    /// Namespaces kept in private XML storage (XEP-0049) per account.
+    pub private_storage_items: usize,
+    /// Bytes kept in private XML storage per account.
+    pub private_storage_bytes: usize,
+    /// Bytes of stanzas waiting for one session (its inbox, and separately
+    /// what its client has not acknowledged) before the session is ended as
+    /// too slow; what it had not taken goes to offline storage.
+    pub session_queue_bytes: usize,
+    /// Connections open at once from one address, on all listeners (0: no limit).
+    pub connections_per_address: usize,
+    /// Addresses or networks (CIDR) exempt from `connections_per_address`:
+    /// a load balancer or proxy in front of the server.
+    pub connection_allowlist: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -243,7 +262,14 @@ impl Default for LimitsConfig {
             c2s_rate: 256 * 1024,
             c2s_burst: 1024 * 1024,
             offline_messages: 1000,
+            offline_bytes: 8 * 1024 * 1024,
             roster_items: 2000,
+            private_storage_items: 100,
+            private_storage_bytes: 1024 * 1024,
+            session_queue_bytes: 2 * 1024 * 1024,
+            connections_per_address: 100,
+            // A proxy on this host (TLS termination, HAProxy) shows every client as loopback.
+            connection_allowlist: vec!["127.0.0.0/8".into(), "::1".into()],
         }
     }
 }
@@ -463,6 +489,29 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
+        if self.http.request_timeout == 0 {
+            return Err(invalid("http.request_timeout", "must be at least 1 second"));
+        }
+        for (index, entry) in self.limits.connection_allowlist.iter().enumerate() {
+            if parse_network(entry).is_none() {
+                return Err(invalid(
+                    &format!("limits.connection_allowlist[{index}]"),
+                    "not an IP address or network (\"10.0.0.0/8\", \"::1\")",
+                ));
+            }
+        }
+        if self.limits.session_queue_bytes < self.c2s.max_stanza_size {
+            return Err(invalid(
+                "limits.session_queue_bytes",
+                "must be at least c2s.max_stanza_size",
+            ));
+        }
+        if self.limits.offline_bytes < self.c2s.max_stanza_size {
+            return Err(invalid(
+                "limits.offline_bytes",
+                "must be at least c2s.max_stanza_size",
+            ));
+        }
         if self.limits.c2s_rate > 0 && self.limits.c2s_burst < self.c2s.max_stanza_size as u64 {
             return Err(invalid(
                 "limits.c2s_burst",
@@ -476,6 +525,16 @@ impl Config {
     pub fn sqlite_path(&self) -> PathBuf {
         self.server.data_dir.join(&self.storage.sqlite_path)
     }
+}
+
+/// Parses an allow-list entry: an address, or a network in CIDR notation.
+pub fn parse_network(entry: &str) -> Option<ipnet::IpNet> {
+    entry.parse::<ipnet::IpNet>().ok().or_else(|| {
+        entry
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 /// Environment values are TOML values when they parse as one (numbers, booleans,

@@ -13,11 +13,12 @@ use anyhow::Context as _;
 use rookery_cluster::{Bus, LocalBus};
 use rookery_cluster_nats::{NatsBus, NatsConfig};
 use rookery_net::C2s;
-use rookery_net::limit::AddressLimiter;
+use rookery_net::limit::{AddressLimiter, ConnectionLimiter};
 use rookery_router::{Router, RouterConfig};
-use rookery_store::Store;
+use rookery_store::{Quota, Store};
 use rookery_store_postgres::PostgresStore;
 use rookery_store_sqlite::SqliteStore;
+use rookery_stream::sasl::Decoy;
 use rookery_stream::{Limits, StreamConfig, Timeouts, TlsPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -69,13 +70,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<StoreBackend> {
             Ok(StoreBackend::Postgres(Arc::new(store)))
         }
         _ => {
-            std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
-                format!(
-                    "cannot create data folder {}",
-                    config.server.data_dir.display()
-                )
-            })?;
+            private_folder(&config.server.data_dir)?;
             let path = config.sqlite_path();
+            private_file(&path)?;
             let store = SqliteStore::open(&path)
                 .await
                 .with_context(|| format!("cannot open database {}", path.display()))?;
@@ -94,7 +91,8 @@ pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> 
     if cert.exists() && key.exists() {
         return Ok((cert, key));
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    private_folder(&config.server.data_dir)?;
+    private_folder(&dir)?;
     let mut names = vec![config.server.domain.clone()];
     if config.server.domain == "localhost" {
         names.push("127.0.0.1".into());
@@ -106,6 +104,81 @@ pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> 
         .with_context(|| format!("cannot write {}", cert.display()))?;
     tracing::warn!(cert = %cert.display(), domain = %config.server.domain, "Generated a self-signed certificate; clients will ask to trust it. Set [tls] cert and key for a real one.");
     Ok((cert, key))
+}
+
+/// Makes `dir` (and its parents) if missing, readable by this user only:
+/// it holds the account database (SCRAM keys) and the TLS key. A folder that
+/// exists already is narrowed to the owner if others could read it.
+pub fn private_folder(dir: &Path) -> anyhow::Result<()> {
+    let cannot = || format!("cannot create data folder {}", dir.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(cannot)?;
+        }
+        let mode = std::fs::metadata(dir)
+            .with_context(cannot)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(folder = %dir.display(), mode = format!("{:o}", mode & 0o777), "The data folder was open to other users; it is now 0700.");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(cannot)?;
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).with_context(cannot)?;
+    Ok(())
+}
+
+/// Makes sure the file at `path` exists readable by this user only before
+/// it is opened (SQLite gives its journal files the database's mode). A
+/// file that exists already is narrowed to the owner if others could read it.
+fn private_file(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let cannot = || format!("cannot create {}", path.display());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(cannot)?;
+        let mode = std::fs::metadata(path)
+            .with_context(cannot)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "The database was open to other users; it is now 0600.");
+            for file in [
+                path.to_owned(),
+                suffixed(path, "-wal"),
+                suffixed(path, "-shm"),
+            ] {
+                if file.exists() {
+                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                        .with_context(cannot)?;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -161,16 +234,35 @@ impl App {
         let (cert, key) = certificate_files(&config)?;
         let tls = rookery_net::tls_config(&cert, &key).context("TLS setup failed")?;
 
+        let limits = &config.limits;
         let router_config = RouterConfig {
             domain: config.server.domain.clone(),
-            offline_limit: config.limits.offline_messages,
-            max_roster_items: config.limits.roster_items,
-            csi_hold_limit: 200,
+            offline_quota: Quota {
+                items: limits.offline_messages,
+                bytes: limits.offline_bytes,
+            },
+            max_roster_items: limits.roster_items,
+            inbox_bytes: limits.session_queue_bytes,
+            ..RouterConfig::new(&config.server.domain)
         };
         let ext_config = rookery_ext::ExtConfig {
             registration: config.accounts.registration,
             scram_iterations: config.accounts.scram_iterations,
             show_os: false,
+            private_quota: Quota {
+                items: limits.private_storage_items,
+                bytes: limits.private_storage_bytes,
+            },
+        };
+        // Unknown users are answered with stand-in SCRAM parameters derived
+        // from this secret: the same on every node, and across restarts.
+        let decoy = Decoy {
+            secret: store
+                .store()
+                .server_secret(DECOY_SECRET)
+                .await
+                .context("cannot read the server secret from storage")?,
+            iterations: config.accounts.scram_iterations,
         };
         // Ports are bound before the cluster is joined, so peers learn a reachable address.
         let starttls_listener = bind(config.c2s.starttls_listen, "c2s.starttls_listen").await?;
@@ -225,6 +317,7 @@ impl App {
             resume_timeout: (c2s_config.resume_timeout > 0)
                 .then(|| c2s_config.resume_timeout.min(u64::from(u32::MAX)) as u32),
             max_unacked: c2s_config.max_unacked,
+            max_unacked_bytes: config.limits.session_queue_bytes,
             max_auth_failures: 3,
             limits: Limits {
                 max_stanza_bytes: c2s_config.max_stanza_size,
@@ -238,14 +331,18 @@ impl App {
                 keepalive: Duration::from_secs(c2s_config.keepalive_interval),
             },
             session_features,
-            decoy_secret: rand_secret(),
+            decoy,
         };
         let unencrypted_listener = StreamConfig {
             tls: TlsPolicy::Unavailable,
             ..base.clone()
         };
 
-        let limits = &config.limits;
+        let allowlist = limits
+            .connection_allowlist
+            .iter()
+            .filter_map(|entry| config::parse_network(entry))
+            .collect();
         let c2s = Arc::new(C2s {
             router: router.clone(),
             tls: Some(tls),
@@ -257,8 +354,13 @@ impl App {
                 limits.registrations_per_hour.max(1),
                 limits.registrations_per_hour,
             ),
+            connections: Arc::new(ConnectionLimiter::new(
+                limits.connections_per_address,
+                allowlist,
+            )),
             byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
             resume_timeout: Duration::from_secs(c2s_config.resume_timeout),
+            max_unacked_bytes: limits.session_queue_bytes,
             max_sessions: config
                 .cluster
                 .as_ref()
@@ -329,6 +431,7 @@ impl App {
                 c2s: c2s.clone(),
                 stream,
                 secure_loopback: config.http.secure_loopback,
+                request_timeout: Duration::from_secs(config.http.request_timeout),
             };
             servers.spawn(async move {
                 if let Err(error) = rookery_http::serve(listener, state).await {
@@ -428,9 +531,8 @@ const REDELIVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// before its last redelivery (the registry is checked every second).
 const FINAL_REDELIVERY_WAIT: Duration = Duration::from_secs(3);
 
-fn rand_secret() -> [u8; 32] {
-    rookery_stream::StreamConfig::new("").decoy_secret
-}
+/// The name of the server secret behind the SCRAM stand-in parameters.
+const DECOY_SECRET: &str = "scram-decoy";
 
 async fn bind(address: Option<SocketAddr>, key: &str) -> anyhow::Result<Option<TcpListener>> {
     match address {

@@ -611,9 +611,13 @@ fn framed(element: &str) -> String {
 }
 
 fn new_reader() -> StreamReader {
+    // The bench reads servers it measures: only bounds that catch a runaway stream.
     StreamReader::new(Limits {
         max_stanza_bytes: 10 * 1024 * 1024,
+        max_unauthenticated_stanza_bytes: 10 * 1024 * 1024,
+        max_header_bytes: 1024 * 1024,
         max_depth: 1000,
+        max_attributes: 100_000,
     })
 }
 

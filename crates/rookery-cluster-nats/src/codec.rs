@@ -155,7 +155,7 @@ impl WireSnapshot {
             sm_id: snapshot.sm.id.clone(),
             sm_inbound: snapshot.sm.inbound,
             sm_acked: snapshot.sm.acked,
-            sm_unacked: snapshot.sm.unacked.iter().map(String::from).collect(),
+            sm_unacked: snapshot.sm.unacked().iter().map(String::from).collect(),
             receipts: snapshot.receipts.clone(),
             directed: snapshot.directed.iter().map(|j| j.to_string()).collect(),
             inactive: snapshot.inactive,
@@ -175,7 +175,9 @@ impl WireSnapshot {
         let mut sm = SmState::new(self.sm_id);
         sm.inbound = self.sm_inbound;
         sm.acked = self.sm_acked;
-        sm.unacked = self.sm_unacked.into_iter().filter_map(parse).collect();
+        for stanza in self.sm_unacked.into_iter().filter_map(parse) {
+            sm.sent(stanza);
+        }
         Some(SessionSnapshot {
             jid: FullJid::new(&self.jid).ok()?,
             session: SessionId(self.session),

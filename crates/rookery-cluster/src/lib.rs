@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -81,46 +81,168 @@ pub struct Route {
 /// The channel (futures' unbounded mpsc) allocates per queued mail and next
 /// to nothing while empty: an idle session's inbox costs about a hundred
 /// bytes, where a block-preallocating channel would hold a kilobyte and more
-/// per session.
+/// per session. It is bounded in bytes by its [`Backlog`] instead: mail
+/// past the bound is refused (given back, so the router decides again
+/// without this session) and the inbox is marked overflowed, which tells the
+/// session to end (its client does not keep up).
 #[derive(Debug, Clone)]
-pub struct Mailbox(mpsc::UnboundedSender<Mail>);
+pub struct Mailbox {
+    sender: mpsc::UnboundedSender<(Mail, usize)>,
+    backlog: Arc<Backlog>,
+}
 
 /// The receiving side of a session's inbox.
 #[derive(Debug)]
-pub struct Inbox(mpsc::UnboundedReceiver<Mail>);
+pub struct Inbox {
+    receiver: mpsc::UnboundedReceiver<(Mail, usize)>,
+    backlog: Arc<Backlog>,
+}
+
+/// The bytes of stanzas waiting in one inbox, against its bound.
+#[derive(Debug)]
+struct Backlog {
+    /// Bytes queued (about: see `rookery_stream::xml::approximate_size`).
+    bytes: AtomicUsize,
+    /// Most bytes queued at once.
+    limit: usize,
+    /// Set once mail was refused for lack of room; never cleared.
+    overflowed: AtomicBool,
+    /// Wakes the session when it overflows.
+    overflow: tokio::sync::Notify,
+}
+
+/// Bytes an inbox may hold when no bound is given.
+pub const DEFAULT_INBOX_BYTES: usize = 2 * 1024 * 1024;
 
 impl Inbox {
     /// The next mail; `None` once every mailbox is dropped and the inbox is empty.
     pub async fn recv(&mut self) -> Option<Mail> {
-        self.0.next().await
+        let (mail, size) = self.receiver.next().await?;
+        self.backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(mail)
     }
 
     /// The next mail if one is waiting.
     pub fn try_recv(&mut self) -> Option<Mail> {
-        self.0.try_recv().ok()
+        let (mail, size) = self.receiver.try_recv().ok()?;
+        self.backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(mail)
     }
 
     /// Refuses further mail; what is queued stays readable.
     pub fn close(&mut self) {
-        self.0.close();
+        self.receiver.close();
+    }
+
+    /// Completes once mail was refused because the inbox was full (at once
+    /// if it already was): the session's client does not keep up.
+    pub async fn overflowed(&self) {
+        self.backlog.overflowed().await
+    }
+
+    /// The next mail, or, when `watch` is set, [`InboxEvent::Overflowed`] as
+    /// soon as the inbox overflowed.
+    pub async fn recv_watching(&mut self, watch: bool) -> InboxEvent {
+        let next = async {
+            match self.receiver.next().await {
+                Some((mail, size)) => {
+                    self.backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+                    InboxEvent::Mail(mail)
+                }
+                None => InboxEvent::Closed,
+            }
+        };
+        if !watch {
+            return next.await;
+        }
+        tokio::select! {
+            biased;
+            event = next => event,
+            () = self.backlog.overflowed() => InboxEvent::Overflowed,
+        }
+    }
+
+    /// Bytes of stanzas waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.backlog.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`Inbox::recv_watching`] saw.
+#[derive(Debug)]
+pub enum InboxEvent {
+    /// Mail for the session.
+    Mail(Mail),
+    /// Every mailbox is gone and the inbox is empty.
+    Closed,
+    /// Mail was refused for lack of room: the session's client does not keep up.
+    Overflowed,
+}
+
+impl Backlog {
+    async fn overflowed(&self) {
+        loop {
+            let notified = self.overflow.notified();
+            if self.overflowed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
 impl Mailbox {
-    /// A new mailbox and its inbox.
+    /// A new mailbox and its inbox, holding at most [`DEFAULT_INBOX_BYTES`].
     pub fn new() -> (Mailbox, Inbox) {
+        Self::bounded(DEFAULT_INBOX_BYTES)
+    }
+
+    /// A new mailbox and its inbox, holding at most `limit` bytes of stanzas.
+    pub fn bounded(limit: usize) -> (Mailbox, Inbox) {
         let (sender, receiver) = mpsc::unbounded();
-        (Mailbox(sender), Inbox(receiver))
+        let backlog = Arc::new(Backlog {
+            bytes: AtomicUsize::new(0),
+            limit,
+            overflowed: AtomicBool::new(false),
+            overflow: tokio::sync::Notify::new(),
+        });
+        (
+            Mailbox {
+                sender,
+                backlog: backlog.clone(),
+            },
+            Inbox { receiver, backlog },
+        )
     }
 
-    /// Puts mail in the inbox; gives it back if the session is gone.
+    /// Puts mail in the inbox; gives it back if the session is gone or its
+    /// inbox is full. Control mail (close, take-over) always finds room.
     pub fn send(&self, mail: Mail) -> Result<(), Mail> {
-        self.0
-            .unbounded_send(mail)
-            .map_err(|error| error.into_inner())
+        let size = match &mail {
+            Mail::Stanza { stanza, .. } => rookery_stream::xml::approximate_size(stanza),
+            Mail::Close(_) | Mail::Takeover(_) => 0,
+        };
+        if size > 0 {
+            let backlog = &self.backlog;
+            if backlog.overflowed.load(Ordering::Relaxed) {
+                return Err(mail);
+            }
+            let queued = backlog.bytes.fetch_add(size, Ordering::Relaxed) + size;
+            if queued > backlog.limit {
+                backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+                backlog.overflowed.store(true, Ordering::Release);
+                backlog.overflow.notify_waiters();
+                return Err(mail);
+            }
+        }
+        self.sender.unbounded_send((mail, size)).map_err(|error| {
+            self.backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+            error.into_inner().0
+        })
     }
 
-    /// Puts a stanza (without receipt) in the inbox; gives it back if the session is gone.
+    /// Puts a stanza (without receipt) in the inbox; gives it back if the
+    /// session is gone or its inbox is full.
     pub fn send_stanza(&self, stanza: Element) -> Result<(), Element> {
         self.send(Mail::Stanza {
             stanza: Box::new(stanza),
@@ -132,9 +254,10 @@ impl Mailbox {
         })
     }
 
-    /// True once the inbox was dropped.
+    /// True once the inbox takes no more stanzas: it was dropped, or it
+    /// overflowed and its session is ending.
     pub fn is_closed(&self) -> bool {
-        self.0.is_closed()
+        self.sender.is_closed() || self.backlog.overflowed.load(Ordering::Relaxed)
     }
 }
 

@@ -26,6 +26,8 @@ pub struct ExtConfig {
     pub scram_iterations: u32,
     /// Report the operating system in XEP-0092 answers.
     pub show_os: bool,
+    /// What one account may keep in XEP-0049 private storage.
+    pub private_quota: rookery_store::Quota,
 }
 
 impl Default for ExtConfig {
@@ -34,6 +36,10 @@ impl Default for ExtConfig {
             registration: false,
             scram_iterations: 4096,
             show_os: false,
+            private_quota: rookery_store::Quota {
+                items: 100,
+                bytes: 1024 * 1024,
+            },
         }
     }
 }
@@ -48,7 +54,9 @@ pub fn all(config: &ExtConfig) -> Vec<Arc<dyn Extension>> {
         }),
         Arc::new(last::LastActivity),
         Arc::new(vcard::VCard),
-        Arc::new(private::Private),
+        Arc::new(private::Private {
+            quota: config.private_quota,
+        }),
         Arc::new(blocking::Blocking),
         Arc::new(carbons::Carbons),
         Arc::new(register::Register {

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use minidom::Element;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, IqContext, IqType};
-use rookery_store::DocumentKind;
+use rookery_store::{DocumentKind, Quota, StoreError};
 
 /// The private storage namespace.
 pub const NS: &str = "jabber:iq:private";
@@ -14,7 +14,10 @@ const RESERVED: [&str; 3] = ["jabber:client", "jabber:server", NS];
 
 /// XEP-0049 module.
 #[derive(Debug)]
-pub struct Private;
+pub struct Private {
+    /// What one account may store (`limits.private_storage_items` and `_bytes`).
+    pub quota: Quota,
+}
 
 #[async_trait]
 impl Extension for Private {
@@ -74,10 +77,17 @@ impl Extension for Private {
                     DocumentKind::Private,
                     &namespace,
                     &String::from(child),
+                    self.quota,
                 )
                 .await
             {
                 Ok(()) => iq_result(cx.iq, None),
+                Err(StoreError::QuotaExceeded) => error_reply(
+                    cx.iq,
+                    ErrorCondition::RESOURCE_CONSTRAINT,
+                    Some("Your private storage is full."),
+                    None,
+                ),
                 Err(error) => {
                     tracing::error!(%user, %error, "Private data could not be stored.");
                     error_reply(cx.iq, ErrorCondition::INTERNAL_SERVER_ERROR, None, None)

@@ -11,6 +11,11 @@ pub const NS: &str = "vcard-temp";
 
 /// Largest vCard accepted, in bytes of XML (photos included).
 const MAX_VCARD_BYTES: usize = 128 * 1024;
+/// One vCard per account, checked above already.
+const VCARD_QUOTA: rookery_store::Quota = rookery_store::Quota {
+    items: 1,
+    bytes: MAX_VCARD_BYTES,
+};
 
 /// XEP-0054 module.
 #[derive(Debug)]
@@ -62,7 +67,7 @@ impl Extension for VCard {
                     ));
                 }
                 match store
-                    .put_document(&account, DocumentKind::VCard, "", &xml)
+                    .put_document(&account, DocumentKind::VCard, "", &xml, VCARD_QUOTA)
                     .await
                 {
                     Ok(()) => iq_result(cx.iq, None),

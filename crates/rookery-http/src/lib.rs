@@ -1,20 +1,28 @@
 //! HTTP endpoints: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket`, and the
 //! `/live` and `/ready` probes. WebSocket connections run the same session task
 //! as TCP connections, with WebSocket framing.
+//!
+//! Connections are served by hyper's HTTP/1.1 server directly (not
+//! `axum::serve`), for its header-read timeout: a client that does not send a
+//! whole request head in time, or leaves a keep-alive connection idle that
+//! long, is disconnected. They count against the per-address connection
+//! limit like XMPP connections; a WebSocket keeps its place for its life.
 
 #![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
+use rookery_net::limit::ConnectionPermit;
 use rookery_net::{C2s, Received, Transport};
 use rookery_stream::{Framing, StreamConfig};
 use tokio::net::TcpListener;
@@ -28,6 +36,9 @@ pub struct HttpState {
     pub stream: Arc<StreamConfig>,
     /// Treat WebSocket clients on loopback as secure (a TLS-terminating proxy on this host).
     pub secure_loopback: bool,
+    /// Time a client has to send a request head, and an idle keep-alive
+    /// connection waits for the next one.
+    pub request_timeout: Duration,
 }
 
 /// The HTTP routes.
@@ -39,24 +50,42 @@ pub fn routes(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Serves HTTP until shutdown.
+/// Serves HTTP/1.1 until shutdown.
 pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    let shutdown = state.c2s.shutdown.clone();
-    // Stanzas are small writes: without TCP_NODELAY, Nagle's algorithm holds
-    // one back until the client's delayed ACK (up to 40 ms), as on the TCP
-    // listeners, which set it too.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY could not be set.");
+    let app = routes(state.clone());
+    let request_timeout = state.request_timeout;
+    rookery_net::accept_loop(listener, state.c2s, move |c2s, stream, peer, permit| {
+        let app = app.clone();
+        async move {
+            // Over the per-address limit: closed at once.
+            let Some(permit) = permit else { return };
+            // The route handlers see the peer, and a WebSocket takes the permit along.
+            let app = app
+                .layer(Extension(ConnectInfo(peer)))
+                .layer(Extension(Arc::new(permit)));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(request_timeout);
+            let connection = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = c2s.shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%peer, %error, "HTTP connection ended.");
+            }
         }
-    });
-    axum::serve(
-        listener,
-        routes(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    })
+    .await;
+    Ok(())
 }
 
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
@@ -72,6 +101,7 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
 async fn websocket(
     upgrade: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(permit): Extension<Arc<ConnectionPermit>>,
     State(state): State<HttpState>,
 ) -> impl IntoResponse {
     let max = state.stream.limits.max_stanza_bytes;
@@ -86,6 +116,7 @@ async fn websocket(
                 WsTransport { socket },
                 peer,
                 secure,
+                Some(permit),
             );
             state.c2s.tasks.spawn(task);
         })

@@ -35,10 +35,14 @@ pub struct C2s {
     pub auth_limiter: limit::AddressLimiter,
     /// In-band registrations per client address.
     pub register_limiter: limit::AddressLimiter,
+    /// Connections open at once per client address, on every listener.
+    pub connections: Arc<limit::ConnectionLimiter>,
     /// Input byte rate and burst per connection, if limited.
     pub byte_rate: Option<(u64, u64)>,
     /// How long a dropped session waits for the client to resume it.
     pub resume_timeout: Duration,
+    /// Bytes of unacknowledged stanzas a session keeps (connected or hibernating).
+    pub max_unacked_bytes: usize,
     /// Most sessions on this node before new clients are redirected (0: no limit).
     pub max_sessions: usize,
     /// Where clients go when this node shuts down (see-other-host), if anywhere.
@@ -157,10 +161,20 @@ pub fn tls_config(
 
 /// Serves client connections with STARTTLS (or plain, per `config`) until shutdown.
 pub async fn serve_starttls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<StreamConfig>) {
-    accept_loop(listener, c2s, move |c2s, stream, peer| {
+    accept_loop(listener, c2s, move |c2s, stream, peer, permit| {
         let config = config.clone();
         async move {
-            session::run(c2s, config, TcpTransport::plain(stream), peer, false).await;
+            // A refused connection still gets its stream error: it costs no TLS.
+            let permit = permit.map(Arc::new);
+            session::run(
+                c2s,
+                config,
+                TcpTransport::plain(stream),
+                peer,
+                false,
+                permit,
+            )
+            .await;
         }
     })
     .await
@@ -168,16 +182,21 @@ pub async fn serve_starttls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<St
 
 /// Serves client connections that start with a TLS handshake (XEP-0368) until shutdown.
 pub async fn serve_direct_tls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<StreamConfig>) {
-    accept_loop(listener, c2s, move |c2s, stream, peer| {
+    accept_loop(listener, c2s, move |c2s, stream, peer, permit| {
         let config = config.clone();
         async move {
-            let Some(tls) = c2s.tls.clone() else {
+            // A refused connection is closed before the (costly) handshake.
+            let (Some(tls), Some(permit)) = (c2s.tls.clone(), permit) else {
                 return;
             };
             match tokio::time::timeout(Duration::from_secs(30), TlsStream::accept(tls, stream))
                 .await
             {
-                Ok(Ok(tls)) => session::run(c2s, config, TcpTransport::tls(tls), peer, true).await,
+                Ok(Ok(tls)) => {
+                    let transport = TcpTransport::tls(tls);
+                    let permit = Some(Arc::new(permit));
+                    session::run(c2s, config, transport, peer, true, permit).await
+                }
                 Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed."),
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out."),
             }
@@ -186,9 +205,11 @@ pub async fn serve_direct_tls(listener: TcpListener, c2s: Arc<C2s>, config: Arc<
     .await
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, c2s: Arc<C2s>, serve: F)
+/// Accepts connections until shutdown and serves each in a task of its own,
+/// with its permit from the per-address limit (`None`: over the limit).
+pub async fn accept_loop<F, Fut>(listener: TcpListener, c2s: Arc<C2s>, serve: F)
 where
-    F: Fn(Arc<C2s>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<C2s>, TcpStream, SocketAddr, Option<limit::ConnectionPermit>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -199,7 +220,11 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                c2s.tasks.spawn(serve(c2s.clone(), stream, peer));
+                let permit = c2s.connections.admit(peer.ip());
+                if permit.is_none() {
+                    tracing::debug!(%peer, "Too many connections from this address; refusing one.");
+                }
+                c2s.tasks.spawn(serve(c2s.clone(), stream, peer, permit));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.

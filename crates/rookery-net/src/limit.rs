@@ -1,9 +1,9 @@
-//! Rate limits: failed logins and registrations per client address, and the
-//! byte rate of each connection.
+//! Rate limits: failed logins and registrations per client address, the
+//! byte rate of each connection, and connections open at once per address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A token bucket: `rate` tokens per second, at most `burst` stored.
@@ -118,9 +118,101 @@ impl ByteRate {
     }
 }
 
+/// Counts the connections open from each address, on every listener, and
+/// refuses one past the limit, except from allowed networks (a load
+/// balancer or a proxy, behind which every client has the same address).
+#[derive(Debug)]
+pub struct ConnectionLimiter {
+    /// Most connections at once from one address; 0 for no limit.
+    max_per_address: usize,
+    allowed: Vec<ipnet::IpNet>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; its count is given back when it drops.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    limiter: Option<(Arc<ConnectionLimiter>, IpAddr)>,
+}
+
+impl ConnectionLimiter {
+    /// At most `max_per_address` connections per address (0: unlimited), but
+    /// any number from `allowed`.
+    pub fn new(max_per_address: usize, allowed: Vec<ipnet::IpNet>) -> Self {
+        ConnectionLimiter {
+            max_per_address,
+            allowed,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits a connection from `address`, or `None` when it has too many open.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<ConnectionPermit> {
+        let address = address.to_canonical();
+        if self.max_per_address == 0 || self.allowed.iter().any(|net| net.contains(&address)) {
+            return Some(ConnectionPermit { limiter: None });
+        }
+        let mut open = self.open.lock().expect("limiter lock");
+        let count = open.entry(address).or_insert(0);
+        if *count >= self.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionPermit {
+            limiter: Some((self.clone(), address)),
+        })
+    }
+
+    /// Connections open from `address` (those counted).
+    pub fn open_from(&self, address: IpAddr) -> usize {
+        let open = self.open.lock().expect("limiter lock");
+        open.get(&address.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        if let Some((limiter, address)) = &self.limiter {
+            let mut open = limiter.open.lock().expect("limiter lock");
+            if let Some(count) = open.get_mut(address) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(address);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_counted_per_address_and_given_back() {
+        let allowed = vec!["10.0.0.0/8".parse().unwrap()];
+        let limiter = Arc::new(ConnectionLimiter::new(2, allowed));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = limiter.admit(a).unwrap();
+        let _second = limiter.admit(a).unwrap();
+        assert!(limiter.admit(a).is_none(), "the third from one address");
+        assert!(limiter.admit(b).is_some(), "another address is unaffected");
+        // The same address as an IPv4-mapped IPv6 address counts the same.
+        assert!(limiter.admit("::ffff:192.0.2.1".parse().unwrap()).is_none());
+        drop(first);
+        assert_eq!(limiter.open_from(a), 1);
+        assert!(
+            limiter.admit(a).is_some(),
+            "a closed connection frees its place"
+        );
+        let balancer: Vec<_> = (0..10)
+            .map(|_| limiter.admit("10.1.2.3".parse().unwrap()).unwrap())
+            .collect();
+        assert_eq!(balancer.len(), 10, "allowed networks are not counted");
+        let unlimited = Arc::new(ConnectionLimiter::new(0, Vec::new()));
+        assert!((0..10).all(|_| unlimited.admit(a).is_some()));
+    }
 
     #[test]
     fn addresses_are_limited_separately_and_recover() {

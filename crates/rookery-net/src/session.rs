@@ -15,7 +15,7 @@ use futures::FutureExt as _;
 use minidom::Element;
 use std::collections::VecDeque;
 
-use rookery_cluster::{Inbox, Mail, Mailbox, Receipt, SessionSnapshot};
+use rookery_cluster::{Inbox, InboxEvent, Mail, Mailbox, Receipt, SessionSnapshot};
 use rookery_router::Session;
 use rookery_stream::{
     AuthMechanism, CloseReason, Condition, KeysAnswer, ScramHash, ServerStream, SmState,
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::C2s;
-use crate::limit::ByteRate;
+use crate::limit::{ByteRate, ConnectionPermit};
 use crate::transport::{Received, Transport};
 
 /// How long one write may take before the client counts as gone.
@@ -36,16 +36,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// than freeing and making them again for every stanza.
 const BURST_GAP: Duration = Duration::from_millis(100);
 
-/// Runs one client connection to its end.
+/// Runs one client connection to its end. `permit` is the connection's
+/// place under the per-address limit; without one, the stream is refused
+/// with `policy-violation`.
 pub async fn run<T: Transport>(
     c2s: Arc<C2s>,
     config: Arc<StreamConfig>,
     transport: T,
     peer: SocketAddr,
     secure: bool,
+    permit: Option<Arc<ConnectionPermit>>,
 ) {
     let span = tracing::info_span!("c2s", %peer, jid = tracing::field::Empty);
-    let connection = Box::new(Connection::new(c2s, config, transport, peer, secure));
+    let connection = Box::new(Connection::new(
+        c2s, config, transport, peer, secure, permit,
+    ));
     // A bug in one session must not take the node down: the panic is contained
     // here and reported; its routing entry is skipped once its inbox is gone.
     let outcome = std::panic::AssertUnwindSafe(connection.run().instrument(span.clone()))
@@ -109,6 +114,7 @@ impl Receipts {
 enum Wake {
     Input(std::io::Result<Received>),
     Mail(Option<Mail>),
+    Overflow,
     Timer,
     Throttle,
     Shutdown,
@@ -140,6 +146,11 @@ struct Connection<T> {
     last_active: Option<Instant>,
     /// While traffic comes in bursts, buffers are kept until this moment.
     release_at: Option<Instant>,
+    /// The connection's place under the per-address limit, released with the socket.
+    permit: Option<Arc<ConnectionPermit>>,
+    /// The session's client did not keep up with what was sent to it: the
+    /// session ends, without waiting for resumption.
+    overflowed: bool,
 }
 
 impl<T: Transport> Connection<T> {
@@ -149,6 +160,7 @@ impl<T: Transport> Connection<T> {
         transport: T,
         peer: SocketAddr,
         secure: bool,
+        permit: Option<Arc<ConnectionPermit>>,
     ) -> Self {
         let now = Instant::now().into_std();
         Connection {
@@ -166,12 +178,21 @@ impl<T: Transport> Connection<T> {
             shutdown_seen: false,
             last_active: None,
             release_at: None,
+            permit,
+            overflowed: false,
         }
     }
 
     async fn run(mut self: Box<Self>) {
         tracing::debug!("Connection accepted.");
-        if let Err(error) = self.c2s.admit() {
+        let admitted = match &self.permit {
+            Some(_) => self.c2s.admit(),
+            None => Err(StreamError::new(
+                Condition::PolicyViolation,
+                "Too many connections from your address.",
+            )),
+        };
+        if let Err(error) = admitted {
             tracing::info!(condition = %error.condition, "Connection not admitted.");
             self.stream.close(Some(error));
             let _ = self.flush().await;
@@ -213,6 +234,12 @@ impl<T: Transport> Connection<T> {
                 continue;
             }
             self.settle_receipts().await;
+            if self.wants_offline_page() {
+                let bound = self.bound.as_mut().expect("checked");
+                self.c2s.router.next_offline_page(&mut bound.session).await;
+                self.drain_outbox();
+                continue;
+            }
             let timer = [
                 self.stream.poll_timeout().map(Instant::from_std),
                 self.release_at,
@@ -224,7 +251,7 @@ impl<T: Transport> Connection<T> {
             let wake = tokio::select! {
                 biased;
                 _ = self.c2s.shutdown.cancelled(), if !self.shutdown_seen => Wake::Shutdown,
-                mail = recv_mail(&mut self.bound), if self.bound.is_some() => Wake::Mail(mail),
+                wake = recv_mail(&mut self.bound, !self.overflowed), if self.bound.is_some() => wake,
                 input = self.transport.recv(&mut self.buffer), if throttled.is_none() => Wake::Input(input),
                 _ = sleep_until(throttled), if throttled.is_some() => Wake::Throttle,
                 _ = sleep_until(timer), if timer.is_some() => Wake::Timer,
@@ -244,6 +271,16 @@ impl<T: Transport> Connection<T> {
                     }
                 }
                 Wake::Mail(None) => {}
+                Wake::Overflow => {
+                    tracing::info!(
+                        "The client does not keep up with what is sent to it; ending the session."
+                    );
+                    self.overflowed = true;
+                    self.stream.close(Some(StreamError::new(
+                        Condition::ResourceConstraint,
+                        "You are not reading what is sent to you.",
+                    )));
+                }
                 Wake::Input(Ok(Received::Bytes)) => {
                     self.stream.handle_input(now.into_std(), &self.buffer);
                     let read = self.buffer.len();
@@ -253,15 +290,11 @@ impl<T: Transport> Connection<T> {
                         // Released: an idle connection keeps no read buffer.
                         self.buffer = BytesMut::new();
                     }
-                    if let Some(rate) = &mut self.byte_rate {
-                        let wait = rate.consume(read, now.into_std());
-                        if !wait.is_zero() {
-                            self.throttled_until = Some(now + wait);
-                        }
-                    }
+                    self.throttle(read, now);
                 }
                 Wake::Input(Ok(Received::Frame(frame))) => {
-                    self.stream.handle_frame(now.into_std(), &frame)
+                    self.stream.handle_frame(now.into_std(), &frame);
+                    self.throttle(frame.len(), now);
                 }
                 Wake::Input(Ok(Received::Eof)) => self.stream.handle_eof(now.into_std()),
                 Wake::Input(Err(error)) => {
@@ -277,6 +310,34 @@ impl<T: Transport> Connection<T> {
                     }
                     self.stream.handle_timeout(now.into_std());
                 }
+            }
+        }
+    }
+
+    /// Offline messages wait, and the client took the last page: everything
+    /// written out, and under stream management less than half of what may
+    /// wait unacknowledged.
+    fn wants_offline_page(&self) -> bool {
+        let Some(bound) = &self.bound else {
+            return false;
+        };
+        bound.session.offline_pending
+            && bound.session.outbox.is_empty()
+            && self.stream.is_bound()
+            && self.stream.pending_output() == 0
+            && self
+                .stream
+                .sm()
+                .is_none_or(|sm| sm.unacked_bytes() < self.c2s.max_unacked_bytes / 2)
+    }
+
+    /// Counts `read` bytes of input against the connection's byte rate: past
+    /// it, nothing more is read (on any transport) until the rate allows.
+    fn throttle(&mut self, read: usize, now: Instant) {
+        if let Some(rate) = &mut self.byte_rate {
+            let wait = rate.consume(read, now.into_std());
+            if !wait.is_zero() {
+                self.throttled_until = Some(now + wait);
             }
         }
     }
@@ -419,7 +480,12 @@ impl<T: Transport> Connection<T> {
             CloseReason::PeerClosed | CloseReason::Local(None) => false,
         };
         let resumable = self.stream.sm().is_some_and(|sm| sm.id.is_some());
-        if transient && resumable && self.bound.is_some() && !self.c2s.shutdown.is_cancelled() {
+        if transient
+            && resumable
+            && !self.overflowed
+            && self.bound.is_some()
+            && !self.c2s.shutdown.is_cancelled()
+        {
             let sm = self.stream.take_sm().expect("checked above");
             return Ending::Hibernate(sm);
         }
@@ -442,7 +508,7 @@ impl<T: Transport> Connection<T> {
         let Some(user) = self.stream.authenticated().cloned() else {
             return;
         };
-        let (mailbox, inbox) = Mailbox::new();
+        let (mailbox, inbox) = Mailbox::bounded(self.c2s.router.config().inbox_bytes);
         match self.c2s.router.bind(&user, requested, mailbox).await {
             Ok(session) => {
                 tracing::Span::current().record("jid", tracing::field::display(&session.jid));
@@ -496,7 +562,7 @@ impl<T: Transport> Connection<T> {
             ..
         } = restored;
         tracing::Span::current().record("jid", tracing::field::display(&session.jid));
-        tracing::info!(h, unacked = sm.unacked.len(), "Session resumed.");
+        tracing::info!(h, unacked = sm.unacked().len(), "Session resumed.");
         let jid = session.jid.clone();
         self.stream
             .handle_resumed(Instant::now().into_std(), jid, sm, h);
@@ -584,14 +650,29 @@ impl<T: Transport> Connection<T> {
         taken
     }
 
+    /// Writes out what the stream has to send. A write that does not finish
+    /// within [`WRITE_TIMEOUT`], or while the inbox overflows (the client
+    /// reads too little of what is sent to it), loses the connection.
     async fn flush(&mut self) -> std::io::Result<()> {
         while let Some(data) = self.stream.poll_transmit() {
-            match tokio::time::timeout(WRITE_TIMEOUT, self.transport.send(data)).await {
-                Ok(result) => result?,
-                Err(_) => {
+            let overflowed = inbox_overflowed(&self.bound);
+            let write = tokio::time::timeout(WRITE_TIMEOUT, self.transport.send(data));
+            tokio::select! {
+                written = write => match written {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "write timed out",
+                        ));
+                    }
+                },
+                _ = overflowed, if !self.overflowed => {
+                    tracing::info!("The client does not read what is sent to it; ending the session.");
+                    self.overflowed = true;
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "write timed out",
+                        "the client does not read",
                     ));
                 }
             }
@@ -631,9 +712,21 @@ async fn lookup_keys(
     }
 }
 
-async fn recv_mail(bound: &mut Option<Bound>) -> Option<Mail> {
+async fn inbox_overflowed(bound: &Option<Bound>) {
     match bound {
-        Some(bound) => bound.inbox.recv().await,
+        Some(bound) => bound.inbox.overflowed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next mail of a bound session; or its overflow, when `watch`.
+async fn recv_mail(bound: &mut Option<Bound>, watch: bool) -> Wake {
+    match bound {
+        Some(bound) => match bound.inbox.recv_watching(watch).await {
+            InboxEvent::Mail(mail) => Wake::Mail(Some(mail)),
+            InboxEvent::Closed => Wake::Mail(None),
+            InboxEvent::Overflowed => Wake::Overflow,
+        },
         None => std::future::pending().await,
     }
 }
@@ -733,7 +826,7 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
         .tracked
         .extend(waiting.into_iter().map(|receipt| (last, receipt)));
     let id = sm.id.clone().unwrap_or_default();
-    tracing::info!(timeout = ?c2s.resume_timeout, unacked = sm.unacked.len(), "Connection lost; session kept for resumption.");
+    tracing::info!(timeout = ?c2s.resume_timeout, unacked = sm.unacked().len(), "Connection lost; session kept for resumption.");
     let deadline = Instant::now() + c2s.resume_timeout;
     loop {
         let mail = tokio::select! {
@@ -754,6 +847,14 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
                     }
                     Some(receipt) => c2s.router.bus().acknowledge(receipt).await,
                     None => {}
+                }
+                if sm.unacked_bytes() > c2s.max_unacked_bytes {
+                    // What waits goes to offline storage (or another resource) now.
+                    tracing::info!(
+                        bytes = sm.unacked_bytes(),
+                        "Too much waits for the client to resume; ending the session."
+                    );
+                    break;
                 }
             }
             Some(Mail::Takeover(reply)) => {
@@ -777,7 +878,7 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
             None => break,
         }
     }
-    tracing::info!("Session not resumed in time; ending it.");
+    tracing::info!("Session not resumed; ending it.");
     c2s.router.unregister_resumable(&id).await;
     let undelivered = sm.take_unacked();
     finish(

@@ -126,7 +126,7 @@ impl Router {
     }
 
     async fn redeliver_offline(&self, user: &BareJid) -> usize {
-        let messages = match self.store.take_offline(user).await {
+        let messages = match self.store.take_offline(user, crate::OFFLINE_PAGE).await {
             Ok(messages) => messages,
             Err(error) => {
                 tracing::warn!(%user, %error, "Deferred messages could not be read.");
@@ -134,6 +134,10 @@ impl Router {
                 return 0;
             }
         };
+        if !messages.is_empty() {
+            // A page at a time: looked at again on the next round.
+            self.deferred.stored_message(user);
+        }
         let to = Jid::from(user.clone());
         let mut sent = 0;
         for stored in messages {

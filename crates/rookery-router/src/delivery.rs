@@ -45,7 +45,13 @@ impl Router {
                 .held
                 .retain(|held| held.attr("from").map(str::to_owned) != from);
             session.held.push(stanza);
-            if session.held.len() > self.config.csi_hold_limit {
+            let held_bytes: usize = session
+                .held
+                .iter()
+                .map(rookery_stream::xml::approximate_size)
+                .sum();
+            if session.held.len() > self.config.csi_hold_limit || held_bytes > crate::CSI_HOLD_BYTES
+            {
                 self.flush_held(session);
             }
             return;

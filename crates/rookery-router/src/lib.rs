@@ -18,7 +18,7 @@ use minidom::Element;
 use rookery_cluster::{
     Bus, Durability, Inbox, Mailbox, Route, RouteInfo, SessionId, SessionSnapshot,
 };
-use rookery_store::{LastActivity, OfflineMessage, Store, StoreError};
+use rookery_store::{LastActivity, OfflineMessage, Quota, Store, StoreError};
 use rookery_stream::ns;
 use rookery_stream::xml::{remove_attr, set_attr};
 
@@ -70,12 +70,15 @@ pub mod namespaces {
 pub struct RouterConfig {
     /// The domain served.
     pub domain: String,
-    /// Most offline messages kept per account.
-    pub offline_limit: usize,
+    /// What offline storage keeps per account (messages and bytes).
+    pub offline_quota: Quota,
     /// Most roster items per account.
     pub max_roster_items: usize,
     /// Most presence stanzas held for an inactive client before they are flushed.
     pub csi_hold_limit: usize,
+    /// Bytes of stanzas a session's inbox holds before it overflows (the
+    /// session then ends: its client does not keep up).
+    pub inbox_bytes: usize,
 }
 
 impl RouterConfig {
@@ -83,12 +86,30 @@ impl RouterConfig {
     pub fn new(domain: impl Into<String>) -> Self {
         RouterConfig {
             domain: domain.into(),
-            offline_limit: 1000,
+            offline_quota: Quota {
+                items: 1000,
+                bytes: 8 * 1024 * 1024,
+            },
             max_roster_items: 2000,
             csi_hold_limit: 200,
+            inbox_bytes: rookery_cluster::DEFAULT_INBOX_BYTES,
         }
     }
 }
+
+/// Offline messages go to a client a page at a time: the next page only
+/// once the client took the last one (see [`Router::next_offline_page`]).
+pub const OFFLINE_PAGE: Quota = Quota {
+    items: 50,
+    bytes: 128 * 1024,
+};
+
+/// Most entities one session may send directed presence to (RFC 6121
+/// section 4.6: each gets unavailable presence when the session ends).
+pub const MAX_DIRECTED_PRESENCE: usize = 1000;
+
+/// Bytes of presence held for an inactive client before it is all sent.
+pub const CSI_HOLD_BYTES: usize = 256 * 1024;
 
 /// A session rebuilt from a snapshot.
 #[derive(Debug)]
@@ -336,7 +357,7 @@ impl Router {
                 Ok((restored, inbox))
             }
             _ => {
-                let (mailbox, inbox) = Mailbox::new();
+                let (mailbox, inbox) = Mailbox::bounded(self.config.inbox_bytes);
                 let restored = self.session_from_snapshot(snapshot, mailbox.clone());
                 let route = Route {
                     jid: restored.session.jid.clone(),
@@ -459,7 +480,7 @@ impl Router {
             .push_offline(
                 user,
                 &OfflineMessage { stored_at, stanza },
-                self.config.offline_limit,
+                self.config.offline_quota,
             )
             .await
     }

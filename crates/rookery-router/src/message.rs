@@ -289,15 +289,32 @@ impl Router {
         }
     }
 
-    /// Delivers stored offline messages to a session that became available.
+    /// Starts giving stored offline messages to a session that became
+    /// available: the first page now, the rest through
+    /// [`next_offline_page`](Router::next_offline_page).
     pub(crate) async fn flush_offline(&self, session: &mut Session) {
+        session.offline_pending = true;
+        self.next_offline_page(session).await;
+    }
+
+    /// Puts the next page of the user's offline messages in the session's
+    /// outbox. The session task calls it while
+    /// [`Session::offline_pending`] and once its client has taken what was
+    /// sent before (written out, and mostly acknowledged with stream
+    /// management), so a backlog of any size reaches a client at the pace
+    /// it reads, never all in memory at once.
+    pub async fn next_offline_page(&self, session: &mut Session) {
         let user = session.user();
-        let messages = match self.store.take_offline(&user).await {
+        let messages = match self.store.take_offline(&user, crate::OFFLINE_PAGE).await {
             Ok(messages) => messages,
             Err(error) => {
+                session.offline_pending = false;
                 return tracing::warn!(%user, %error, "Offline messages could not be read.");
             }
         };
+        if messages.is_empty() {
+            session.offline_pending = false;
+        }
         for stored in messages {
             match stored.stanza.parse::<Element>() {
                 Ok(message) => self.accept_delivery(session, message),

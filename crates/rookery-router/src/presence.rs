@@ -74,6 +74,17 @@ impl Router {
             }
             (Some(to), PresenceType::Available | PresenceType::Unavailable) => {
                 if kind == PresenceType::Available {
+                    if !session.directed.contains(&to)
+                        && session.directed.len() >= crate::MAX_DIRECTED_PRESENCE
+                    {
+                        let text = Some("Too many entities got directed presence from you.");
+                        return session.outbox.push(error_reply(
+                            &presence,
+                            ErrorCondition::RESOURCE_CONSTRAINT,
+                            text,
+                            None,
+                        ));
+                    }
                     session.directed.insert(to.clone());
                 } else {
                     session.directed.remove(&to);
@@ -358,8 +369,10 @@ impl Router {
         let mut attempts = 0;
         let outcome = loop {
             let (item, before) = self.sub_state(&user, contact).await;
-            if item.is_none() && kind == PresenceType::Subscribe && self.roster_is_full(&user).await
-            {
+            // A subscribe, a pre-approval or an approval may each make a new item.
+            let adds_item = item.is_none()
+                && matches!(kind, PresenceType::Subscribe | PresenceType::Subscribed);
+            if adds_item && self.roster_is_full(&user).await {
                 session.outbox.push(error_reply(
                     &presence,
                     ErrorCondition::RESOURCE_CONSTRAINT,

@@ -27,6 +27,9 @@ pub struct Session {
     pub inactive: bool,
     /// Presence held back while inactive, oldest first, one per sender.
     pub held: Vec<Element>,
+    /// Offline messages wait for this session, a page at a time
+    /// ([`Router::next_offline_page`](crate::Router::next_offline_page)).
+    pub offline_pending: bool,
     /// The client fetched the block list, so it gets block list pushes.
     pub blocklist_requested: bool,
     /// Stanzas for the client, written out by the session task after each step.
@@ -54,6 +57,7 @@ impl Session {
             directed: HashSet::new(),
             inactive: false,
             held: Vec::new(),
+            offline_pending: false,
             blocklist_requested: false,
             outbox: Vec::new(),
             mailbox,

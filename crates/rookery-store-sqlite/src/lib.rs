@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use rookery_store::{
     AccountStore, BlockingStore, DocumentKind, DocumentStore, LastActivity, OfflineMessage,
-    OfflineStore, Roster, RosterItem, RosterStore, StoreError, StoreResult, Subscription,
+    OfflineStore, Quota, Roster, RosterItem, RosterStore, StoreError, StoreResult, Subscription,
+    sql_limit,
 };
 use rookery_stream::{ScramHash, ScramKeys};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -33,13 +34,19 @@ fn backend(error: sqlx::Error) -> StoreError {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../migrations/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    let migration = |version, name: &str, sql: &'static str| {
+        Migration::new(
+            version,
+            name.to_owned().into(),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        )
+    };
+    Migrator::with_migrations(vec![
+        migration(1, "init", include_str!("../migrations/0001_init.sql")),
+        migration(2, "quotas", include_str!("../migrations/0002_quotas.sql")),
+    ])
 }
 
 fn parse_bare(value: &str) -> StoreResult<BareJid> {
@@ -329,6 +336,27 @@ impl AccountStore for SqliteStore {
             status: row.get(1),
         }))
     }
+
+    async fn server_secret(&self, name: &str) -> StoreResult<[u8; 32]> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "INSERT INTO server_secrets (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(&fresh[..])
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        let row = sqlx::query("SELECT value FROM server_secrets WHERE name = ?1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        let value: Vec<u8> = row.get(0);
+        value
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("server secret {name:?} is not 32 bytes")))
+    }
 }
 
 async fn insert_keys(
@@ -496,17 +524,22 @@ impl OfflineStore for SqliteStore {
         &self,
         user: &BareJid,
         message: &OfflineMessage,
-        limit: usize,
+        quota: Quota,
     ) -> StoreResult<()> {
+        let size = message.stanza.len() as i64;
         // One statement, so the quota check and the insert are atomic.
         let inserted = sqlx::query(
-            "INSERT INTO offline_messages (jid, stored_at, stanza)
-             SELECT ?1, ?2, ?3 WHERE (SELECT COUNT(*) FROM offline_messages WHERE jid = ?1) < ?4",
+            "INSERT INTO offline_messages (jid, stored_at, stanza, size)
+             SELECT ?1, ?2, ?3, ?4
+             WHERE (SELECT COUNT(*) FROM offline_messages WHERE jid = ?1) < ?5
+               AND (SELECT COALESCE(SUM(size), 0) FROM offline_messages WHERE jid = ?1) <= ?6 - ?4",
         )
         .bind(user.as_str())
         .bind(message.stored_at)
         .bind(&message.stanza)
-        .bind(limit as i64)
+        .bind(size)
+        .bind(sql_limit(quota.items))
+        .bind(sql_limit(quota.bytes))
         .execute(&self.pool)
         .await
         .map_err(backend)?;
@@ -516,11 +549,21 @@ impl OfflineStore for SqliteStore {
         Ok(())
     }
 
-    async fn take_offline(&self, user: &BareJid) -> StoreResult<Vec<OfflineMessage>> {
+    async fn take_offline(&self, user: &BareJid, page: Quota) -> StoreResult<Vec<OfflineMessage>> {
+        // The page is chosen from the index (jid, id, size) alone; only its
+        // messages are read.
         let rows = sqlx::query(
-            "DELETE FROM offline_messages WHERE jid = ?1 RETURNING id, stored_at, stanza",
+            "DELETE FROM offline_messages WHERE id IN (
+                 SELECT id FROM (
+                     SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n,
+                            SUM(size) OVER (ORDER BY id) AS running
+                     FROM offline_messages WHERE jid = ?1)
+                 WHERE n <= ?2 AND (n = 1 OR running <= ?3))
+             RETURNING id, stored_at, stanza",
         )
         .bind(user.as_str())
+        .bind(sql_limit(page.items))
+        .bind(sql_limit(page.bytes))
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
@@ -558,23 +601,39 @@ impl DocumentStore for SqliteStore {
         kind: DocumentKind,
         key: &str,
         xml: &str,
+        quota: Quota,
     ) -> StoreResult<()> {
-        let query = if xml.is_empty() {
+        if xml.is_empty() {
             sqlx::query("DELETE FROM documents WHERE jid = ?1 AND kind = ?2 AND key = ?3")
-        } else {
-            sqlx::query(
-                "INSERT INTO documents (jid, kind, key, xml) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (jid, kind, key) DO UPDATE SET xml = excluded.xml",
-            )
-        };
-        query
-            .bind(user.as_str())
-            .bind(kind.as_str())
-            .bind(key)
-            .bind(xml)
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
+                .bind(user.as_str())
+                .bind(kind.as_str())
+                .bind(key)
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+            return Ok(());
+        }
+        // One statement: the quota counts the user's other documents of the kind.
+        let written = sqlx::query(
+            "INSERT INTO documents (jid, kind, key, xml) SELECT ?1, ?2, ?3, ?4
+             WHERE (SELECT COUNT(*) FROM documents WHERE jid = ?1 AND kind = ?2 AND key <> ?3) < ?5
+               AND (SELECT COALESCE(SUM(length(CAST(xml AS BLOB))), 0) FROM documents
+                    WHERE jid = ?1 AND kind = ?2 AND key <> ?3) <= ?6 - ?7
+             ON CONFLICT (jid, kind, key) DO UPDATE SET xml = excluded.xml",
+        )
+        .bind(user.as_str())
+        .bind(kind.as_str())
+        .bind(key)
+        .bind(xml)
+        .bind(sql_limit(quota.items))
+        .bind(sql_limit(quota.bytes))
+        .bind(xml.len() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if written.rows_affected() == 0 {
+            return Err(StoreError::QuotaExceeded);
+        }
         Ok(())
     }
 

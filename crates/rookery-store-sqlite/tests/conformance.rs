@@ -44,7 +44,7 @@ async fn data_survives_reopening() {
                     stored_at: 1,
                     stanza: "<message/>".into(),
                 },
-                10,
+                rookery_store::Quota::UNLIMITED,
             )
             .await
             .unwrap();
@@ -52,5 +52,12 @@ async fn data_survives_reopening() {
     }
     let store = SqliteStore::open(&path).await.unwrap();
     assert!(store.account_exists(&alice).await.unwrap());
-    assert_eq!(store.take_offline(&alice).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .take_offline(&alice, rookery_store::Quota::UNLIMITED)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -8,8 +8,15 @@ use jid::{BareJid, Jid};
 use rookery_stream::{ScramHash, ScramKeys};
 
 use crate::{
-    DocumentKind, LastActivity, OfflineMessage, RosterItem, Store, StoreError, Subscription,
+    DocumentKind, LastActivity, OfflineMessage, Quota, RosterItem, Store, StoreError, Subscription,
 };
+
+fn items(items: usize) -> Quota {
+    Quota {
+        items,
+        bytes: usize::MAX,
+    }
+}
 
 fn jid(s: &str) -> BareJid {
     BareJid::new(s).expect("valid test JID")
@@ -106,12 +113,18 @@ pub async fn account_deletion_cascades(store: &dyn Store) {
                     stored_at: 1,
                     stanza: "<message/>".into(),
                 },
-                10,
+                items(10),
             )
             .await
             .unwrap();
         store
-            .put_document(user, DocumentKind::VCard, "", "<vCard xmlns='vcard-temp'/>")
+            .put_document(
+                user,
+                DocumentKind::VCard,
+                "",
+                "<vCard xmlns='vcard-temp'/>",
+                Quota::UNLIMITED,
+            )
             .await
             .unwrap();
         store
@@ -274,18 +287,21 @@ pub async fn offline_messages(store: &dyn Store) {
             stored_at: 1000 + n,
             stanza: format!("<message id='{n}'/>"),
         };
-        store.push_offline(&alice, &message, 3).await.unwrap();
+        store
+            .push_offline(&alice, &message, items(3))
+            .await
+            .unwrap();
     }
     let overflow = OfflineMessage {
         stored_at: 2000,
         stanza: "<message id='x'/>".into(),
     };
     assert!(matches!(
-        store.push_offline(&alice, &overflow, 3).await,
+        store.push_offline(&alice, &overflow, items(3)).await,
         Err(StoreError::QuotaExceeded)
     ));
     assert_eq!(store.count_offline(&alice).await.unwrap(), 3);
-    let taken = store.take_offline(&alice).await.unwrap();
+    let taken = store.take_offline(&alice, Quota::UNLIMITED).await.unwrap();
     assert_eq!(
         taken.iter().map(|m| m.stanza.as_str()).collect::<Vec<_>>(),
         [
@@ -295,8 +311,132 @@ pub async fn offline_messages(store: &dyn Store) {
         ]
     );
     assert_eq!(taken[0].stored_at, 1000);
-    assert!(store.take_offline(&alice).await.unwrap().is_empty());
+    assert!(
+        store
+            .take_offline(&alice, Quota::UNLIMITED)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.count_offline(&alice).await.unwrap(), 0);
+}
+
+/// The byte quota counts every stored message; pages come oldest first
+/// within their item and byte bounds, the oldest message even when alone
+/// over the byte bound.
+pub async fn offline_messages_in_bytes_and_pages(store: &dyn Store) {
+    let alice = jid("alice@localhost");
+    let quota = Quota {
+        items: 100,
+        bytes: 1000,
+    };
+    let message = |n: usize, size: usize| OfflineMessage {
+        stored_at: n as i64,
+        stanza: format!("<message id='{n}'>{}</message>", "x".repeat(size - 26)),
+    };
+    for n in 0..3 {
+        store
+            .push_offline(&alice, &message(n, 300), quota)
+            .await
+            .unwrap();
+    }
+    assert_eq!(message(0, 300).stanza.len(), 300);
+    // 900 stored: 101 more bytes do not fit, 100 do.
+    assert!(matches!(
+        store.push_offline(&alice, &message(9, 101), quota).await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    store
+        .push_offline(&alice, &message(3, 100), quota)
+        .await
+        .unwrap();
+    assert_eq!(store.count_offline(&alice).await.unwrap(), 4);
+    let ids =
+        |page: Vec<OfflineMessage>| -> Vec<i64> { page.iter().map(|m| m.stored_at).collect() };
+    let page = Quota {
+        items: 10,
+        bytes: 650,
+    };
+    assert_eq!(ids(store.take_offline(&alice, page).await.unwrap()), [0, 1]);
+    let one = Quota {
+        items: 1,
+        bytes: usize::MAX,
+    };
+    assert_eq!(ids(store.take_offline(&alice, one).await.unwrap()), [2]);
+    let tiny = Quota {
+        items: 10,
+        bytes: 10,
+    };
+    assert_eq!(ids(store.take_offline(&alice, tiny).await.unwrap()), [3]);
+    assert!(store.take_offline(&alice, tiny).await.unwrap().is_empty());
+    // Taken messages no longer count against the quota.
+    store
+        .push_offline(&alice, &message(4, 1000), quota)
+        .await
+        .unwrap();
+}
+
+/// Documents of one kind are limited in number and bytes; replacing one
+/// counts its new size, not both.
+pub async fn documents_within_quota(store: &dyn Store) {
+    let alice = jid("alice@localhost");
+    let quota = Quota {
+        items: 2,
+        bytes: 100,
+    };
+    let doc = |size: usize| "d".repeat(size);
+    store
+        .put_document(&alice, DocumentKind::Private, "urn:a", &doc(60), quota)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put_document(&alice, DocumentKind::Private, "urn:b", &doc(41), quota)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    store
+        .put_document(&alice, DocumentKind::Private, "urn:b", &doc(40), quota)
+        .await
+        .unwrap();
+    // Replacing urn:a with 60 bytes fits (40 + 60), with 61 does not.
+    store
+        .put_document(&alice, DocumentKind::Private, "urn:a", &doc(60), quota)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put_document(&alice, DocumentKind::Private, "urn:a", &doc(61), quota)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    assert_eq!(
+        store
+            .document(&alice, DocumentKind::Private, "urn:a")
+            .await
+            .unwrap(),
+        Some(doc(60)),
+        "a refused write leaves the document"
+    );
+    // A third document is one too many; another kind has its own quota.
+    assert!(matches!(
+        store
+            .put_document(&alice, DocumentKind::Private, "urn:c", "c", quota)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    store
+        .put_document(&alice, DocumentKind::VCard, "", &doc(100), quota)
+        .await
+        .unwrap();
+}
+
+/// A server secret is made once and then always the same.
+pub async fn server_secrets(store: &dyn Store) {
+    let first = store.server_secret("decoy").await.unwrap();
+    assert_eq!(store.server_secret("decoy").await.unwrap(), first);
+    assert_ne!(store.server_secret("other").await.unwrap(), first);
+    assert_ne!(first, [0; 32]);
 }
 
 /// Concurrent writers never lose an offline message.
@@ -388,12 +528,15 @@ pub async fn offline_messages_under_concurrency(store: &dyn Store) {
                 stored_at: n,
                 stanza: format!("<message id='{n}'/>"),
             };
-            store.push_offline(&alice, &message, 1000).await.unwrap();
+            store
+                .push_offline(&alice, &message, items(1000))
+                .await
+                .unwrap();
         }
     });
     futures_join_all(pushes).await;
     let mut ids: Vec<String> = store
-        .take_offline(&alice)
+        .take_offline(&alice, Quota::UNLIMITED)
         .await
         .unwrap()
         .into_iter()
@@ -436,11 +579,18 @@ pub async fn documents(store: &dyn Store) {
             DocumentKind::Private,
             "urn:a",
             "<a xmlns='urn:a'>1</a>",
+            Quota::UNLIMITED,
         )
         .await
         .unwrap();
     store
-        .put_document(&alice, DocumentKind::Private, "urn:b", "<b xmlns='urn:b'/>")
+        .put_document(
+            &alice,
+            DocumentKind::Private,
+            "urn:b",
+            "<b xmlns='urn:b'/>",
+            Quota::UNLIMITED,
+        )
         .await
         .unwrap();
     store
@@ -449,6 +599,7 @@ pub async fn documents(store: &dyn Store) {
             DocumentKind::Private,
             "urn:a",
             "<a xmlns='urn:a'>2</a>",
+            Quota::UNLIMITED,
         )
         .await
         .unwrap();
@@ -458,6 +609,7 @@ pub async fn documents(store: &dyn Store) {
             DocumentKind::VCard,
             "",
             "<vCard xmlns='vcard-temp'><FN>A</FN></vCard>",
+            Quota::UNLIMITED,
         )
         .await
         .unwrap();
@@ -493,7 +645,7 @@ pub async fn documents(store: &dyn Store) {
             .is_none()
     );
     store
-        .put_document(&alice, DocumentKind::Private, "urn:a", "")
+        .put_document(&alice, DocumentKind::Private, "urn:a", "", Quota::UNLIMITED)
         .await
         .unwrap();
     assert!(
@@ -586,7 +738,8 @@ macro_rules! store_conformance_tests {
             accounts, password_change, account_deletion_cascades, roster_items_and_versions,
             roster_item_replaced_only_if_unchanged, roster_item_changes_under_concurrency,
             subscription_requests, offline_messages, offline_messages_under_concurrency,
-            documents, blocking, last_activity);
+            documents, blocking, last_activity, offline_messages_in_bytes_and_pages,
+            documents_within_quota, server_secrets);
     };
     (@each $make:expr; $($check:ident),*) => {
         $(

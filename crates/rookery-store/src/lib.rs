@@ -55,6 +55,9 @@ pub trait AccountStore: Send + Sync {
     async fn set_last_activity(&self, jid: &BareJid, last: &LastActivity) -> StoreResult<()>;
     /// The last recorded end of session, if any.
     async fn last_activity(&self, jid: &BareJid) -> StoreResult<Option<LastActivity>>;
+    /// The server secret called `name`: random, made on first use, and the
+    /// same afterwards for every node sharing this store, across restarts.
+    async fn server_secret(&self, name: &str) -> StoreResult<[u8; 32]>;
 }
 
 /// When an account was last seen.
@@ -219,18 +222,43 @@ pub struct OfflineMessage {
     pub stanza: String,
 }
 
+/// How much one user may keep of something: items and bytes (of XML).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Most items.
+    pub items: usize,
+    /// Most bytes, all items together.
+    pub bytes: usize,
+}
+
+impl Quota {
+    /// No limit (tools and tests).
+    pub const UNLIMITED: Quota = Quota {
+        items: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+/// SQL integers are signed: a quota past `i64::MAX` is no limit.
+pub fn sql_limit(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// Messages kept for users who are not online (XEP-0160).
 #[async_trait]
 pub trait OfflineStore: Send + Sync {
-    /// Appends a message unless the user already has `limit` messages (then `QuotaExceeded`).
+    /// Appends a message unless the user's messages would then exceed
+    /// `quota` (then `QuotaExceeded`, and nothing is stored).
     async fn push_offline(
         &self,
         user: &BareJid,
         message: &OfflineMessage,
-        limit: usize,
+        quota: Quota,
     ) -> StoreResult<()>;
-    /// Removes and returns all messages of the user, oldest first.
-    async fn take_offline(&self, user: &BareJid) -> StoreResult<Vec<OfflineMessage>>;
+    /// Removes and returns the user's oldest messages, oldest first: at most
+    /// `page.items`, and no more than fit in `page.bytes` (but always the
+    /// oldest one, however large). Empty when there are none.
+    async fn take_offline(&self, user: &BareJid, page: Quota) -> StoreResult<Vec<OfflineMessage>>;
     /// Number of stored messages.
     async fn count_offline(&self, user: &BareJid) -> StoreResult<usize>;
 }
@@ -238,13 +266,16 @@ pub trait OfflineStore: Send + Sync {
 /// Per-user XML documents: private storage (XEP-0049) and vCards (XEP-0054).
 #[async_trait]
 pub trait DocumentStore: Send + Sync {
-    /// Stores a document under `(kind, key)`; an empty `xml` deletes it.
+    /// Stores a document under `(kind, key)`, replacing the one there, unless
+    /// the user's documents of that kind would then exceed `quota` (then
+    /// `QuotaExceeded`, and nothing changes). An empty `xml` deletes it.
     async fn put_document(
         &self,
         user: &BareJid,
         kind: DocumentKind,
         key: &str,
         xml: &str,
+        quota: Quota,
     ) -> StoreResult<()>;
     /// A stored document.
     async fn document(

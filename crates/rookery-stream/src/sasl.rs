@@ -286,27 +286,74 @@ enum ScramState {
         first: ClientFirst,
         server_first: String,
         nonce: String,
-        keys: Option<ScramKeys>,
+        /// The account's keys, or stand-in keys when `known` is false.
+        keys: ScramKeys,
+        known: bool,
     },
     Done,
+}
+
+/// Stand-in credentials for user names that have no account, so that an
+/// attacker cannot tell an unknown user from a wrong password: the same
+/// iteration count as real accounts, a salt that is stable for each name
+/// (derived from a server secret kept in storage, so the same on every node
+/// and across restarts), and the same work to refuse the attempt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Decoy {
+    /// The server secret the stand-in keys are derived from.
+    pub secret: [u8; 32],
+    /// The iteration count new accounts get (`accounts.scram_iterations`).
+    pub iterations: u32,
+}
+
+impl std::fmt::Debug for Decoy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoy")
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decoy {
+    /// A decoy with a fresh random secret (tests, and tools without storage).
+    pub fn random() -> Self {
+        Decoy {
+            secret: rand::random(),
+            iterations: MIN_ITERATIONS,
+        }
+    }
+
+    /// Stand-in keys for `username`: no password matches them.
+    pub fn keys(&self, hash: ScramHash, username: &str) -> ScramKeys {
+        let derive = |label: &str| {
+            let data = format!("{label}\0{}\0{username}", hash.name());
+            hash.hmac(&self.secret, data.as_bytes())
+        };
+        ScramKeys {
+            hash,
+            salt: derive("salt")[..16].to_vec(),
+            iterations: self.iterations.max(MIN_ITERATIONS),
+            stored_key: derive("stored key"),
+            server_key: derive("server key"),
+        }
+    }
 }
 
 /// The server side of one SCRAM exchange.
 pub struct ScramServer {
     hash: ScramHash,
     state: ScramState,
-    /// Per-process secret used to invent a stable fake salt for unknown users,
-    /// so that an attacker cannot tell unknown user names from wrong passwords.
-    decoy_secret: [u8; 32],
+    /// Answers for user names without an account.
+    decoy: Decoy,
 }
 
 impl ScramServer {
     /// Starts an exchange for the given variant.
-    pub fn new(hash: ScramHash, decoy_secret: [u8; 32]) -> Self {
+    pub fn new(hash: ScramHash, decoy: Decoy) -> Self {
         ScramServer {
             hash,
             state: ScramState::Start,
-            decoy_secret,
+            decoy,
         }
     }
 
@@ -335,25 +382,25 @@ impl ScramServer {
         else {
             return Err(SaslError::Malformed);
         };
-        let keys = keys.filter(|keys| keys.hash == self.hash);
-        let (salt, iterations) = match &keys {
-            Some(keys) => (keys.salt.clone(), keys.iterations),
-            None => {
-                let decoy = self
-                    .hash
-                    .hmac(&self.decoy_secret, first.username.as_bytes());
-                (decoy[..16].to_vec(), MIN_ITERATIONS)
-            }
+        // An unknown user goes through every step a known one does, with stand-in keys.
+        let (known, keys) = match keys.filter(|keys| keys.hash == self.hash) {
+            Some(keys) => (true, keys),
+            None => (false, self.decoy.keys(self.hash, &first.username)),
         };
         let server_nonce: [u8; 18] = rand::random();
         let nonce = format!("{}{}", first.nonce, BASE64.encode(server_nonce));
-        let server_first = format!("r={nonce},s={},i={iterations}", BASE64.encode(&salt));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            BASE64.encode(&keys.salt),
+            keys.iterations
+        );
         let challenge = server_first.clone().into_bytes();
         self.state = ScramState::AwaitFinal {
             first,
             server_first,
             nonce,
             keys,
+            known,
         };
         Ok(SaslStep::Challenge(challenge))
     }
@@ -365,6 +412,7 @@ impl ScramServer {
             server_first,
             nonce,
             keys,
+            known,
         } = std::mem::replace(&mut self.state, ScramState::Done)
         else {
             return Err(SaslError::Malformed);
@@ -391,16 +439,13 @@ impl ScramServer {
         if binding != first.gs2_header.as_bytes() || client_nonce != Some(nonce.as_str()) {
             return Err(SaslError::NotAuthorized);
         }
-        let Some(keys) = keys else {
-            return Err(SaslError::NotAuthorized);
-        };
         let auth_message = format!("{},{server_first},{without_proof}", first.bare);
         let signature = self.hash.hmac(&keys.stored_key, auth_message.as_bytes());
         if proof.len() != signature.len() {
             return Err(SaslError::NotAuthorized);
         }
         let client_key: Vec<u8> = proof.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
-        if !bool::from(self.hash.hash(&client_key).ct_eq(&keys.stored_key)) {
+        if !bool::from(self.hash.hash(&client_key).ct_eq(&keys.stored_key)) || !known {
             return Err(SaslError::NotAuthorized);
         }
         let server_signature = self.hash.hmac(&keys.server_key, auth_message.as_bytes());

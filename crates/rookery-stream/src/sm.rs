@@ -7,6 +7,8 @@ use std::collections::VecDeque;
 
 use minidom::Element;
 
+use crate::xml::approximate_size;
+
 /// Stream management state of one session.
 #[derive(Debug, Clone, Default)]
 pub struct SmState {
@@ -17,7 +19,9 @@ pub struct SmState {
     /// The last `h` the client acknowledged.
     pub acked: u32,
     /// Stanzas sent to the client and not yet acknowledged, oldest first.
-    pub unacked: VecDeque<Element>,
+    unacked: VecDeque<Element>,
+    /// Their size, by [`approximate_size`].
+    unacked_bytes: usize,
 }
 
 /// The client acknowledged more stanzas than were sent.
@@ -45,7 +49,18 @@ impl SmState {
 
     /// Records a stanza sent to the client.
     pub fn sent(&mut self, stanza: Element) {
+        self.unacked_bytes += approximate_size(&stanza);
         self.unacked.push_back(stanza);
+    }
+
+    /// The stanzas sent and not yet acknowledged, oldest first.
+    pub fn unacked(&self) -> &VecDeque<Element> {
+        &self.unacked
+    }
+
+    /// The bytes of the unacknowledged stanzas (about).
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked_bytes
     }
 
     /// Total number of stanzas sent (modulo 2^32).
@@ -62,13 +77,16 @@ impl SmState {
                 sent: self.sent_count(),
             });
         }
-        self.unacked.drain(..newly_acked);
+        for stanza in self.unacked.drain(..newly_acked) {
+            self.unacked_bytes -= approximate_size(&stanza);
+        }
         self.acked = h;
         Ok(())
     }
 
     /// Removes and returns every unacknowledged stanza.
     pub fn take_unacked(&mut self) -> Vec<Element> {
+        self.unacked_bytes = 0;
         self.unacked.drain(..).collect()
     }
 }

@@ -77,6 +77,8 @@ pub struct StreamConfig {
     pub resume_timeout: Option<u32>,
     /// Most unacknowledged stanzas kept for a client before the stream is closed.
     pub max_unacked: usize,
+    /// Most bytes of unacknowledged stanzas kept for a client before the stream is closed.
+    pub max_unacked_bytes: usize,
     /// Failed SASL attempts allowed on one stream before it is closed.
     pub max_auth_failures: u32,
     /// Input limits.
@@ -85,8 +87,8 @@ pub struct StreamConfig {
     pub timeouts: Timeouts,
     /// Extra stream features offered after authentication (CSI, roster versioning, caps, ...).
     pub session_features: Vec<Element>,
-    /// Secret used to answer unknown users with a believable salt.
-    pub decoy_secret: [u8; 32],
+    /// Stand-in credentials for unknown users (same iterations, stable salt, same work).
+    pub decoy: sasl::Decoy,
 }
 
 impl StreamConfig {
@@ -99,11 +101,12 @@ impl StreamConfig {
             registration: false,
             resume_timeout: Some(300),
             max_unacked: 5000,
+            max_unacked_bytes: 2 * 1024 * 1024,
             max_auth_failures: 3,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             session_features: Vec::new(),
-            decoy_secret: rand::random(),
+            decoy: sasl::Decoy::random(),
         }
     }
 }
@@ -265,7 +268,7 @@ impl ServerStream {
         now: Instant,
     ) -> Self {
         ServerStream {
-            reader: StreamReader::new(config.limits),
+            reader: StreamReader::new(config.limits.unauthenticated()),
             config,
             framing,
             secure,
@@ -351,7 +354,7 @@ impl ServerStream {
         if self.is_closed() {
             return;
         }
-        match xml::parse_frame(frame, &self.config.limits) {
+        match xml::parse_frame(frame, &self.limits()) {
             Ok(element) => self.handle_ws_element(element),
             Err(condition) => self.fail(condition.into()),
         }
@@ -466,12 +469,20 @@ impl ServerStream {
         };
         let step = match mechanism {
             Sasl::Scram(scram) => scram.handle_keys(keys),
-            Sasl::Plain(Some(credentials)) => match keys {
-                Some(keys) if keys.verify_password(&credentials.password) => {
+            Sasl::Plain(Some(credentials)) => {
+                // An unknown user costs the same work as a wrong password.
+                let known = keys.is_some();
+                let keys = keys.unwrap_or_else(|| {
+                    self.config
+                        .decoy
+                        .keys(ScramHash::Sha256, &credentials.username)
+                });
+                if keys.verify_password(&credentials.password) && known {
                     Ok(SaslStep::Success(Vec::new()))
+                } else {
+                    Err(SaslError::NotAuthorized)
                 }
-                _ => Err(SaslError::NotAuthorized),
-            },
+            }
             Sasl::Plain(None) => Err(SaslError::Malformed),
         };
         self.after_sasl_step(step, jid);
@@ -521,7 +532,7 @@ impl ServerStream {
             .attr(name("h"), sm.inbound.to_string())
             .build();
         self.write_element(&resumed);
-        for stanza in &sm.unacked {
+        for stanza in sm.unacked() {
             self.write_element(stanza);
         }
         self.ack_requested = false;
@@ -548,7 +559,9 @@ impl ServerStream {
         self.write_element(&stanza);
         if let Some(sm) = &mut self.sm {
             sm.sent(stanza);
-            if sm.unacked.len() > self.config.max_unacked {
+            if sm.unacked().len() > self.config.max_unacked
+                || sm.unacked_bytes() > self.config.max_unacked_bytes
+            {
                 self.fail(StreamError::new(
                     Condition::ResourceConstraint,
                     "Too many unacknowledged stanzas.",
@@ -637,7 +650,7 @@ impl ServerStream {
         if self.is_bound()
             && !self.ack_requested
             && let Some(sm) = &self.sm
-            && !sm.unacked.is_empty()
+            && !sm.unacked().is_empty()
         {
             self.ack_requested = true;
             self.write_element(&Element::bare("r", ns::SM));
@@ -734,8 +747,16 @@ impl ServerStream {
         }
     }
 
+    /// The input limits now: smaller stanzas before authentication.
+    fn limits(&self) -> Limits {
+        match self.authenticated {
+            Some(_) => self.config.limits,
+            None => self.config.limits.unauthenticated(),
+        }
+    }
+
     fn restart(&mut self) {
-        self.reader = StreamReader::new(self.config.limits);
+        self.reader = StreamReader::new(self.limits());
         self.header_sent = false;
         self.state = State::Header;
     }
@@ -951,11 +972,11 @@ impl ServerStream {
         let mechanism = match auth.attr("mechanism").unwrap_or_default() {
             "SCRAM-SHA-256" => Sasl::Scram(Box::new(ScramServer::new(
                 ScramHash::Sha256,
-                self.config.decoy_secret,
+                self.config.decoy,
             ))),
             "SCRAM-SHA-1" => Sasl::Scram(Box::new(ScramServer::new(
                 ScramHash::Sha1,
-                self.config.decoy_secret,
+                self.config.decoy,
             ))),
             "PLAIN" if self.secure => Sasl::Plain(None),
             "PLAIN" => return self.sasl_failure("encryption-required", None),

@@ -2,10 +2,13 @@
 //!
 //! [`StreamReader`] turns bytes into stream-level events: the stream header,
 //! complete top-level elements (stanzas and nonzas) as [`minidom::Element`],
-//! whitespace keep-alives and the stream footer. It enforces the stanza size
-//! and depth limits as bytes arrive, so an oversized stanza is refused before
-//! it is buffered whole. rxml itself refuses DTDs, entity declarations,
-//! processing instructions, comments and invalid UTF-8.
+//! whitespace keep-alives and the stream footer. It enforces its [`Limits`]
+//! as bytes arrive, so an oversized header or stanza, or an element head with
+//! too many attributes, is refused before it is buffered whole: every byte
+//! the parser takes counts against the unit (header or stanza) it belongs to,
+//! also while rxml still holds it inside an unfinished tag. rxml itself
+//! refuses DTDs, entity declarations, processing instructions, comments and
+//! invalid UTF-8.
 
 use bytes::BytesMut;
 use minidom::Element;
@@ -19,15 +22,41 @@ use crate::ns;
 pub struct Limits {
     /// Largest top-level element, in bytes of input.
     pub max_stanza_bytes: usize,
+    /// Largest top-level element before authentication (SASL, registration).
+    pub max_unauthenticated_stanza_bytes: usize,
+    /// Largest stream header: the XML declaration and the root's opening tag.
+    pub max_header_bytes: usize,
     /// Deepest element nesting inside one top-level element.
     pub max_depth: usize,
+    /// Most attributes on one element, namespace declarations included.
+    pub max_attributes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_stanza_bytes: 256 * 1024,
+            // A SCRAM exchange with the longest user name XMPP allows, or a
+            // registration form, is a few kilobytes.
+            max_unauthenticated_stanza_bytes: 16 * 1024,
+            // Real clients send 150 to 300 bytes.
+            max_header_bytes: 4 * 1024,
             max_depth: 48,
+            // Stanzas carry a handful (XEP payloads: up to about ten).
+            max_attributes: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits before authentication: stanzas no larger than
+    /// `max_unauthenticated_stanza_bytes`.
+    pub fn unauthenticated(self) -> Limits {
+        Limits {
+            max_stanza_bytes: self
+                .max_stanza_bytes
+                .min(self.max_unauthenticated_stanza_bytes),
+            ..self
         }
     }
 }
@@ -55,8 +84,6 @@ pub enum XmlEvent {
 struct TreeBuilder {
     /// Elements under construction, outermost first; empty between top-level elements.
     open: Vec<Element>,
-    /// Input bytes of the top-level element under construction.
-    bytes: usize,
 }
 
 enum Built {
@@ -70,10 +97,6 @@ impl TreeBuilder {
     }
 
     fn feed(&mut self, event: Event, limits: &Limits) -> Result<Built, Condition> {
-        self.bytes += event.metrics().len();
-        if self.bytes > limits.max_stanza_bytes {
-            return Err(Condition::PolicyViolation);
-        }
         match event {
             Event::XmlDeclaration(..) => Ok(Built::Pending),
             Event::StartElement(_, (namespace, name), attrs) => {
@@ -98,13 +121,121 @@ impl TreeBuilder {
                         parent.append_child(element);
                         Ok(Built::Pending)
                     }
-                    None => {
-                        self.bytes = 0;
-                        Ok(Built::Done(element))
-                    }
+                    None => Ok(Built::Done(element)),
                 }
             }
         }
+    }
+}
+
+/// Where [`MarkupScanner`] is in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Scan {
+    /// Character data between tags.
+    #[default]
+    Text,
+    /// Just after `<`.
+    Open,
+    /// Inside an element's opening tag, outside attribute values.
+    Head,
+    /// Inside an attribute value delimited by this quote.
+    Value(u8),
+    /// Inside a closing tag, or the XML declaration (`<?`): until `>`.
+    Tag,
+    /// Inside `<!`: a CDATA section (anything else rxml refuses), until `]]>`.
+    Section,
+}
+
+/// Follows the tags of the input byte by byte, ahead of rxml, to count the
+/// attributes (namespace declarations included) of each opening tag while it
+/// arrives. rxml resolves namespaces only once a tag is complete and keeps
+/// every attribute until then; it has no limit on their number. The scanner
+/// needs only to be right for input rxml accepts: anything else rxml refuses
+/// itself, at the latest a few bytes later.
+#[derive(Debug, Default)]
+struct MarkupScanner {
+    state: Scan,
+    /// `=` signs in the current opening tag: one per attribute.
+    attributes: usize,
+    /// The two bytes before the current one inside a section, to find `]]>`.
+    behind: [u8; 2],
+}
+
+impl MarkupScanner {
+    /// Follows `bytes`; `Err` once an opening tag has more than `max_attributes`.
+    fn scan(&mut self, bytes: &[u8], max_attributes: usize) -> Result<(), Condition> {
+        let mut index = 0;
+        while index < bytes.len() {
+            match self.state {
+                Scan::Text => match bytes[index..].iter().position(|&b| b == b'<') {
+                    Some(at) => {
+                        index += at;
+                        self.state = Scan::Open;
+                    }
+                    None => return Ok(()),
+                },
+                Scan::Open => match bytes[index] {
+                    b'/' | b'?' => self.state = Scan::Tag,
+                    b'!' => {
+                        self.behind = [0; 2];
+                        self.state = Scan::Section;
+                    }
+                    _ => {
+                        // An opening tag; its name's first byte is looked at again in Head.
+                        self.attributes = 0;
+                        self.state = Scan::Head;
+                        continue;
+                    }
+                },
+                Scan::Head => {
+                    let Some(at) = bytes[index..]
+                        .iter()
+                        .position(|&b| matches!(b, b'=' | b'\'' | b'"' | b'>'))
+                    else {
+                        return Ok(());
+                    };
+                    index += at;
+                    match bytes[index] {
+                        b'=' => {
+                            self.attributes += 1;
+                            if self.attributes > max_attributes {
+                                return Err(Condition::PolicyViolation);
+                            }
+                        }
+                        b'>' => self.state = Scan::Text,
+                        quote => self.state = Scan::Value(quote),
+                    }
+                }
+                Scan::Value(quote) => match bytes[index..].iter().position(|&b| b == quote) {
+                    Some(at) => {
+                        index += at;
+                        self.state = Scan::Head;
+                    }
+                    None => return Ok(()),
+                },
+                Scan::Tag => match bytes[index..].iter().position(|&b| b == b'>') {
+                    Some(at) => {
+                        index += at;
+                        self.state = Scan::Text;
+                    }
+                    None => return Ok(()),
+                },
+                Scan::Section => {
+                    let byte = bytes[index];
+                    if byte == b'>' && self.behind == *b"]]" {
+                        self.state = Scan::Text;
+                    }
+                    self.behind = [self.behind[1], byte];
+                }
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+
+    /// True between `<` and the end of its tag or section.
+    fn in_markup(&self) -> bool {
+        self.state != Scan::Text
     }
 }
 
@@ -137,9 +268,13 @@ fn parser_for(limits: &Limits) -> rxml::Parser {
 pub struct StreamReader {
     parser: rxml::Parser,
     tree: TreeBuilder,
+    scanner: MarkupScanner,
     root_open: bool,
     /// Whether any byte other than leading whitespace arrived.
     started: bool,
+    /// Bytes the parser took for the unit under way: the header until the
+    /// root opens, then the current top-level element (or whitespace).
+    unit_bytes: usize,
     limits: Limits,
 }
 
@@ -149,15 +284,17 @@ impl StreamReader {
         StreamReader {
             parser: parser_for(&limits),
             tree: TreeBuilder::default(),
+            scanner: MarkupScanner::default(),
             root_open: false,
             started: false,
+            unit_bytes: 0,
             limits,
         }
     }
 
-    /// True while a top-level element has started but not finished.
+    /// True from the first byte of a top-level element (its `<`) until it is complete.
     pub fn in_element(&self) -> bool {
-        self.tree.in_element()
+        self.root_open && (self.tree.in_element() || self.scanner.in_markup())
     }
 
     /// Frees parser scratch memory; call when the connection goes idle.
@@ -187,7 +324,20 @@ impl StreamReader {
             self.started = true;
         }
         loop {
-            let event = match self.parser.parse(input, false) {
+            let before = *input;
+            let parsed = self.parser.parse(input, false);
+            let taken = &before[..before.len() - input.len()];
+            self.unit_bytes += taken.len();
+            let budget = if self.root_open {
+                self.limits.max_stanza_bytes
+            } else {
+                self.limits.max_header_bytes
+            };
+            if self.unit_bytes > budget {
+                return Err(Condition::PolicyViolation);
+            }
+            self.scanner.scan(taken, self.limits.max_attributes)?;
+            let event = match parsed {
                 Ok(Some(event)) => event,
                 Ok(None) => return Ok(Some(XmlEvent::StreamClose)),
                 Err(rxml::error::EndOrError::NeedMoreData) => return Ok(None),
@@ -198,6 +348,7 @@ impl StreamReader {
                     Event::XmlDeclaration(..) => continue,
                     Event::StartElement(_, name, attrs) => {
                         self.root_open = true;
+                        self.unit_bytes = 0;
                         return Ok(Some(XmlEvent::StreamOpen { name, attrs }));
                     }
                     _ => return Err(Condition::NotWellFormed),
@@ -206,6 +357,7 @@ impl StreamReader {
             if !self.tree.in_element() {
                 match event {
                     Event::Text(_, text) if is_xml_whitespace(&text) => {
+                        self.unit_bytes = 0;
                         return Ok(Some(XmlEvent::Whitespace));
                     }
                     Event::Text(..) => return Err(Condition::BadFormat),
@@ -217,6 +369,7 @@ impl StreamReader {
                 }
             }
             if let Built::Done(element) = self.tree.feed(event, &self.limits)? {
+                self.unit_bytes = 0;
                 return Ok(Some(XmlEvent::Element(element)));
             }
         }
@@ -233,6 +386,7 @@ pub fn parse_frame(frame: &[u8], limits: &Limits) -> Result<Element, Condition> 
     if frame.len() > limits.max_stanza_bytes {
         return Err(Condition::PolicyViolation);
     }
+    MarkupScanner::default().scan(frame, limits.max_attributes)?;
     let mut parser = parser_for(limits);
     let mut tree = TreeBuilder::default();
     let mut input = frame.trim_ascii();
@@ -438,6 +592,22 @@ static ATTENTION: [u8; 256] = {
     table[0xbf] = IN_CONTENT;
     table
 };
+
+/// About how many bytes `element` takes written out: names, attributes and
+/// text, without escapes or namespace declarations. What queues count.
+pub fn approximate_size(element: &Element) -> usize {
+    let mut size = 2 * element.name().len() + 5;
+    for ((_, name), value) in element.attrs().iter() {
+        size += name.len() + value.len() + 4;
+    }
+    for node in element.nodes() {
+        size += match node {
+            minidom::Node::Element(child) => approximate_size(child),
+            minidom::Node::Text(text) => text.len(),
+        };
+    }
+    size
+}
 
 /// Sets (or replaces) an unnamespaced attribute.
 pub fn set_attr(element: &mut Element, name: &str, value: impl Into<String>) {

@@ -64,9 +64,13 @@ impl std::fmt::Debug for TestClient {
 }
 
 fn limits() -> Limits {
+    // The client trusts the server: only bounds that catch a runaway stream.
     Limits {
         max_stanza_bytes: 16 * 1024 * 1024,
+        max_unauthenticated_stanza_bytes: 16 * 1024 * 1024,
+        max_header_bytes: 1024 * 1024,
         max_depth: 1000,
+        max_attributes: 100_000,
     }
 }
 
@@ -74,6 +78,16 @@ impl TestClient {
     /// Opens a TCP connection (STARTTLS listener).
     pub async fn connect(address: SocketAddr) -> TestClient {
         let tcp = TcpStream::connect(address).await.expect("connect");
+        TestClient::new(Io::Plain(tcp))
+    }
+
+    /// Opens a TCP connection (STARTTLS listener) whose socket takes in at
+    /// most about `bytes` that the client has not read: a client that stops
+    /// reading soon holds up the server's writes.
+    pub async fn connect_with_receive_buffer(address: SocketAddr, bytes: u32) -> TestClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let tcp = socket.connect(address).await.expect("connect");
         TestClient::new(Io::Plain(tcp))
     }
 

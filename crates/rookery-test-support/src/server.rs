@@ -113,11 +113,12 @@ impl TestServer {
         self.addresses.http.expect("HTTP listener")
     }
 
-    /// Creates an account `name@localhost`.
+    /// Creates an account `name@localhost` (with `accounts.scram_iterations`).
     pub async fn create_user(&self, name: &str, password: &str) {
         let jid = rookery_ext::register::account_jid(name, &self.config.server.domain)
             .expect("valid user name");
-        rookery_ext::register::create_account(self.router.store(), &jid, password, 4096)
+        let iterations = self.config.accounts.scram_iterations;
+        rookery_ext::register::create_account(self.router.store(), &jid, password, iterations)
             .await
             .expect("account created");
     }

@@ -112,6 +112,61 @@ async fn a_websocket_client_chats_with_a_tcp_client() {
     );
 }
 
+/// A WebSocket session of `user`, bound at `resource`, with initial presence sent.
+async fn ws_online(server: &TestServer, user: &str, resource: &str) -> Ws {
+    let mut ws = connect(server).await;
+    send(&mut ws, OPEN).await;
+    recv(&mut ws).await;
+    recv(&mut ws).await;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0secret"));
+    send(
+        &mut ws,
+        &format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"),
+    )
+    .await;
+    assert!(recv(&mut ws).await.starts_with("<success"));
+    send(&mut ws, OPEN).await;
+    recv(&mut ws).await;
+    recv(&mut ws).await;
+    send(&mut ws, &format!("<iq xmlns='jabber:client' type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+    assert!(recv(&mut ws).await.contains("<jid>"));
+    ws
+}
+
+/// The input rate limit applies to WebSocket as to TCP: a flood of frames is
+/// slowed to `c2s_rate`, and nothing of it is lost.
+#[tokio::test]
+async fn websocket_floods_are_throttled_like_tcp() {
+    let server = TestServer::start_with(|c| {
+        c.limits.c2s_rate = 50_000;
+        c.limits.c2s_burst = 131_072;
+    })
+    .await;
+    server.create_user("alice", "secret").await;
+    server.create_user("bob", "secret").await;
+    let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
+    let mut ws = ws_online(&server, "alice", "web").await;
+    let padding = "p".repeat(1000);
+    let started = tokio::time::Instant::now();
+    for n in 0..300 {
+        ws.feed(Message::Text(
+            format!("<message xmlns='jabber:client' to='bob@localhost/desk' id='f{n}'><body>{padding}</body></message>").into(),
+        ))
+        .await
+        .unwrap();
+    }
+    ws.flush().await.unwrap();
+    for n in 0..300 {
+        bob.expect(|e| e.attr("id") == Some(&format!("f{n}"))).await;
+    }
+    // ~330 kB at 50 kB/s after a 128 kB burst: about 4 s (unthrottled: well under 1 s).
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "the sender was throttled ({:?})",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn websocket_stream_errors_are_framed() {
     let server = TestServer::start().await;

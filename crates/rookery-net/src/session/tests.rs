@@ -34,8 +34,10 @@ async fn session_futures_stay_small() {
         tls: None,
         auth_limiter: AddressLimiter::new(5, 5),
         register_limiter: AddressLimiter::new(5, 5),
+        connections: Arc::new(crate::limit::ConnectionLimiter::new(0, Vec::new())),
         byte_rate: None,
         resume_timeout: Duration::from_secs(1),
+        max_unacked_bytes: 1 << 20,
         max_sessions: 0,
         redirect: std::sync::Mutex::new(None),
         shutdown: CancellationToken::new(),
@@ -54,6 +56,7 @@ async fn session_futures_stay_small() {
         TcpTransport::plain(stream),
         peer,
         false,
+        None,
     ));
     let connected = connection.connected();
     let size = std::mem::size_of_val(&connected);

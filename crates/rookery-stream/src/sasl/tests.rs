@@ -21,7 +21,7 @@ fn exchange(
             ScramClient::<ClientSha256>::new(user, client_password, ChannelBinding::None).unwrap(),
         ),
     };
-    let mut server = ScramServer::new(hash, [7; 32]);
+    let mut server = ScramServer::new(hash, decoy([7; 32]));
     let initial = client.initial();
     let step = server.handle_initial(&initial)?;
     assert_eq!(
@@ -70,7 +70,7 @@ fn scram_rejects_a_tampered_nonce() {
     let keys = ScramKeys::generate(ScramHash::Sha256, "pencil", 4096).unwrap();
     let mut client =
         ScramClient::<ClientSha256>::new("alice", "pencil", ChannelBinding::None).unwrap();
-    let mut server = ScramServer::new(ScramHash::Sha256, [1; 32]);
+    let mut server = ScramServer::new(ScramHash::Sha256, decoy([1; 32]));
     server.handle_initial(&client.initial()).unwrap();
     let SaslStep::Challenge(challenge) = server.handle_keys(Some(keys)).unwrap() else {
         panic!()
@@ -85,7 +85,7 @@ fn scram_rejects_a_tampered_nonce() {
 
 #[test]
 fn scram_parses_escaped_names_and_rejects_garbage() {
-    let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+    let mut server = ScramServer::new(ScramHash::Sha1, decoy([0; 32]));
     assert_eq!(
         server.handle_initial(b"n,,n=a=2Cb=3Dc,r=abc"),
         Ok(SaslStep::NeedKeys {
@@ -103,36 +103,67 @@ fn scram_parses_escaped_names_and_rejects_garbage() {
         b"n,,n=,r=b",
         b"\xff,,n=a,r=b",
     ] {
-        let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+        let mut server = ScramServer::new(ScramHash::Sha1, decoy([0; 32]));
         assert_eq!(
             server.handle_initial(garbage),
             Err(SaslError::Malformed),
             "{garbage:?}"
         );
     }
-    let mut server = ScramServer::new(ScramHash::Sha1, [0; 32]);
+    let mut server = ScramServer::new(ScramHash::Sha1, decoy([0; 32]));
     assert_eq!(
         server.handle_initial(b"p=tls-unique,,n=a,r=b"),
         Err(SaslError::ChannelBinding)
     );
 }
 
-#[test]
-fn unknown_users_get_a_stable_decoy_salt() {
-    let challenge = |secret| {
-        let mut server = ScramServer::new(ScramHash::Sha256, secret);
-        server.handle_initial(b"n,,n=ghost,r=abc").unwrap();
-        let SaslStep::Challenge(c) = server.handle_keys(None).unwrap() else {
-            panic!()
-        };
-        let c = String::from_utf8(c).unwrap();
+fn decoy(secret: [u8; 32]) -> Decoy {
+    Decoy {
+        secret,
+        iterations: MIN_ITERATIONS,
+    }
+}
+
+/// The challenge's `s=` and `i=` for `user`, known (with `keys`) or not.
+fn salt_and_iterations(decoy: Decoy, user: &str, keys: Option<ScramKeys>) -> (String, String) {
+    let mut server = ScramServer::new(ScramHash::Sha256, decoy);
+    server
+        .handle_initial(format!("n,,n={user},r=abc").as_bytes())
+        .unwrap();
+    let SaslStep::Challenge(c) = server.handle_keys(keys).unwrap() else {
+        panic!()
+    };
+    let c = String::from_utf8(c).unwrap();
+    let field = |prefix: &str| {
         c.split(',')
-            .find(|p| p.starts_with("s="))
+            .find(|p| p.starts_with(prefix))
             .unwrap()
             .to_owned()
     };
-    assert_eq!(challenge([3; 32]), challenge([3; 32]));
-    assert_ne!(challenge([3; 32]), challenge([4; 32]));
+    (field("s="), field("i="))
+}
+
+#[test]
+fn unknown_users_get_a_stable_decoy_salt_and_the_real_iteration_count() {
+    let decoy = |secret| Decoy {
+        secret,
+        iterations: 6000,
+    };
+    let ghost = salt_and_iterations(decoy([3; 32]), "ghost", None);
+    assert_eq!(ghost, salt_and_iterations(decoy([3; 32]), "ghost", None));
+    assert_ne!(
+        ghost.0,
+        salt_and_iterations(decoy([4; 32]), "ghost", None).0
+    );
+    assert_ne!(
+        ghost.0,
+        salt_and_iterations(decoy([3; 32]), "other", None).0
+    );
+    // The same count as an account made with the configured iterations.
+    let keys = ScramKeys::generate(ScramHash::Sha256, "pencil", 6000).unwrap();
+    let alice = salt_and_iterations(decoy([3; 32]), "alice", Some(keys));
+    assert_eq!(ghost.1, "i=6000");
+    assert_eq!(alice.1, ghost.1);
 }
 
 #[test]

@@ -282,6 +282,38 @@ fn wrong_passwords_fail_and_too_many_failures_close_the_stream() {
 }
 
 #[test]
+fn plain_costs_an_unknown_user_the_same_work_as_a_wrong_password() {
+    // Enough iterations that the key derivation dominates everything else.
+    const ITERATIONS: u32 = 100_000;
+    let mut h = Harness::new(|c| c.decoy.iterations = ITERATIONS, true);
+    let started = Instant::now();
+    ScramKeys::generate(ScramHash::Sha256, "x", ITERATIONS).unwrap();
+    let derivation = started.elapsed();
+    h.send(OPEN);
+    let mut attempt = |user: &str, keys: Option<ScramKeys>| {
+        let auth = BASE64.encode(format!("\0{user}\0wrong"));
+        h.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+        ));
+        let started = Instant::now();
+        h.stream.handle_keys(h.now, KeysAnswer::Keys(keys));
+        let took = started.elapsed();
+        assert!(h.output().contains("<not-authorized/>"));
+        took
+    };
+    let unknown = attempt("ghost", None);
+    let known = attempt(
+        "alice",
+        Some(ScramKeys::generate(ScramHash::Sha256, "secret", ITERATIONS).unwrap()),
+    );
+    // Both derive the key once: neither takes much less than one derivation.
+    assert!(
+        unknown * 2 >= derivation && known * 2 >= derivation,
+        "derivation {derivation:?}, unknown user {unknown:?}, wrong password {known:?}"
+    );
+}
+
+#[test]
 fn rate_limited_logins_get_a_temporary_failure_that_does_not_count() {
     let mut h = Harness::secure();
     h.send(OPEN);
@@ -527,6 +559,156 @@ fn oversized_and_deeply_nested_stanzas_are_policy_violations() {
     );
 }
 
+/// Attributes of `size` bytes each (`a0='xxx' a1='xxx' ...`), `count` of them from `from`.
+fn attributes(from: usize, count: usize, size: usize) -> String {
+    (from..from + count)
+        .map(|n| format!(" a{n}='{}'", "x".repeat(size)))
+        .collect()
+}
+
+/// Feeds attributes to an opening tag that never closes, 200 at a time, as
+/// the outside probe did; returns the bytes taken until the stream closed.
+fn feed_endless_tag(h: &mut Harness, start: &str, size: usize) -> (usize, Option<Condition>) {
+    let mut sent = start.len();
+    let mut events = h.send(start);
+    for round in 0..1000 {
+        if let Some(condition) = closed_with(&events) {
+            return (sent, Some(condition));
+        }
+        let chunk = attributes(round * 200, 200, size);
+        sent += chunk.len();
+        events = h.send(&chunk);
+    }
+    (sent, closed_with(&events))
+}
+
+#[test]
+fn an_endless_stream_header_is_refused_within_the_header_budget() {
+    let mut h = Harness::secure();
+    let header_budget = Limits::default().max_header_bytes;
+    let (sent, condition) = feed_endless_tag(
+        &mut h,
+        "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'",
+        200,
+    );
+    assert_eq!(condition, Some(Condition::PolicyViolation));
+    // Refused in the first chunk that crossed the budget (one chunk is 41 KB).
+    assert!(sent < header_budget + 50_000, "{sent} bytes taken");
+    assert!(h.output().contains("<policy-violation"));
+}
+
+#[test]
+fn an_endless_opening_tag_after_login_is_refused_by_bytes_and_by_attributes() {
+    // Few long attributes: the byte budget stops it.
+    let mut h = Harness::new(|c| c.limits.max_stanza_bytes = 20_000, true);
+    h.bind("r");
+    let mut sent = 0;
+    let mut condition = None;
+    h.send("<message to='bob@localhost'");
+    for n in 0..100 {
+        sent += 5_000;
+        condition = closed_with(&h.send(&attributes(n, 1, 4_990)));
+        if condition.is_some() {
+            break;
+        }
+    }
+    assert_eq!(condition, Some(Condition::PolicyViolation));
+    assert!(sent <= 25_000, "{sent} bytes taken");
+
+    // Many short attributes: refused at the 65th (`to` is the first), long
+    // before the byte budget.
+    let mut h = Harness::secure();
+    h.bind("r");
+    let mut events = h.send("<message to='bob@localhost'");
+    for n in 0..63 {
+        events = h.send(&attributes(n, 1, 1));
+        assert!(closed_with(&events).is_none(), "attribute {n}");
+    }
+    events.extend(h.send(" b='1'"));
+    assert_eq!(closed_with(&events), Some(Condition::PolicyViolation));
+}
+
+#[test]
+fn namespace_declarations_count_as_attributes() {
+    let mut h = Harness::secure();
+    h.bind("r");
+    let declarations: String = (0..65)
+        .map(|n| format!(" xmlns:p{n}='urn:example:{n}'"))
+        .collect();
+    let events = h.send(&format!("<message to='bob@localhost'{declarations}/>"));
+    assert_eq!(closed_with(&events), Some(Condition::PolicyViolation));
+
+    // Sixty-four (the limit) on one element pass, and the next element starts afresh.
+    let mut h = Harness::secure();
+    h.bind("r");
+    let declarations: String = (0..63)
+        .map(|n| format!(" xmlns:p{n}='urn:example:{n}'"))
+        .collect();
+    let events = h.send(&format!(
+        "<message to='bob@localhost'{declarations}><body a='1'>x=y</body></message>"
+    ));
+    assert!(
+        matches!(&events[..], [StreamEvent::Stanza(_)]),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn before_authentication_stanzas_are_small() {
+    let mut h = Harness::secure();
+    h.send(OPEN);
+    let limit = Limits::default().max_unauthenticated_stanza_bytes;
+    let auth = format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}",
+        "A".repeat(limit)
+    );
+    assert_eq!(
+        closed_with(&h.send(&auth)),
+        Some(Condition::PolicyViolation)
+    );
+    // After authentication the full size applies again.
+    let mut h = Harness::secure();
+    h.bind("r");
+    let events = h.send(&format!(
+        "<message to='bob@localhost'><body>{}</body></message>",
+        "a".repeat(limit * 2)
+    ));
+    assert!(
+        matches!(&events[..], [StreamEvent::Stanza(_)]),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn the_stanza_timer_runs_from_the_first_byte_of_a_tag() {
+    let mut h = Harness::secure();
+    h.bind("r");
+    // An opening tag that never finishes, trickled one attribute a second.
+    h.send("<message to='bob@localhost'");
+    for n in 0..59 {
+        h.send(&format!(" a{n}='x'"));
+        assert!(closed_with(&h.advance(Duration::from_secs(1))).is_none());
+    }
+    assert_eq!(
+        closed_with(&h.advance(Duration::from_secs(2))),
+        Some(Condition::ConnectionTimeout)
+    );
+
+    // A lone '<' starts it too; whitespace between stanzas does not.
+    let mut h = Harness::secure();
+    h.bind("r");
+    h.send(" ");
+    assert_eq!(
+        h.stream.poll_timeout(),
+        Some(h.now + Duration::from_secs(120))
+    );
+    h.send("<");
+    assert_eq!(
+        h.stream.poll_timeout(),
+        Some(h.now + Duration::from_secs(60))
+    );
+}
+
 #[test]
 fn stanzas_before_binding_are_not_authorized() {
     let mut h = Harness::secure();
@@ -648,9 +830,9 @@ fn stream_management_counts_acks_and_requests() {
         out.ends_with("<r xmlns='urn:xmpp:sm:3'/>"),
         "an ack is requested after a batch: {out}"
     );
-    assert_eq!(h.stream.sm().unwrap().unacked.len(), 3);
+    assert_eq!(h.stream.sm().unwrap().unacked().len(), 3);
     h.send("<a xmlns='urn:xmpp:sm:3' h='2'/>");
-    assert_eq!(h.stream.sm().unwrap().unacked.len(), 1);
+    assert_eq!(h.stream.sm().unwrap().unacked().len(), 1);
     assert_eq!(
         closed_with(&h.send("<a xmlns='urn:xmpp:sm:3' h='9'/>")),
         Some(Condition::UndefinedCondition)

@@ -126,6 +126,7 @@ fn frames_hold_exactly_one_element() {
     let small = Limits {
         max_stanza_bytes: 10,
         max_depth: 4,
+        ..Limits::default()
     };
     assert_eq!(
         parse_frame(b"<a xmlns='x'>0123456789</a>", &small),
@@ -292,4 +293,74 @@ fn characters_xml_cannot_carry_are_replaced_not_written() {
         String::from_utf8(out.to_vec()).unwrap(),
         "<body x='\u{fffd}'>a\u{fffd}b\u{fffd}c\u{fffd}d\u{fffd}e\u{fe}</body>"
     );
+}
+
+#[test]
+fn the_scanner_counts_attributes_only_inside_opening_tags() {
+    let limits = Limits {
+        max_attributes: 2,
+        ..Limits::default()
+    };
+    let mut reader = StreamReader::new(limits);
+    // '=' in text, in values, in CDATA and in closing tags are no attributes.
+    let events = read_all(
+        &mut reader,
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'><message a='=x=' b=\"'=\"><body>a=b c=d &gt; e=f</body><x xmlns='urn:x'><![CDATA[<y a=b c=d e=f>]]>g=h</x></message>",
+    );
+    assert!(
+        matches!(
+            &events[..],
+            [XmlEvent::StreamOpen { .. }, XmlEvent::Element(_)]
+        ),
+        "{} events",
+        events.len()
+    );
+    let mut input: &[u8] = b"<presence a='1' b='2' c='3'/>";
+    assert!(matches!(
+        reader.read(&mut input),
+        Err(Condition::PolicyViolation)
+    ));
+}
+
+#[test]
+fn unfinished_units_count_every_byte_taken() {
+    let limits = Limits {
+        max_stanza_bytes: 1_000,
+        ..Limits::default()
+    };
+    let mut reader = StreamReader::new(limits);
+    read_all(
+        &mut reader,
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+    );
+    // One attribute value, growing by ten bytes at a time: refused by the
+    // time it crosses the budget, although no token or event completed.
+    let mut input: &[u8] = b"<message to='";
+    assert!(reader.read(&mut input).unwrap().is_none());
+    let mut fed = 0;
+    let result = loop {
+        let mut input: &[u8] = b"xxxxxxxxxx";
+        fed += 10;
+        match reader.read(&mut input) {
+            Ok(None) if fed < 2_000 => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(result, Err(Condition::PolicyViolation)));
+    assert!((990..=1_000).contains(&fed), "{fed}");
+    assert!(reader.in_element());
+}
+
+#[test]
+fn frames_are_scanned_for_attributes_too() {
+    let limits = Limits {
+        max_attributes: 3,
+        ..Limits::default()
+    };
+    let frame = b"<message xmlns='jabber:client' xmlns:a='urn:a' xmlns:b='urn:b' to='x@y'/>";
+    assert!(matches!(
+        parse_frame(frame, &limits),
+        Err(Condition::PolicyViolation)
+    ));
+    assert!(parse_frame(&frame[..], &Limits::default()).is_ok());
 }
