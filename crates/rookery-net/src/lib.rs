@@ -22,7 +22,7 @@ pub mod session;
 pub mod tls;
 pub mod transport;
 
-pub use tls::TlsStream;
+pub use tls::{ServerTls, TlsStream};
 pub use transport::{Received, TcpTransport, Transport};
 
 /// What every client connection shares.
@@ -132,24 +132,31 @@ pub fn tls_config(
             error,
         })
     };
-    let certs = rustls_pemfile::certs(&mut &read(cert_path)?[..])
+    use rustls::pki_types::pem::{self, PemObject};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad_pem = |path: &Path, error: pem::Error| TlsError::Read {
+        path: path.display().to_string(),
+        error: io::Error::new(io::ErrorKind::InvalidData, error.to_string()),
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(cert_path)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| TlsError::Read {
-            path: cert_path.display().to_string(),
-            error,
-        })?;
+        .map_err(|error| bad_pem(cert_path, error))?;
     if certs.is_empty() {
         return Err(TlsError::Missing(format!(
             "no certificate in {}",
             cert_path.display()
         )));
     }
-    let key = rustls_pemfile::private_key(&mut &read(key_path)?[..])
-        .map_err(|error| TlsError::Read {
-            path: key_path.display().to_string(),
-            error,
-        })?
-        .ok_or_else(|| TlsError::Missing(format!("no private key in {}", key_path.display())))?;
+    let key = match PrivateKeyDer::from_pem_slice(&read(key_path)?) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => {
+            return Err(TlsError::Missing(format!(
+                "no private key in {}",
+                key_path.display()
+            )));
+        }
+        Err(error) => return Err(bad_pem(key_path, error)),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

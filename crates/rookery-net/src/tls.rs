@@ -37,21 +37,39 @@ thread_local! {
 /// A TLS session on a TCP connection, server side.
 pub struct TlsStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
-    /// Ciphertext of a record not yet complete (empty, unallocated, between records).
-    incoming: Vec<u8>,
-    /// TLS bytes the socket has not taken yet.
-    outgoing: Vec<u8>,
+    state: ServerTls,
     /// Plaintext decrypted outside a read (in the handshake's last flight), handed
     /// out by the next read.
     early: BytesMut,
-    /// The peer sent close_notify.
-    peer_closed: bool,
 }
 
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
+            .field("incoming", &self.state.incoming.len())
+            .field("outgoing", &self.state.outgoing.len())
+            .field("peer_closed", &self.state.peer_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS side of one connection without its socket (sans-IO): bytes read
+/// go in through [`receive`](Self::receive), records to send come out of
+/// [`outgoing`](Self::outgoing). [`TlsStream`] drives it over TCP; the
+/// fuzzer (`fuzz/`) drives it with generated input.
+pub struct ServerTls {
+    conn: UnbufferedServerConnection,
+    /// Ciphertext of a record not yet complete (empty, unallocated, between records).
+    incoming: Vec<u8>,
+    /// TLS bytes not written out yet.
+    outgoing: Vec<u8>,
+    /// The peer sent close_notify.
+    peer_closed: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
             .field("incoming", &self.incoming.len())
             .field("outgoing", &self.outgoing.len())
             .field("peer_closed", &self.peer_closed)
@@ -59,24 +77,143 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
+impl ServerTls {
+    /// A session waiting for the client's hello.
+    pub fn new(config: Arc<ServerConfig>) -> io::Result<ServerTls> {
+        Ok(ServerTls {
+            conn: UnbufferedServerConnection::new(config).map_err(invalid_data)?,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            peer_closed: false,
+        })
+    }
+
+    /// True until the handshake completed.
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// True once the peer sent close_notify.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// Runs `bytes` just read through rustls: decrypted data is appended to
+    /// `plain`, records to send to [`outgoing`](Self::outgoing). `InvalidData`
+    /// when the peer broke TLS (then [`queue_alert`](Self::queue_alert)).
+    pub fn receive(&mut self, bytes: &mut [u8], plain: &mut BytesMut) -> io::Result<()> {
+        let mut nothing: Option<&[u8]> = None;
+        if self.incoming.is_empty() {
+            let used = drive(
+                &mut self.conn,
+                bytes,
+                plain,
+                &mut self.outgoing,
+                &mut self.peer_closed,
+                &mut nothing,
+            )?;
+            self.incoming.extend_from_slice(&bytes[used..]);
+        } else {
+            self.incoming.extend_from_slice(bytes);
+            let used = drive(
+                &mut self.conn,
+                &mut self.incoming,
+                plain,
+                &mut self.outgoing,
+                &mut self.peer_closed,
+                &mut nothing,
+            )?;
+            self.incoming.drain(..used);
+            if self.incoming.is_empty() {
+                self.incoming = Vec::new();
+            }
+        }
+        if self.incoming.len() > MAX_INCOMING {
+            return Err(invalid_data("an unfinished TLS message over 80 KiB"));
+        }
+        Ok(())
+    }
+
+    /// Encrypts `data` into [`outgoing`](Self::outgoing); data rustls
+    /// decrypts meanwhile goes to `plain`. `NotConnected` when the session
+    /// can no longer send.
+    pub fn encrypt(&mut self, data: &[u8], plain: &mut BytesMut) -> io::Result<()> {
+        let mut data = Some(data);
+        // rustls must see the bytes it kept (part of a handshake message split
+        // over records, which it has looked into), never an empty buffer in
+        // their place: it indexes into them.
+        let used = drive(
+            &mut self.conn,
+            &mut self.incoming,
+            plain,
+            &mut self.outgoing,
+            &mut self.peer_closed,
+            &mut data,
+        )?;
+        self.incoming.drain(..used);
+        if data.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS session can no longer send",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues close_notify, when the session can still send.
+    pub fn queue_close_notify(&mut self) {
+        let status = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
+            // Best effort: the connection closes either way.
+            let _ = append(&mut self.outgoing, 64, |buffer| {
+                traffic.queue_close_notify(buffer)
+            });
+        }
+    }
+
+    /// After an error: queues the alert rustls has for it, if any.
+    pub fn queue_alert(&mut self) {
+        // With something queued, rustls hands it out before it looks at the
+        // input, so the empty buffer is not read (after an error in the middle
+        // of a read, the bytes it had seen are no longer at hand).
+        if !self.conn.wants_write() {
+            return;
+        }
+        let status = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+            let _ = append(&mut self.outgoing, 64, |buffer| encode.encode(buffer));
+        }
+    }
+
+    /// The TLS bytes to write out, oldest first.
+    pub fn outgoing(&self) -> &[u8] {
+        &self.outgoing
+    }
+
+    /// `n` bytes of [`outgoing`](Self::outgoing) were written out.
+    pub fn written(&mut self, n: usize) {
+        if n == self.outgoing.len() {
+            self.outgoing = Vec::new();
+        } else {
+            self.outgoing.drain(..n);
+        }
+    }
+}
+
 impl TlsStream {
     /// Runs the server side of a TLS handshake on `tcp`.
     pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<TlsStream> {
-        let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
         let mut tls = TlsStream {
             tcp,
-            conn,
-            incoming: Vec::new(),
-            outgoing: Vec::new(),
+            state: ServerTls::new(config)?,
             early: BytesMut::new(),
-            peer_closed: false,
         };
-        while tls.conn.is_handshaking() {
+        while tls.state.is_handshaking() {
             tls.flush().await?;
             let mut early = std::mem::take(&mut tls.early);
             let open = tls.read_some(&mut early).await;
             tls.early = early;
-            if !open? || tls.peer_closed {
+            if !open? || tls.state.peer_closed {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed the connection during the TLS handshake",
@@ -100,7 +237,7 @@ impl TlsStream {
         }
         let before = plain.len();
         loop {
-            if self.peer_closed || !self.read_some(plain).await? {
+            if self.state.peer_closed || !self.read_some(plain).await? {
                 return Ok(plain.len() - before);
             }
             // Records rustls answers by itself (a key update) go out with
@@ -114,37 +251,13 @@ impl TlsStream {
 
     /// Encrypts `data` and writes it out.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        let mut data = Some(data);
-        // rustls must see the bytes it kept (part of a handshake message split
-        // over records, which it has looked into), never an empty buffer in
-        // their place: it indexes into them.
-        let used = drive(
-            &mut self.conn,
-            &mut self.incoming,
-            &mut self.early,
-            &mut self.outgoing,
-            &mut self.peer_closed,
-            &mut data,
-        )?;
-        self.incoming.drain(..used);
-        if data.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the TLS session can no longer send",
-            ));
-        }
+        self.state.encrypt(data, &mut self.early)?;
         self.flush().await
     }
 
     /// Sends close_notify and closes the sending half of the connection.
     pub async fn shutdown(&mut self) -> io::Result<()> {
-        let status = self.conn.process_tls_records(&mut self.incoming);
-        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-            // Best effort: the connection closes either way.
-            let _ = append(&mut self.outgoing, 64, |buffer| {
-                traffic.queue_close_notify(buffer)
-            });
-        }
+        self.state.queue_close_notify();
         self.flush().await?;
         use tokio::io::AsyncWriteExt;
         self.tcp.shutdown().await
@@ -163,38 +276,9 @@ impl TlsStream {
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                     Err(error) => return Err(error),
                 };
-                let mut input: Option<&[u8]> = None;
-                let result = if self.incoming.is_empty() {
-                    drive(
-                        &mut self.conn,
-                        &mut scratch[..n],
-                        plain,
-                        &mut self.outgoing,
-                        &mut self.peer_closed,
-                        &mut input,
-                    )
-                    .map(|used| self.incoming.extend_from_slice(&scratch[used..n]))
-                } else {
-                    self.incoming.extend_from_slice(&scratch[..n]);
-                    drive(
-                        &mut self.conn,
-                        &mut self.incoming,
-                        plain,
-                        &mut self.outgoing,
-                        &mut self.peer_closed,
-                        &mut input,
-                    )
-                    .map(|used| {
-                        self.incoming.drain(..used);
-                        if self.incoming.is_empty() {
-                            self.incoming = Vec::new();
-                        }
-                    })
-                };
-                if result.is_ok() && self.incoming.len() > MAX_INCOMING {
-                    return Err(invalid_data("an unfinished TLS message over 80 KiB"));
-                }
-                result.map(|()| Some(true))
+                self.state
+                    .receive(&mut scratch[..n], plain)
+                    .map(|()| Some(true))
             });
             match read {
                 Ok(Some(open)) => return Ok(open),
@@ -202,7 +286,8 @@ impl TlsStream {
                 Err(error) => {
                     // What rustls refused (not a socket error) gets its alert.
                     if error.kind() == io::ErrorKind::InvalidData {
-                        self.send_alert();
+                        self.state.queue_alert();
+                        let _ = self.try_flush();
                     }
                     return Err(error);
                 }
@@ -212,7 +297,7 @@ impl TlsStream {
 
     /// Writes out every pending TLS byte, then releases the buffer.
     async fn flush(&mut self) -> io::Result<()> {
-        while !self.outgoing.is_empty() {
+        while !self.state.outgoing.is_empty() {
             self.tcp.writable().await?;
             self.try_flush()?;
         }
@@ -221,32 +306,14 @@ impl TlsStream {
 
     /// Writes what the socket takes without waiting.
     fn try_flush(&mut self) -> io::Result<()> {
-        while !self.outgoing.is_empty() {
-            match self.tcp.try_write(&self.outgoing) {
-                Ok(n) if n == self.outgoing.len() => self.outgoing = Vec::new(),
-                Ok(n) => {
-                    self.outgoing.drain(..n);
-                }
+        while !self.state.outgoing.is_empty() {
+            match self.tcp.try_write(&self.state.outgoing) {
+                Ok(n) => self.state.written(n),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => return Err(error),
             }
         }
         Ok(())
-    }
-
-    /// After a TLS error: sends the alert rustls queued, if the socket takes it now.
-    fn send_alert(&mut self) {
-        // With something queued, rustls hands it out before it looks at the
-        // input, so the empty buffer is not read (after an error in the middle
-        // of a read, the bytes it had seen are no longer at hand).
-        if !self.conn.wants_write() {
-            return;
-        }
-        let status = self.conn.process_tls_records(&mut []);
-        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
-            let _ = append(&mut self.outgoing, 64, |buffer| encode.encode(buffer));
-        }
-        let _ = self.try_flush();
     }
 }
 

@@ -118,14 +118,8 @@ impl NodeProcess {
             .open(self.log_path())
             .expect("log file");
         let _ = writeln!(log, "===== start =====");
-        let mut command = Command::new(&self.binary);
-        // The node runs on its file alone, whatever the test's environment says.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ROOKERY_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
+        let child = self
+            .rookery()
             .arg("--config")
             .arg(self.config_path())
             .arg("serve")
@@ -211,9 +205,22 @@ impl NodeProcess {
         self.wait_ready().await;
     }
 
+    /// The `rookery` binary, to run on its configuration file alone, whatever
+    /// the test's environment says (`ROOKERY_TEST_POSTGRES_URL` is no key).
+    fn rookery(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ROOKERY_") {
+                command.env_remove(key);
+            }
+        }
+        command
+    }
+
     /// Runs `rookery` with `args` on this node's configuration; returns its output.
     pub fn command(&self, args: &[&str], stdin: &str) -> std::process::Output {
-        let mut child = Command::new(&self.binary)
+        let mut child = self
+            .rookery()
             .arg("--config")
             .arg(self.config_path())
             .args(args)

@@ -14,6 +14,13 @@ use super::TlsStream;
 
 /// A server configuration (the one `tls_config` builds) and a client that trusts it.
 fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    configs_with(rustls::DEFAULT_VERSIONS)
+}
+
+/// Like [`configs`], with a client that speaks only `versions`.
+fn configs_with(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let dir = tempfile::tempdir().expect("temp dir");
     let cert_path = dir.path().join("cert.pem");
@@ -25,7 +32,7 @@ fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     roots.add(cert.cert.der().clone()).expect("root");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -98,7 +105,9 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 }
 
 fn holds_no_buffer(server: &TlsStream) -> bool {
-    server.incoming.capacity() == 0 && server.outgoing.capacity() == 0 && server.early.is_empty()
+    server.state.incoming.capacity() == 0
+        && server.state.outgoing.capacity() == 0
+        && server.early.is_empty()
 }
 
 #[tokio::test]
@@ -145,7 +154,11 @@ async fn a_record_split_across_reads_is_kept_until_complete_then_released() {
     let mut plain = BytesMut::new();
     let waited = tokio::time::timeout(Duration::from_millis(300), server.read(&mut plain)).await;
     assert!(waited.is_err(), "half a record was read as {waited:?}");
-    assert_eq!(server.incoming.len(), head.len(), "the half record is kept");
+    assert_eq!(
+        server.state.incoming.len(),
+        head.len(),
+        "the half record is kept"
+    );
 
     tcp.write_all(tail).await.expect("write tail");
     let read = tokio::time::timeout(Duration::from_secs(5), server.read(&mut plain))
@@ -301,4 +314,45 @@ async fn handshake_messages_and_data_cut_into_the_smallest_records_are_joined() 
     server.write_all(b"ok").await.expect("server write");
     assert_eq!(client_reads(&mut client, 2).await, b"ok");
     assert!(holds_no_buffer(&server), "{server:?}");
+}
+
+#[tokio::test]
+async fn only_tls_1_2_and_1_3_are_spoken() {
+    let (server_config, _) = configs();
+    // A TLS 1.1 ClientHello (made by OpenSSL through Python, offering only
+    // TLS 1.0 and 1.1): refused with a fatal alert (rustls says handshake_failure).
+    let (address, accept) = accept_one(server_config.clone()).await;
+    let mut tcp = TcpStream::connect(address).await.expect("connect");
+    tcp.write_all(include_bytes!("tls11-client-hello.bin"))
+        .await
+        .expect("write");
+    let result = tokio::time::timeout(Duration::from_secs(5), accept)
+        .await
+        .expect("timed out")
+        .expect("join");
+    assert_eq!(
+        result.expect_err("TLS 1.1 was accepted").kind(),
+        std::io::ErrorKind::InvalidData
+    );
+    let mut alert = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut alert)).await;
+    // Alert record: content type 21, level fatal (2), handshake_failure (40).
+    assert_eq!(alert, [21, 3, 3, 0, 2, 2, 40]);
+
+    // A client limited to TLS 1.2 gets in, with an AEAD suite and forward secrecy.
+    let (server_config, tls12) = configs_with(&[&rustls::version::TLS12]);
+    let (_server, client) = pair_with(server_config, tls12).await;
+    let (_, connection) = client.get_ref();
+    assert_eq!(
+        connection.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let suite = format!(
+        "{:?}",
+        connection.negotiated_cipher_suite().unwrap().suite()
+    );
+    assert!(
+        suite.starts_with("TLS_ECDHE_") && (suite.contains("GCM") || suite.contains("CHACHA20")),
+        "{suite}"
+    );
 }

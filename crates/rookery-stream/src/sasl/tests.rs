@@ -214,3 +214,87 @@ fn plain_messages_parse_with_saslprep() {
         );
     }
 }
+
+mod properties {
+    //! SCRAM and PLAIN parsing over generated input.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// RFC 5802 saslname encoding: ',' as "=2C" and '=' as "=3D".
+    fn encode_saslname(name: &str) -> String {
+        name.replace('=', "=3D").replace(',', "=2C")
+    }
+
+    fn names() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just('a'),
+                Just('Z'),
+                Just(','),
+                Just('='),
+                Just('é'),
+                Just(' '),
+                Just('\u{00A0}'),
+                Just('\u{200B}'),
+                Just('日'),
+                Just('\u{0}'),
+            ],
+            0..10,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn any_user_name_survives_the_saslname_encoding(name in names(), nonce in "[a-zA-Z0-9+/]{1,24}") {
+            let message = format!("n,,n={},r={nonce}", encode_saslname(&name));
+            let mut server = ScramServer::new(ScramHash::Sha256, decoy([1; 32]));
+            match server.handle_initial(message.as_bytes()) {
+                Ok(SaslStep::NeedKeys { username, authzid }) => {
+                    // What comes out is the SASLprepped name, and only when it has one.
+                    let prepped = stringprep::saslprep(&name).unwrap();
+                    prop_assert_eq!(username, prepped.into_owned());
+                    prop_assert_eq!(authzid, None);
+                }
+                Err(SaslError::Malformed) => {
+                    prop_assert!(stringprep::saslprep(&name).map_or(true, |p| p.is_empty()));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn any_client_messages_are_answered_and_never_succeed(
+            first in prop::collection::vec(any::<u8>(), 0..80),
+            last in prop::collection::vec(any::<u8>(), 0..160),
+        ) {
+            for keys in [None, Some(ScramKeys::derive(ScramHash::Sha1, "pw", b"salt", 4096).unwrap())] {
+                let mut server = ScramServer::new(ScramHash::Sha1, decoy([2; 32]));
+                if let Ok(SaslStep::NeedKeys { .. }) = server.handle_initial(&first) {
+                    prop_assert!(matches!(server.handle_keys(keys), Ok(SaslStep::Challenge(_))));
+                    prop_assert!(!matches!(server.handle_response(&last), Ok(SaslStep::Success(_))));
+                }
+            }
+        }
+
+        #[test]
+        fn plain_messages_parse_to_their_parts_or_fail(
+            authzid in names(),
+            user in names(),
+            password in names(),
+        ) {
+            let message = format!("{authzid}\0{user}\0{password}");
+            match parse_plain(message.as_bytes()) {
+                Ok(credentials) => {
+                    prop_assert!(!authzid.contains('\0') && !user.contains('\0') && !password.contains('\0'));
+                    prop_assert_eq!(credentials.authzid, (!authzid.is_empty()).then(|| authzid.clone()));
+                    prop_assert_eq!(credentials.username, stringprep::saslprep(&user).unwrap().into_owned());
+                    prop_assert!(!credentials.password.is_empty());
+                }
+                Err(error) => prop_assert_eq!(error, SaslError::Malformed),
+            }
+        }
+    }
+}

@@ -364,3 +364,147 @@ fn frames_are_scanned_for_attributes_too() {
     ));
     assert!(parse_frame(&frame[..], &Limits::default()).is_ok());
 }
+
+mod properties {
+    //! Any split of the input gives the same events (and the same error).
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Events (as text) of `input` fed in pieces cut at `cuts`, then the
+    /// error if one ended the reading.
+    fn read_in_pieces(input: &[u8], cuts: &[usize], limits: Limits) -> Vec<String> {
+        let mut reader = StreamReader::new(limits);
+        let mut points: Vec<usize> = cuts.iter().map(|cut| cut % (input.len() + 1)).collect();
+        points.push(input.len());
+        points.sort_unstable();
+        let mut seen = Vec::new();
+        let mut start = 0;
+        for end in points {
+            let mut piece = &input[start..end];
+            start = end;
+            loop {
+                match reader.read(&mut piece) {
+                    Ok(Some(XmlEvent::Element(element))) => seen.push(String::from(&element)),
+                    Ok(Some(XmlEvent::StreamOpen { name, attrs })) => {
+                        seen.push(format!("open {} {}", name.1, attrs.len()))
+                    }
+                    Ok(Some(XmlEvent::Whitespace)) => seen.push("ws".into()),
+                    Ok(Some(XmlEvent::StreamClose)) => seen.push("close".into()),
+                    Ok(None) => break,
+                    Err(condition) => {
+                        seen.push(format!("error {condition}"));
+                        return seen;
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    /// Text with the characters XML escapes, and others.
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just('a'),
+                Just(' '),
+                Just('<'),
+                Just('&'),
+                Just('\''),
+                Just('"'),
+                Just('>'),
+                Just('\n'),
+                Just('é'),
+                Just('日'),
+                Just('=')
+            ],
+            0..12,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    /// An element of up to `depth` levels, with attributes, text and children.
+    fn element(depth: u32) -> BoxedStrategy<Element> {
+        let leaf = (
+            prop::sample::select(vec!["message", "body", "x", "presence", "query"]),
+            prop::collection::vec((0..6u8, text()), 0..5),
+            text(),
+        )
+            .prop_map(|(name, attrs, content)| {
+                let mut element = Element::bare(name, "urn:example");
+                for (index, value) in attrs {
+                    set_attr(&mut element, &format!("a{index}"), value);
+                }
+                if !content.is_empty() {
+                    element.append_text(content);
+                }
+                element
+            });
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        (leaf, prop::collection::vec(element(depth - 1), 0..3))
+            .prop_map(|(mut element, children)| {
+                for child in children {
+                    element.append_child(child);
+                }
+                element
+            })
+            .boxed()
+    }
+
+    fn document(elements: &[Element]) -> Vec<u8> {
+        let mut out = BytesMut::from(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+        );
+        for element in elements {
+            out.extend_from_slice(b" ");
+            StreamWriter::new().write(element, &mut out);
+        }
+        out.extend_from_slice(b"</stream:stream>");
+        out.to_vec()
+    }
+
+    proptest! {
+        #[test]
+        fn well_formed_streams_read_alike_however_cut(
+            elements in prop::collection::vec(element(3), 0..6),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let input = document(&elements);
+            let whole = read_in_pieces(&input, &[], Limits::default());
+            prop_assert_eq!(whole.len(), 2 + 2 * elements.len(), "{:?}", whole);
+            prop_assert_eq!(&whole, &read_in_pieces(&input, &cuts, Limits::default()));
+        }
+
+        #[test]
+        fn streams_past_the_limits_fail_alike_however_cut(
+            elements in prop::collection::vec(element(3), 1..6),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+            budget in 40usize..400,
+            attributes in 1usize..4,
+        ) {
+            let limits = Limits {
+                max_stanza_bytes: budget,
+                max_header_bytes: 200,
+                max_attributes: attributes,
+                max_depth: 3,
+                ..Limits::default()
+            };
+            let input = document(&elements);
+            prop_assert_eq!(read_in_pieces(&input, &[], limits), read_in_pieces(&input, &cuts, limits));
+        }
+
+        #[test]
+        fn any_bytes_read_alike_however_cut(
+            input in prop::collection::vec(any::<u8>(), 0..300),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+        ) {
+            prop_assert_eq!(
+                read_in_pieces(&input, &[], Limits::default()),
+                read_in_pieces(&input, &cuts, Limits::default())
+            );
+        }
+    }
+}
