@@ -36,6 +36,9 @@ pub struct Target {
     /// Local addresses to spread connections over (127.0.0.x), to get past the
     /// ephemeral port limit of one source address.
     pub sources: Vec<IpAddr>,
+    /// A small socket receive buffer (SO_RCVBUF), for a client that reads
+    /// slowly; `None` for the system's.
+    pub receive_buffer: Option<u32>,
 }
 
 /// Transport security of the connection.
@@ -627,6 +630,9 @@ async fn connect(target: &Target, index: usize) -> anyhow::Result<TcpStream> {
     } else {
         TcpSocket::new_v6()?
     };
+    if let Some(bytes) = target.receive_buffer {
+        socket.set_recv_buffer_size(bytes)?;
+    }
     if !target.sources.is_empty() {
         socket.bind(SocketAddr::new(
             target.sources[index % target.sources.len()],

@@ -164,6 +164,20 @@ enum Scenario {
         #[arg(long, value_name = "LIST")]
         relay_cpus: Option<String>,
     },
+    /// Hours of mixed load on many sessions: 1:1 chat, presence changes and
+    /// reconnections, with the server's memory, CPU and open files sampled;
+    /// the memory trend over the second half, and every message accounted for.
+    Soak {
+        #[command(flatten)]
+        load: scenarios::soak::SoakLoad,
+    },
+    /// Normal clients chat, quietly and then while attackers from other
+    /// addresses send endless headers and tags, read nothing, flood and hold
+    /// half-open connections; the normal clients' p99 and loss in both runs.
+    Abuse {
+        #[command(flatten)]
+        load: scenarios::abuse::AbuseLoad,
+    },
     /// The relay process of `floor` (started by it).
     #[command(hide = true)]
     FloorRelay {
@@ -219,6 +233,7 @@ fn target(cli: &Cli, n: usize) -> Target {
         },
         mechanism: cli.mechanism.clone(),
         sources,
+        receive_buffer: None,
     }
 }
 
@@ -372,6 +387,8 @@ async fn main() -> anyhow::Result<()> {
             scenarios::floor::floor(&cli, load, relay_cpus.as_deref()).await
         }
         Scenario::FloorRelay { connections } => scenarios::floor::relay(*connections).await,
+        Scenario::Soak { load } => scenarios::soak::soak(&cli, load).await,
+        Scenario::Abuse { load } => scenarios::abuse::abuse(&cli, load).await,
         Scenario::Failover { pairs, wait } => {
             scenarios::failover::failover(&cli, *pairs, *wait).await
         }

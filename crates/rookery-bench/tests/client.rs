@@ -20,6 +20,7 @@ async fn messages_passed_over_while_waiting_for_an_answer_are_kept() {
         transport: Transport::Tcp,
         mechanism: "SCRAM-SHA-256".into(),
         sources: Vec::new(),
+        receive_buffer: None,
     };
     let mut alice = Connection::authenticate(&target, 0, "alice", "secret")
         .await

@@ -10,8 +10,14 @@ use serde_json::Value;
 const USERS: usize = 24;
 
 async fn server() -> TestServer {
+    server_with(|_| {}).await
+}
+
+/// A server with registration on, adjusted by `configure`, and the bench's accounts.
+async fn server_with(configure: impl FnOnce(&mut rookery_test_support::Config)) -> TestServer {
     let server = TestServer::start_with(|config| {
         config.accounts.registration = true;
+        configure(config);
     })
     .await;
     let report = bench(
@@ -234,4 +240,114 @@ async fn the_floor_relays_every_frame_once_and_stops() {
             > 0.0
     );
     assert_eq!(report["relay_stopped"], true, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_accounts_for_every_message_across_reconnections() {
+    let server = server().await;
+    let report = bench(
+        server.starttls(),
+        &["--tls", "starttls"],
+        &[
+            "soak",
+            "--users",
+            "12",
+            "--rate",
+            "60",
+            "--presence-rate",
+            "10",
+            "--reconnect-rate",
+            "3",
+            "--duration",
+            "6",
+            "--sample",
+            "1",
+        ],
+    )
+    .await;
+    let sent = report["sent"].as_u64().expect("sent");
+    assert!(sent >= 250, "{report}");
+    // Messages to a user that was reconnecting were stored and delivered at its login.
+    assert_eq!(report["delivered"].as_u64(), Some(sent), "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert!(
+        report["reconnects"].as_u64().expect("reconnects") >= 10,
+        "{report}"
+    );
+    assert!(
+        report["presence_sent"].as_u64().expect("presence") >= 30,
+        "{report}"
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+    let samples = report["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 5, "{report}");
+    // The server runs in this process: its memory is sampled and the trend fitted.
+    assert!(
+        samples.iter().all(|s| s["rss_kib"].as_u64().is_some()),
+        "{report}"
+    );
+    assert!(report["rss_slope_kib_per_hour"].is_number(), "{report}");
+    assert!(report["rss_noise_kib"].is_number(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_ends_every_attack_and_loses_nothing_of_the_normal_chat() {
+    let server = server_with(|config| {
+        // The attackers come from loopback too: no address is exempt here.
+        config.limits.connection_allowlist = Vec::new();
+        config.limits.c2s_rate = 200_000;
+        config.limits.c2s_burst = 262_144;
+        // A slow reader's queue fills from one throttled sender within the
+        // run (past what the sockets on the way hold, about a megabyte).
+        config.limits.session_queue_bytes = 262_144;
+    })
+    .await;
+    let http = server.http().to_string();
+    let report = bench(
+        server.starttls(),
+        &["--tls", "starttls"],
+        &[
+            "abuse",
+            "--users",
+            "10",
+            "--rate",
+            "50",
+            "--duration",
+            "3",
+            "--attackers",
+            "1",
+            "--http",
+            &http,
+        ],
+    )
+    .await;
+    for run in ["quiet", "under_attack"] {
+        assert_eq!(report[run]["lost"], 0, "{run}: {report}");
+        assert!(
+            report[run]["sent"].as_u64().unwrap() >= 100,
+            "{run}: {report}"
+        );
+    }
+    let attacks = &report["attacks"];
+    let ended =
+        |kind: &str, condition: &str| attacks[kind]["ended"][condition].as_u64().unwrap_or(0);
+    assert!(ended("endless-header", "policy-violation") >= 1, "{report}");
+    assert!(ended("endless-tag", "policy-violation") >= 1, "{report}");
+    // The reader that reads nothing is ended (with resource-constraint, or
+    // dropped from inside a blocked write).
+    let reader: u64 = attacks["slow-reader"]["ended"]
+        .as_object()
+        .map_or(0, |ended| ended.values().filter_map(|v| v.as_u64()).sum());
+    assert!(reader >= 1, "{report}");
+    // Floods are slowed to the input rate (200 kB/s after a 256 KiB burst,
+    // over the 8 s or so the attack lasts here).
+    for flood in ["flood", "websocket-flood"] {
+        let rate = attacks[flood]["max_bytes_per_second"].as_u64().unwrap();
+        assert!(rate > 80_000 && rate < 300_000, "{flood}: {report}");
+    }
+    // 150 connections from one address: the 50 over the limit are refused.
+    assert!(
+        attacks["half-open"]["refused"].as_u64().unwrap() >= 50,
+        "{report}"
+    );
 }

@@ -31,6 +31,8 @@ use crate::transport::{Received, Transport};
 
 /// How long one write may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closing the transport may take once the stream is over.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Input or mail closer together than this is a burst: the session keeps its
 /// read buffer, output buffer and XML writer until a gap this long, rather
 /// than freeing and making them again for every stanza.
@@ -196,13 +198,13 @@ impl<T: Transport> Connection<T> {
             tracing::info!(condition = %error.condition, "Connection not admitted.");
             self.stream.close(Some(error));
             let _ = self.flush().await;
-            self.transport.shutdown().await;
+            self.close_transport().await;
             return;
         }
         // The connected phase runs boxed: what follows (hibernation, the end of the
         // session) must not add its state to the future every idle session holds.
         let ending = Box::pin(self.connected()).await;
-        self.transport.shutdown().await;
+        self.close_transport().await;
         // The socket, TLS state, stream and buffers go now: ending the session
         // may wait for storage, and after a mass disconnect thousands of
         // sessions wait at once; they must not hold their sockets and buffers
@@ -311,6 +313,19 @@ impl<T: Transport> Connection<T> {
                     self.stream.handle_timeout(now.into_std());
                 }
             }
+        }
+    }
+
+    /// Closes the transport (TLS close_notify, a WebSocket close frame, the
+    /// TCP FIN), giving up after [`CLOSE_TIMEOUT`]: a client that reads
+    /// nothing would otherwise keep the session, its socket and its buffers
+    /// waiting for room to write the close.
+    async fn close_transport(&mut self) {
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.transport.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("The transport did not close in time; dropping it.");
         }
     }
 
@@ -654,9 +669,16 @@ impl<T: Transport> Connection<T> {
     /// within [`WRITE_TIMEOUT`], or while the inbox overflows (the client
     /// reads too little of what is sent to it), loses the connection.
     async fn flush(&mut self) -> std::io::Result<()> {
+        // Once the session is ending for a client that does not read, its
+        // last words (the stream error) get little time.
+        let limit = if self.overflowed {
+            CLOSE_TIMEOUT
+        } else {
+            WRITE_TIMEOUT
+        };
         while let Some(data) = self.stream.poll_transmit() {
             let overflowed = inbox_overflowed(&self.bound);
-            let write = tokio::time::timeout(WRITE_TIMEOUT, self.transport.send(data));
+            let write = tokio::time::timeout(limit, self.transport.send(data));
             tokio::select! {
                 written = write => match written {
                     Ok(result) => result?,

@@ -15,6 +15,7 @@ pub mod xmpp_rs;
 
 pub use client::TestClient;
 pub use cluster::TestCluster;
+pub use rookery_app::Config;
 pub use server::TestServer;
 
 /// Logs to the test output when `RUST_LOG` is set.

@@ -154,16 +154,9 @@ async fn drain_ids(client: &mut TestClient) -> BTreeSet<String> {
     ids
 }
 
-fn slow_reader_limits(c: &mut rookery_app::Config) {
-    c.c2s.max_stanza_size = 20_000;
-    c.limits.c2s_rate = 0;
-    c.limits.session_queue_bytes = 300_000;
-}
-
-#[tokio::test]
-async fn a_recipient_that_does_not_read_is_ended_and_later_mail_goes_offline() {
-    let server = server_with(slow_reader_limits).await;
-    let _bob = slow_reader(&server, "bob", false).await;
+/// Alice, online, sends 400 messages of 10 kB (4 MB, more than the socket
+/// buffers on the way hold) to bob's slow session as fast as she can.
+async fn flood_slow_bob(server: &TestServer) -> TestClient {
     let mut alice = TestClient::online(server.starttls(), "alice", "secret", "x").await;
     eventually("both bound", async || server.sessions() == 2).await;
     let body = "m".repeat(10_000);
@@ -174,6 +167,20 @@ async fn a_recipient_that_does_not_read_is_ended_and_later_mail_goes_offline() {
             ))
             .await;
     }
+    alice
+}
+
+fn slow_reader_limits(c: &mut rookery_app::Config) {
+    c.c2s.max_stanza_size = 20_000;
+    c.limits.c2s_rate = 0;
+    c.limits.session_queue_bytes = 300_000;
+}
+
+#[tokio::test]
+async fn a_recipient_that_does_not_read_is_ended_and_later_mail_goes_offline() {
+    let server = server_with(slow_reader_limits).await;
+    let _bob = slow_reader(&server, "bob", false).await;
+    let mut alice = flood_slow_bob(&server).await;
     // Bob's inbox overflowed: his session ended while alice was sending.
     eventually("bob's session ended", async || server.sessions() == 1).await;
     handled(&mut alice).await;
@@ -194,16 +201,7 @@ async fn a_recipient_that_does_not_read_is_ended_and_later_mail_goes_offline() {
 async fn unacknowledged_bytes_are_bounded_and_nothing_is_lost() {
     let server = server_with(slow_reader_limits).await;
     let mut bob = slow_reader(&server, "bob", true).await;
-    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "x").await;
-    eventually("both bound", async || server.sessions() == 2).await;
-    let body = "m".repeat(10_000);
-    for n in 0..400 {
-        alice
-            .send(&format!(
-                "<message to='bob@localhost/slow' id='s{n}'><body>{body}</body></message>"
-            ))
-            .await;
-    }
+    let mut alice = flood_slow_bob(&server).await;
     eventually("bob's session ended", async || server.sessions() == 1).await;
     handled(&mut alice).await;
     // Every message is with bob or in offline storage: what bob had not

@@ -53,6 +53,7 @@ fn chat_settings(cluster: &ProcessCluster, users: Vec<String>, rate: f64) -> Set
             transport: Transport::Tcp,
             mechanism: "SCRAM-SHA-256".into(),
             sources: Vec::new(),
+            receive_buffer: None,
         },
         users,
         password: "secret".into(),

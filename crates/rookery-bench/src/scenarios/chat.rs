@@ -28,7 +28,7 @@ pub struct ChatReport {
     users: usize,
     target_rate: u64,
     #[serde(flatten)]
-    delivery: Delivery,
+    pub(super) delivery: Delivery,
     server_cpu_seconds: Option<f64>,
     server_cpu_us_per_message: Option<f64>,
     /// The load generator's own CPU per message (it shares the machine).
@@ -183,7 +183,7 @@ pub async fn chat(
 }
 
 /// One chat run at a fixed rate.
-async fn run(
+pub(super) async fn run(
     cli: &Cli,
     users: usize,
     rate: u64,
@@ -215,26 +215,10 @@ async fn run(
         let latency_tx = latency_tx.clone();
         tokio::spawn(async move {
             while let Some(element) = receiver.next().await {
-                if element.name() != "message" {
-                    continue;
+                if let Some((seq, at)) = super::read_numbered(&element, run) {
+                    let now = epoch.elapsed().as_micros() as u64;
+                    let _ = latency_tx.send((seq, now.saturating_sub(at)));
                 }
-                let Some(body) = element.get_child("body", "jabber:client").map(|b| b.text())
-                else {
-                    continue;
-                };
-                let mut parts = body.split(' ');
-                let (Some(seq), Some(at), Some(from_run)) = (
-                    parts.next().and_then(|s| s.parse().ok()),
-                    parts.next().and_then(|s| s.parse::<u64>().ok()),
-                    parts.next().and_then(|s| s.parse::<u32>().ok()),
-                ) else {
-                    continue;
-                };
-                if from_run != run {
-                    continue;
-                }
-                let now = epoch.elapsed().as_micros() as u64;
-                let _ = latency_tx.send((seq, now.saturating_sub(at)));
             }
         });
     }
@@ -245,12 +229,13 @@ async fn run(
         .into_iter()
         .enumerate()
         .map(|(index, sender)| {
-            let (sent, domain, prefix) = (sent.clone(), cli.domain.clone(), cli.user_prefix.clone());
+            let (sent, domain, prefix) =
+                (sent.clone(), cli.domain.clone(), cli.user_prefix.clone());
             let next = move || {
                 let to = recipient(index, users, servers, placement) + 1;
                 let seq = sent.fetch_add(1, Ordering::Relaxed);
                 let at = epoch.elapsed().as_micros() as u64;
-                format!("<message to='{prefix}{to}@{domain}' type='chat' id='m{seq}'><body>{seq} {at} {run}</body></message>")
+                super::numbered_message(seq, at, run, &format!("{prefix}{to}@{domain}"))
             };
             (sender, next)
         })

@@ -1,5 +1,6 @@
 //! One module per scenario.
 
+pub mod abuse;
 pub mod chat;
 pub mod connections;
 pub mod failover;
@@ -7,6 +8,7 @@ pub mod floor;
 pub mod login_storm;
 pub mod presence;
 pub mod register;
+pub mod soak;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -123,6 +125,27 @@ pub async fn arrivals(
         delivered: seen.len() as u64,
         duplicated: seen.values().map(|c| u64::from(c - 1)).sum(),
     }
+}
+
+/// A numbered message of the paced scenarios: its body is
+/// `<seq> <sent at, µs since the epoch> <run>`.
+pub fn numbered_message(seq: u64, at: u64, run: u32, to: &str) -> String {
+    format!("<message to='{to}' type='chat' id='m{seq}'><body>{seq} {at} {run}</body></message>")
+}
+
+/// The sequence number and sending time of a numbered message of run `run`
+/// (`None` for anything else, and for messages of another run, stored
+/// offline when they were late).
+pub fn read_numbered(element: &minidom::Element, run: u32) -> Option<(u64, u64)> {
+    if element.name() != "message" {
+        return None;
+    }
+    let body = element.get_child("body", "jabber:client")?.text();
+    let mut parts = body.split(' ');
+    let seq = parts.next()?.parse().ok()?;
+    let at = parts.next()?.parse().ok()?;
+    let from_run: u32 = parts.next()?.parse().ok()?;
+    (from_run == run).then_some((seq, at))
 }
 
 /// The ticks of one of `count` senders, `per_user` a second for `duration`
