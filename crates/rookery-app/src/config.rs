@@ -248,7 +248,12 @@ pub struct LimitsConfig {
     pub session_queue_bytes: usize,
     /// Connections open at once from one address, on all listeners (0: no limit).
     pub connections_per_address: usize,
-    /// Addresses or networks (CIDR) exempt from `connections_per_address`:
+    /// New connections one address may open per minute, on all listeners,
+    /// after `new_connections_burst` (0: no limit).
+    pub new_connections_per_minute: u32,
+    /// New connections one address may open at once before the rate applies.
+    pub new_connections_burst: u32,
+    /// Addresses or networks (CIDR) exempt from the connection limits:
     /// a load balancer or proxy in front of the server.
     pub connection_allowlist: Vec<String>,
 }
@@ -259,7 +264,9 @@ impl Default for LimitsConfig {
             login_failures_burst: 5,
             login_failures_per_minute: 6,
             registrations_per_hour: 5,
-            c2s_rate: 256 * 1024,
+            // A client sends far less (Prosody's default is 10 kB/s); more
+            // comes as the burst (logins, avatars) or over HTTP (uploads).
+            c2s_rate: 64 * 1024,
             c2s_burst: 1024 * 1024,
             offline_messages: 1000,
             offline_bytes: 8 * 1024 * 1024,
@@ -268,6 +275,8 @@ impl Default for LimitsConfig {
             private_storage_bytes: 1024 * 1024,
             session_queue_bytes: 2 * 1024 * 1024,
             connections_per_address: 100,
+            new_connections_per_minute: 120,
+            new_connections_burst: 60,
             // A proxy on this host (TLS termination, HAProxy) shows every client as loopback.
             connection_allowlist: vec!["127.0.0.0/8".into(), "::1".into()],
         }

@@ -354,10 +354,12 @@ impl App {
                 limits.registrations_per_hour.max(1),
                 limits.registrations_per_hour,
             ),
-            connections: Arc::new(ConnectionLimiter::new(
-                limits.connections_per_address,
-                allowlist,
-            )),
+            connections: Arc::new(
+                ConnectionLimiter::new(limits.connections_per_address, allowlist).with_rate(
+                    limits.new_connections_burst,
+                    limits.new_connections_per_minute,
+                ),
+            ),
             byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
             resume_timeout: Duration::from_secs(c2s_config.resume_timeout),
             max_unacked_bytes: limits.session_queue_bytes,

@@ -342,8 +342,10 @@ async fn abuse_ends_every_attack_and_loses_nothing_of_the_normal_chat() {
     // Floods are slowed to the input rate (200 kB/s after a 256 KiB burst,
     // over the 8 s or so the attack lasts here).
     for flood in ["flood", "websocket-flood"] {
-        let rate = attacks[flood]["max_bytes_per_second"].as_u64().unwrap();
-        assert!(rate > 80_000 && rate < 300_000, "{flood}: {report}");
+        let rate = attacks[flood]["bytes_per_second_per_connection"]
+            .as_f64()
+            .unwrap();
+        assert!(rate > 80_000.0 && rate < 300_000.0, "{flood}: {report}");
     }
     // 150 connections from one address: the 50 over the limit are refused.
     assert!(

@@ -119,12 +119,15 @@ impl ByteRate {
 }
 
 /// Counts the connections open from each address, on every listener, and
-/// refuses one past the limit, except from allowed networks (a load
-/// balancer or a proxy, behind which every client has the same address).
+/// how fast each address opens new ones; refuses one past either limit,
+/// except from allowed networks (a load balancer or a proxy, behind which
+/// every client has the same address).
 #[derive(Debug)]
 pub struct ConnectionLimiter {
     /// Most connections at once from one address; 0 for no limit.
     max_per_address: usize,
+    /// New connections per address over time, if limited.
+    rate: Option<AddressLimiter>,
     allowed: Vec<ipnet::IpNet>,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -136,20 +139,42 @@ pub struct ConnectionPermit {
 }
 
 impl ConnectionLimiter {
-    /// At most `max_per_address` connections per address (0: unlimited), but
-    /// any number from `allowed`.
+    /// At most `max_per_address` connections per address at once (0:
+    /// unlimited), but any number from `allowed`.
     pub fn new(max_per_address: usize, allowed: Vec<ipnet::IpNet>) -> Self {
         ConnectionLimiter {
             max_per_address,
+            rate: None,
             allowed,
             open: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Admits a connection from `address`, or `None` when it has too many open.
+    /// Also at most `burst` new connections at once per address, then
+    /// `per_minute` (0: no rate limit).
+    pub fn with_rate(mut self, burst: u32, per_minute: u32) -> Self {
+        self.rate = (per_minute > 0).then(|| AddressLimiter::new(burst.max(1), per_minute));
+        self
+    }
+
+    /// Admits a connection from `address`, or `None` when it has too many
+    /// open or opened too many lately.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<ConnectionPermit> {
+        self.admit_at(address, Instant::now())
+    }
+
+    fn admit_at(self: &Arc<Self>, address: IpAddr, now: Instant) -> Option<ConnectionPermit> {
         let address = address.to_canonical();
-        if self.max_per_address == 0 || self.allowed.iter().any(|net| net.contains(&address)) {
+        if self.allowed.iter().any(|net| net.contains(&address)) {
+            return Some(ConnectionPermit { limiter: None });
+        }
+        if let Some(rate) = &self.rate {
+            if !rate.allows(address, now) {
+                return None;
+            }
+            rate.record(address, now);
+        }
+        if self.max_per_address == 0 {
             return Some(ConnectionPermit { limiter: None });
         }
         let mut open = self.open.lock().expect("limiter lock");
@@ -212,6 +237,30 @@ mod tests {
         assert_eq!(balancer.len(), 10, "allowed networks are not counted");
         let unlimited = Arc::new(ConnectionLimiter::new(0, Vec::new()));
         assert!((0..10).all(|_| unlimited.admit(a).is_some()));
+    }
+
+    #[test]
+    fn new_connections_are_limited_in_rate_per_address() {
+        let limiter = Arc::new(ConnectionLimiter::new(0, Vec::new()).with_rate(3, 60));
+        let now = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limiter.admit_at(a, now).is_some());
+        }
+        assert!(limiter.admit_at(a, now).is_none(), "the burst is spent");
+        assert!(limiter.admit_at(b, now).is_some(), "another address is not");
+        assert!(
+            limiter
+                .admit_at(a, now + Duration::from_millis(500))
+                .is_none()
+        );
+        assert!(
+            limiter
+                .admit_at(a, now + Duration::from_millis(1100))
+                .is_some(),
+            "one a second"
+        );
     }
 
     #[test]

@@ -425,6 +425,7 @@ async fn connections_per_address_are_limited_except_from_the_allowlist() {
     let server = server_with(|c| {
         c.limits.connections_per_address = 3;
         c.limits.connection_allowlist = Vec::new();
+        c.limits.new_connections_per_minute = 0;
     })
     .await;
     let mut open = Vec::new();
@@ -465,6 +466,7 @@ async fn connections_per_address_are_limited_except_from_the_allowlist() {
     // An allowed network (a load balancer) is not counted.
     let server = server_with(|c| {
         c.limits.connections_per_address = 1;
+        c.limits.new_connections_burst = 1;
         c.limits.connection_allowlist = vec!["127.0.0.0/8".into()];
     })
     .await;
@@ -473,6 +475,28 @@ async fn connections_per_address_are_limited_except_from_the_allowlist() {
         client.open().await;
         open.push(client);
     }
+}
+
+#[tokio::test]
+async fn an_address_that_reconnects_in_a_loop_is_slowed_down() {
+    let server = server_with(|c| {
+        c.limits.connection_allowlist = Vec::new();
+        c.limits.new_connections_burst = 5;
+        c.limits.new_connections_per_minute = 60;
+    })
+    .await;
+    for _ in 0..5 {
+        let mut client = TestClient::connect(server.starttls()).await;
+        client.open().await;
+        client.close().await;
+    }
+    let mut refused = TestClient::connect(server.starttls()).await;
+    refused.send(OPEN).await;
+    assert_eq!(refused.expect_stream_error().await, "policy-violation");
+    // One a second after the burst.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut client = TestClient::connect(server.starttls()).await;
+    client.open().await;
 }
 
 #[tokio::test]
@@ -534,4 +558,36 @@ async fn the_data_folder_and_its_files_are_private() {
     let _server = TestServer::start_config(rookery_test_support::server::test_config(&old)).await;
     assert_eq!(mode(&old), 0o700);
     assert_eq!(mode(&old.join("rookery.sqlite")), 0o600);
+}
+
+#[tokio::test]
+async fn presence_held_for_an_inactive_client_is_bounded_in_bytes() {
+    let server = server_with(|c| c.c2s.max_stanza_size = 200_000).await;
+    let mut bob = TestClient::online(server.starttls(), "bob", "secret", "x").await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "a0").await;
+    alice.befriend(&mut bob).await;
+    bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    // Three of alice's resources each change presence with a 100 kB status:
+    // only the latest presence of each sender is held, but held presence is
+    // also bounded in bytes (256 KiB), so the third sends it all.
+    let status = "s".repeat(100_000);
+    let mut resources = Vec::new();
+    for n in 1..=3 {
+        let mut resource =
+            TestClient::login(server.starttls(), "alice", "secret", &format!("a{n}")).await;
+        resource
+            .send(&format!("<presence><status>{status}</status></presence>"))
+            .await;
+        resources.push(resource);
+        if n < 3 {
+            bob.assert_none(SHORT, |e| {
+                e.name() == "presence" && e.get_child("status", "jabber:client").is_some()
+            })
+            .await;
+        }
+    }
+    for n in 1..=3 {
+        bob.expect_presence_from(&format!("alice@localhost/a{n}"))
+            .await;
+    }
 }

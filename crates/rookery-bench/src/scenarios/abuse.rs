@@ -40,7 +40,7 @@ pub struct AbuseLoad {
     #[arg(long, default_value_t = 20)]
     pub duration: u64,
     /// Attackers of each kind (each needing accounts for the kinds that log in).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     pub attackers: usize,
     /// The server's HTTP address (for the HTTP and WebSocket attacks).
     #[arg(long)]
@@ -108,9 +108,14 @@ struct Outcome {
     ended: BTreeMap<String, u64>,
     /// Bytes the attackers got into their sockets.
     bytes_sent: u64,
-    /// Highest input rate the server took from one flooding attacker, in
-    /// bytes of stanzas per second (its messages, to itself, coming back).
-    max_bytes_per_second: u64,
+    /// Bytes of stanzas the server took from the flooding attackers (their
+    /// messages, to themselves, coming back), whatever the sockets held.
+    bytes_taken: u64,
+    /// Seconds the flooding connections were open, all together.
+    connection_seconds: f64,
+    /// `bytes_taken` per second of connection: the input rate each
+    /// flooding connection got on average (its burst included).
+    bytes_per_second_per_connection: Option<f64>,
     /// Connections still open at the end.
     open_at_end: u64,
     /// Anything that went wrong on the attacker's side (not the server's doing).
@@ -142,7 +147,8 @@ struct Arena {
     tls: rookery_bench::client::TlsMode,
     /// The first attacker account number.
     first_account: usize,
-    stop: AtomicBool,
+    /// Set when the run under attack is over.
+    stop: Arc<AtomicBool>,
     outcomes: Mutex<BTreeMap<Kind, Outcome>>,
 }
 
@@ -233,15 +239,23 @@ pub async fn abuse(cli: &Cli, load: &AbuseLoad) -> anyhow::Result<()> {
         password: cli.password.clone(),
         tls: cli.tls,
         first_account: load.users + 1,
-        stop: AtomicBool::new(false),
+        stop: Arc::new(AtomicBool::new(false)),
         outcomes: Mutex::new(BTreeMap::new()),
     });
+    // The attackers run on a runtime (and thread) of their own, so that the
+    // normal clients' tasks do not wait in a queue behind theirs: the two
+    // share the machine's cores the way two processes would.
+    let attackers_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("attackers")
+        .enable_all()
+        .build()?;
     let mut workers = Vec::new();
     for kind in Kind::ALL {
         for worker in 0..load.attackers {
             let arena = arena.clone();
             let attackers = load.attackers;
-            workers.push(tokio::spawn(async move {
+            workers.push(attackers_runtime.spawn(async move {
                 attack(&arena, kind, attackers, worker).await;
             }));
         }
@@ -267,11 +281,16 @@ pub async fn abuse(cli: &Cli, load: &AbuseLoad) -> anyhow::Result<()> {
     for worker in workers {
         let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
     }
+    attackers_runtime.shutdown_background();
     watch.abort();
     let peak = peak.load(Ordering::Relaxed);
     // The server lets go of what the attackers made it hold.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let attacks = std::mem::take(&mut *arena.outcomes.lock().expect("outcomes"));
+    let mut attacks = std::mem::take(&mut *arena.outcomes.lock().expect("outcomes"));
+    for outcome in attacks.values_mut() {
+        outcome.bytes_per_second_per_connection = (outcome.connection_seconds > 0.0)
+            .then(|| outcome.bytes_taken as f64 / outcome.connection_seconds);
+    }
     let quiet_p99 = quiet.delivery.latency.latency_ms_p99;
     let report = AbuseReport {
         scenario: "abuse",
@@ -329,7 +348,11 @@ fn attributes(round: usize) -> String {
         .collect()
 }
 
-/// Reads until the peer closes (or `limit`); the stream error condition seen, if any.
+/// The text of a refusal under the per-address connection limits.
+const REFUSED: &str = "Too many connections from your address.";
+
+/// Reads until the peer closes (or `limit`); the stream error condition seen,
+/// if any (`refused` for a refusal under the per-address limits).
 async fn read_to_end(tcp: &mut TcpStream, limit: Duration) -> (bool, Option<String>) {
     let mut seen = Vec::new();
     let closed = tokio::time::timeout(limit, async {
@@ -344,6 +367,9 @@ async fn read_to_end(tcp: &mut TcpStream, limit: Duration) -> (bool, Option<Stri
     .await
     .is_ok();
     let text = String::from_utf8_lossy(&seen);
+    if text.contains(REFUSED) {
+        return (closed, Some("refused".into()));
+    }
     let condition = text
         .find("<stream:error><")
         .map(|at| &text[at + "<stream:error><".len()..])
@@ -375,7 +401,9 @@ async fn endless_header(arena: &Arena, worker: usize) -> anyhow::Result<()> {
     }
     arena.record(kind, |o| o.bytes_sent += sent);
     let (closed, condition) = read_to_end(&mut tcp, Duration::from_secs(70)).await;
-    if closed {
+    if condition.as_deref() == Some("refused") {
+        arena.record(kind, |o| o.refused += 1);
+    } else if closed {
         arena.ended(kind, condition.as_deref());
     } else {
         arena.record(kind, |o| o.open_at_end += 1);
@@ -405,9 +433,11 @@ async fn endless_tag(arena: &Arena, attackers: usize, worker: usize) -> anyhow::
     let kind = Kind::EndlessTag;
     arena.record(kind, |o| o.attempts += 1);
     let user = arena.account(kind, attackers, worker, 0);
-    let mut connection = arena
-        .login(&arena.target(kind, worker, false), &user)
-        .await?;
+    let Ok(mut connection) = arena.login(&arena.target(kind, worker, false), &user).await else {
+        // Refused under the per-address limits (or the login failed).
+        arena.record(kind, |o| o.refused += 1);
+        return Ok(());
+    };
     connection.send("<message to='nobody@localhost'").await?;
     let mut sent = 0;
     for round in 0..100 {
@@ -440,7 +470,7 @@ async fn slow_reader(arena: &Arena, attackers: usize, worker: usize) -> anyhow::
         let sender = arena
             .login(&target, &arena.account(kind, attackers, worker, nth))
             .await?;
-        let to = to.clone();
+        let (to, stop) = (to.clone(), arena.stop.clone());
         senders.push(tokio::spawn(async move {
             let (mut drain, mut writer) = sender.split();
             // What the sender gets back (errors once the reader's storage is
@@ -449,9 +479,9 @@ async fn slow_reader(arena: &Arena, attackers: usize, worker: usize) -> anyhow::
             let body = "b".repeat(50_000);
             let started = Instant::now();
             let mut sent = 0u64;
-            // 15 s of 50 kB messages to a reader that reads nothing.
+            // 20 s of 50 kB messages to a reader that reads nothing.
             for n in 0.. {
-                if started.elapsed() > Duration::from_secs(15) {
+                if started.elapsed() > Duration::from_secs(20) || stop.load(Ordering::Relaxed) {
                     break;
                 }
                 let message =
@@ -521,10 +551,11 @@ async fn flood(
         }
         sent += 10 * (body.len() as u64 + 60);
     }
-    let rate = (returned.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()) as u64;
+    let seconds = started.elapsed().as_secs_f64();
     arena.record(kind, |o| {
         o.bytes_sent += sent;
-        o.max_bytes_per_second = o.max_bytes_per_second.max(rate);
+        o.bytes_taken += returned.load(Ordering::Relaxed);
+        o.connection_seconds += seconds;
     });
     let _ = sender.close().await;
     drained.abort();
@@ -556,12 +587,9 @@ async fn half_open(arena: &Arena, worker: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut open = Vec::new();
     for mut tcp in held {
-        let (closed, condition) = read_to_end(&mut tcp, Duration::from_millis(5)).await;
+        let (closed, _) = read_to_end(&mut tcp, Duration::from_millis(5)).await;
         if closed {
             arena.record(kind, |o| o.refused += 1);
-            if condition.is_some() {
-                arena.ended(kind, condition.as_deref());
-            }
         } else {
             open.push(tcp);
         }
