@@ -509,10 +509,12 @@ impl Config {
                 ));
             }
         }
-        if self.limits.session_queue_bytes < self.c2s.max_stanza_size {
+        // A stanza counts about its size plus its tree nodes in a queue: one
+        // of the largest must always fit.
+        if self.limits.session_queue_bytes < 2 * self.c2s.max_stanza_size {
             return Err(invalid(
                 "limits.session_queue_bytes",
-                "must be at least c2s.max_stanza_size",
+                "must be at least twice c2s.max_stanza_size",
             ));
         }
         if self.limits.offline_bytes < self.c2s.max_stanza_size {

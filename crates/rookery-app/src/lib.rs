@@ -107,13 +107,15 @@ pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> 
 }
 
 /// Makes `dir` (and its parents) if missing, readable by this user only:
-/// it holds the account database (SCRAM keys) and the TLS key. A folder that
-/// exists already is narrowed to the owner if others could read it.
+/// it holds the account database (SCRAM keys) and the TLS key. A folder of
+/// this user's that exists already is narrowed if others could read it; one
+/// that belongs to someone else (a volume mounted for a group) is left as
+/// it is, with a warning.
 pub fn private_folder(dir: &Path) -> anyhow::Result<()> {
     let cannot = || format!("cannot create data folder {}", dir.display());
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -121,14 +123,18 @@ pub fn private_folder(dir: &Path) -> anyhow::Result<()> {
                 .create(dir)
                 .with_context(cannot)?;
         }
-        let mode = std::fs::metadata(dir)
-            .with_context(cannot)?
-            .permissions()
-            .mode();
+        let metadata = std::fs::metadata(dir).with_context(cannot)?;
+        let mode = metadata.permissions().mode();
         if mode & 0o077 != 0 {
-            tracing::warn!(folder = %dir.display(), mode = format!("{:o}", mode & 0o777), "The data folder was open to other users; it is now 0700.");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(cannot)?;
+            let mode = format!("{:o}", mode & 0o7777);
+            let ours = metadata.uid() == rustix::process::geteuid().as_raw();
+            let narrowed = ours
+                && std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).is_ok();
+            if narrowed {
+                tracing::warn!(folder = %dir.display(), %mode, "The data folder was open to other users; it is now 0700.");
+            } else {
+                tracing::warn!(folder = %dir.display(), %mode, "The data folder is open to other users and cannot be narrowed here; make it 0700 (it holds the account keys).");
+            }
         }
     }
     #[cfg(not(unix))]
@@ -138,7 +144,8 @@ pub fn private_folder(dir: &Path) -> anyhow::Result<()> {
 
 /// Makes sure the file at `path` exists readable by this user only before
 /// it is opened (SQLite gives its journal files the database's mode). A
-/// file that exists already is narrowed to the owner if others could read it.
+/// file that exists already is narrowed if others could read it (with a
+/// warning when that is not possible here).
 fn private_file(path: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
@@ -156,16 +163,19 @@ fn private_file(path: &Path) -> anyhow::Result<()> {
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "The database was open to other users; it is now 0600.");
-            for file in [
+            let mode = format!("{:o}", mode & 0o777);
+            let files = [
                 path.to_owned(),
                 suffixed(path, "-wal"),
                 suffixed(path, "-shm"),
-            ] {
-                if file.exists() {
-                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
-                        .with_context(cannot)?;
-                }
+            ];
+            let narrowed = files.iter().filter(|file| file.exists()).all(|file| {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).is_ok()
+            });
+            if narrowed {
+                tracing::warn!(file = %path.display(), %mode, "The database was open to other users; it is now 0600.");
+            } else {
+                tracing::warn!(file = %path.display(), %mode, "The database is open to other users and cannot be narrowed here; make it 0600 (it holds the account keys).");
             }
         }
     }
@@ -363,6 +373,7 @@ impl App {
             byte_rate: (limits.c2s_rate > 0).then_some((limits.c2s_rate, limits.c2s_burst)),
             resume_timeout: Duration::from_secs(c2s_config.resume_timeout),
             max_unacked_bytes: limits.session_queue_bytes,
+            max_unacked: c2s_config.max_unacked,
             max_sessions: config
                 .cluster
                 .as_ref()

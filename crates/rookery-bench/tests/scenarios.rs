@@ -295,6 +295,7 @@ async fn abuse_ends_every_attack_and_loses_nothing_of_the_normal_chat() {
     let server = server_with(|config| {
         // The attackers come from loopback too: no address is exempt here.
         config.limits.connection_allowlist = Vec::new();
+        config.c2s.max_stanza_size = 60_000;
         config.limits.c2s_rate = 200_000;
         config.limits.c2s_burst = 262_144;
         // A slow reader's queue fills from one throttled sender within the

@@ -162,6 +162,11 @@ impl Inbox {
         }
     }
 
+    /// True once mail was refused because the inbox was full.
+    pub fn is_overflowed(&self) -> bool {
+        self.backlog.overflowed.load(Ordering::Acquire)
+    }
+
     /// Bytes of stanzas waiting.
     pub fn queued_bytes(&self) -> usize {
         self.backlog.bytes.load(Ordering::Relaxed)

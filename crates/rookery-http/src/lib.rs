@@ -50,6 +50,12 @@ pub fn routes(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// What a WebSocket reads at a time.
+const WEBSOCKET_READ_BUFFER: usize = 4 * 1024;
+
+/// The most an HTTP connection buffers of a request (hyper's minimum is 8 KiB).
+const MAX_REQUEST_BUFFER: usize = 16 * 1024;
+
 /// Serves HTTP/1.1 until shutdown.
 pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
     let app = routes(state.clone());
@@ -67,7 +73,10 @@ pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(request_timeout);
+                .header_read_timeout(request_timeout)
+                // A request head (a WebSocket upgrade is about 500 bytes)
+                // may not make the connection hold hyper's default 400 kB.
+                .max_buf_size(MAX_REQUEST_BUFFER);
             let connection = builder
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .with_upgrades();
@@ -107,7 +116,14 @@ async fn websocket(
     let max = state.stream.limits.max_stanza_bytes;
     upgrade
         .protocols(["xmpp"])
+        // A frame is read whole before the stream sees it: no frame or
+        // message may be larger than a stanza (tungstenite's default frame
+        // is 16 MiB, read at once, past the input rate).
         .max_message_size(max + 1024)
+        .max_frame_size(max + 1024)
+        // tungstenite allocates its read buffer up front, 128 KiB by
+        // default: every idle WebSocket session would hold it.
+        .read_buffer_size(WEBSOCKET_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let secure = state.secure_loopback && peer.ip().is_loopback();
             let task = rookery_net::session::run(

@@ -43,6 +43,8 @@ pub struct C2s {
     pub resume_timeout: Duration,
     /// Bytes of unacknowledged stanzas a session keeps (connected or hibernating).
     pub max_unacked_bytes: usize,
+    /// Unacknowledged stanzas a session keeps (connected or hibernating).
+    pub max_unacked: usize,
     /// Most sessions on this node before new clients are redirected (0: no limit).
     pub max_sessions: usize,
     /// Where clients go when this node shuts down (see-other-host), if anywhere.

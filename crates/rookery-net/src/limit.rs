@@ -168,6 +168,7 @@ impl ConnectionLimiter {
         if self.allowed.iter().any(|net| net.contains(&address)) {
             return Some(ConnectionPermit { limiter: None });
         }
+        let address = client_key(address);
         if let Some(rate) = &self.rate {
             if !rate.allows(address, now) {
                 return None;
@@ -191,7 +192,21 @@ impl ConnectionLimiter {
     /// Connections open from `address` (those counted).
     pub fn open_from(&self, address: IpAddr) -> usize {
         let open = self.open.lock().expect("limiter lock");
-        open.get(&address.to_canonical()).copied().unwrap_or(0)
+        open.get(&client_key(address.to_canonical()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// What the connection limits count by: an IPv4 address, or an IPv6 /64
+/// (one subscriber's network: whoever has one has 2^64 addresses).
+fn client_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
     }
 }
 
@@ -237,6 +252,14 @@ mod tests {
         assert_eq!(balancer.len(), 10, "allowed networks are not counted");
         let unlimited = Arc::new(ConnectionLimiter::new(0, Vec::new()));
         assert!((0..10).all(|_| unlimited.admit(a).is_some()));
+        // An IPv6 /64 counts as one address.
+        let one = limiter.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _two = limiter
+            .admit("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        assert!(limiter.admit("2001:db8:1:2::77".parse().unwrap()).is_none());
+        assert!(limiter.admit("2001:db8:1:3::1".parse().unwrap()).is_some());
+        drop(one);
     }
 
     #[test]

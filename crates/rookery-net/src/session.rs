@@ -31,6 +31,8 @@ use crate::transport::{Received, Transport};
 
 /// How long one write may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stanzas of one read a session handles before it lets other tasks run.
+const STANZAS_PER_TURN: usize = 8;
 /// How long closing the transport may take once the stream is over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Input or mail closer together than this is a burst: the session keeps its
@@ -340,10 +342,10 @@ impl<T: Transport> Connection<T> {
             && bound.session.outbox.is_empty()
             && self.stream.is_bound()
             && self.stream.pending_output() == 0
-            && self
-                .stream
-                .sm()
-                .is_none_or(|sm| sm.unacked_bytes() < self.c2s.max_unacked_bytes / 2)
+            && self.stream.sm().is_none_or(|sm| {
+                sm.unacked_bytes() < self.c2s.max_unacked_bytes / 2
+                    && sm.unacked().len() < self.c2s.max_unacked / 2
+            })
     }
 
     /// Counts `read` bytes of input against the connection's byte rate: past
@@ -375,6 +377,7 @@ impl<T: Transport> Connection<T> {
 
     /// Acts on every pending stream event; returns the ending once the stream is closed.
     async fn process_events(&mut self) -> Option<Ending> {
+        let mut handled = 0usize;
         while let Some(event) = self.stream.poll_event() {
             let now = Instant::now().into_std();
             match event {
@@ -457,6 +460,13 @@ impl<T: Transport> Connection<T> {
                         Box::pin(self.c2s.router.handle_stanza(&mut bound.session, stanza)).await;
                         self.drain_outbox();
                     }
+                    // One read can bring dozens of stanzas (a flood, held to
+                    // its byte rate, reads up to 18 KiB at once): the worker
+                    // thread serves other sessions between every few.
+                    handled += 1;
+                    if handled.is_multiple_of(STANZAS_PER_TURN) {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 StreamEvent::ClientState { inactive } => {
                     if let Some(bound) = &mut self.bound {
@@ -495,9 +505,16 @@ impl<T: Transport> Connection<T> {
             CloseReason::PeerClosed | CloseReason::Local(None) => false,
         };
         let resumable = self.stream.sm().is_some_and(|sm| sm.id.is_some());
+        // The inbox may have overflowed while the task was busy, before the
+        // connection dropped: such a session does not wait to be resumed.
+        let overflowed = self.overflowed
+            || self
+                .bound
+                .as_ref()
+                .is_some_and(|bound| bound.inbox.is_overflowed());
         if transient
             && resumable
-            && !self.overflowed
+            && !overflowed
             && self.bound.is_some()
             && !self.c2s.shutdown.is_cancelled()
         {
@@ -870,10 +887,13 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
                     Some(receipt) => c2s.router.bus().acknowledge(receipt).await,
                     None => {}
                 }
-                if sm.unacked_bytes() > c2s.max_unacked_bytes {
+                if sm.unacked_bytes() > c2s.max_unacked_bytes
+                    || sm.unacked().len() > c2s.max_unacked
+                {
                     // What waits goes to offline storage (or another resource) now.
                     tracing::info!(
                         bytes = sm.unacked_bytes(),
+                        stanzas = sm.unacked().len(),
                         "Too much waits for the client to resume; ending the session."
                     );
                     break;

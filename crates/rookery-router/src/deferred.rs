@@ -33,7 +33,15 @@ struct Pending {
 #[derive(Debug, Default)]
 pub(crate) struct Deferred {
     users: Mutex<HashMap<BareJid, Pending>>,
+    /// Users whose sessions on this node are taking their offline messages
+    /// page by page, with when the last page was taken. Their stored
+    /// messages are left to those sessions: taken here as well, a page would
+    /// reach the client after later ones.
+    paging: Mutex<HashMap<BareJid, Instant>>,
 }
+
+/// A user whose session took a page this recently is still paging.
+const PAGING_QUIET: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Deferred {
     fn note(&self, user: &BareJid, messages: bool, requests: bool) {
@@ -55,6 +63,31 @@ impl Deferred {
     /// A subscription request for `user` waits for their next login.
     pub(crate) fn stored_request(&self, user: &BareJid) {
         self.note(user, false, true);
+    }
+
+    /// A session of `user` took a page of offline messages; `done` once it
+    /// found none left.
+    pub(crate) fn paged(&self, user: &BareJid, done: bool) {
+        let mut paging = self.paging.lock().expect("deferred lock");
+        if done {
+            paging.remove(user);
+        } else {
+            paging.insert(user.clone(), Instant::now());
+        }
+    }
+
+    /// True while a session of `user` on this node takes its offline messages.
+    fn is_paging(&self, user: &BareJid) -> bool {
+        let mut paging = self.paging.lock().expect("deferred lock");
+        match paging.get(user) {
+            Some(at) if at.elapsed() < PAGING_QUIET => true,
+            Some(_) => {
+                // That session ended (or stalled) with messages left.
+                paging.remove(user);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Takes the users noted before `confirmed`.
@@ -91,7 +124,12 @@ impl Router {
                 MessageOutcome::Deliver(_)
             );
             if pending.messages && deliverable {
-                sent += self.redeliver_offline(&user).await;
+                if self.deferred.is_paging(&user) {
+                    // Its session takes them; looked at again later.
+                    self.deferred.stored_message(&user);
+                } else {
+                    sent += self.redeliver_offline(&user).await;
+                }
             }
         }
         sent

@@ -334,6 +334,9 @@ impl Router {
         session.directed = directed.into_iter().collect();
         session.inactive = inactive;
         session.held = held;
+        // Offline messages may still wait (the paging stopped with the
+        // connection): one look at storage finds out, an empty page ends it.
+        session.offline_pending = session.info.available() && session.info.priority >= 0;
         Restored {
             session,
             inbox,

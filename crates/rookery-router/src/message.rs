@@ -315,6 +315,7 @@ impl Router {
         if messages.is_empty() {
             session.offline_pending = false;
         }
+        self.deferred.paged(&user, messages.is_empty());
         for stored in messages {
             match stored.stanza.parse::<Element>() {
                 Ok(message) => self.accept_delivery(session, message),

@@ -79,6 +79,36 @@ pub enum XmlEvent {
     StreamClose,
 }
 
+/// What an element costs in memory beyond its text: the tree node (name,
+/// namespace, attribute map and children, as minidom keeps them), charged
+/// against the byte budgets as if it were input. minidom copies the
+/// namespace into every element, and an attribute's namespace into every
+/// attribute; those copies are charged too, so that a long namespace
+/// declared once cannot make thousands of `<a/>` cost megabytes.
+const ELEMENT_BYTES: usize = 128;
+/// The same for one attribute beyond its name and value.
+const ATTRIBUTE_BYTES: usize = 32;
+/// The longest namespace accepted (XEP namespaces are under 100 bytes); it
+/// bounds what [`approximate_size`], which cannot see namespaces without
+/// copying them, leaves out.
+pub const MAX_NAMESPACE_BYTES: usize = 256;
+
+/// The memory an event costs beyond its bytes of input, or `Err` for a
+/// namespace longer than [`MAX_NAMESPACE_BYTES`].
+fn charge(event: &Event) -> Result<usize, Condition> {
+    let Event::StartElement(_, (namespace, _), attrs) = event else {
+        return Ok(0);
+    };
+    if namespace.len() > MAX_NAMESPACE_BYTES {
+        return Err(Condition::PolicyViolation);
+    }
+    let attributes: usize = attrs
+        .iter()
+        .map(|((namespace, _), _)| ATTRIBUTE_BYTES + namespace.len())
+        .sum();
+    Ok(ELEMENT_BYTES + namespace.len() + attributes)
+}
+
 /// Builds elements from rxml events, one top-level element at a time.
 #[derive(Default)]
 struct TreeBuilder {
@@ -343,6 +373,10 @@ impl StreamReader {
                 Err(rxml::error::EndOrError::NeedMoreData) => return Ok(None),
                 Err(rxml::error::EndOrError::Error(error)) => return Err(condition_of(&error)),
             };
+            self.unit_bytes += charge(&event)?;
+            if self.unit_bytes > budget {
+                return Err(Condition::PolicyViolation);
+            }
             if !self.root_open {
                 match event {
                     Event::XmlDeclaration(..) => continue,
@@ -391,12 +425,17 @@ pub fn parse_frame(frame: &[u8], limits: &Limits) -> Result<Element, Condition> 
     let mut tree = TreeBuilder::default();
     let mut input = frame.trim_ascii();
     let mut element = None;
+    let mut bytes = frame.len();
     loop {
         match parser.parse(&mut input, true) {
             Ok(Some(Event::Text(_, text))) if !tree.in_element() && is_xml_whitespace(&text) => {}
             Ok(Some(event)) => {
                 if element.is_some() {
                     return Err(Condition::NotWellFormed);
+                }
+                bytes += charge(&event)?;
+                if bytes > limits.max_stanza_bytes {
+                    return Err(Condition::PolicyViolation);
                 }
                 if let Built::Done(done) = tree.feed(event, limits)? {
                     element = Some(done);
@@ -593,12 +632,15 @@ static ATTENTION: [u8; 256] = {
     table
 };
 
-/// About how many bytes `element` takes written out: names, attributes and
-/// text, without escapes or namespace declarations. What queues count.
+/// About how many bytes `element` takes in memory: its names, attributes
+/// and text, with a node's cost per element and attribute (as the reader
+/// charges them), without the element namespaces (at most
+/// [`MAX_NAMESPACE_BYTES`] each; minidom hands them out only as copies).
+/// What queues count.
 pub fn approximate_size(element: &Element) -> usize {
-    let mut size = 2 * element.name().len() + 5;
-    for ((_, name), value) in element.attrs().iter() {
-        size += name.len() + value.len() + 4;
+    let mut size = ELEMENT_BYTES + element.name().len();
+    for ((namespace, name), value) in element.attrs().iter() {
+        size += ATTRIBUTE_BYTES + namespace.len() + name.len() + value.len();
     }
     for node in element.nodes() {
         size += match node {

@@ -591,3 +591,72 @@ async fn presence_held_for_an_inactive_client_is_bounded_in_bytes() {
             .await;
     }
 }
+
+#[tokio::test]
+async fn offline_pages_go_on_after_the_session_is_resumed() {
+    let server = server_with(|c| {
+        c.c2s.max_stanza_size = 20_000;
+        c.limits.c2s_rate = 0;
+        // Pages stop at 150 kB unacknowledged: about ten messages.
+        c.limits.session_queue_bytes = 300_000;
+    })
+    .await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "x").await;
+    let body = "m".repeat(15_000);
+    for n in 0..60 {
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' type='chat' id='r{n}'><body>{body}</body></message>"
+            ))
+            .await;
+    }
+    handled(&mut alice).await;
+    // Bob comes online resumable, reads the first message of the first page
+    // and loses his connection.
+    let mut bob = TestClient::connect(server.starttls()).await;
+    bob.open().await;
+    bob.starttls().await;
+    bob.authenticate_plain("bob", "secret").await.unwrap();
+    bob.bind(Some("phone")).await;
+    let previd = bob.enable_sm(true).await.expect("resumable");
+    bob.send("<presence/>").await;
+    bob.expect(|e| e.attr("id") == Some("r0")).await;
+    bob.kill();
+    // He resumes and gets everything, the rest of the pages included (no
+    // new initial presence is sent), at once: not only when the server's
+    // periodic redelivery would find the messages left over.
+    let mut bob = TestClient::connect(server.starttls()).await;
+    bob.open().await;
+    bob.starttls().await;
+    bob.authenticate_plain("bob", "secret").await.unwrap();
+    bob.resume(&previd, 0).await.expect("resumed");
+    let mut ids = BTreeSet::new();
+    let mut handled_count = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while ids.len() < 60 {
+        let Some(element) = bob
+            .recv_timeout(deadline - tokio::time::Instant::now())
+            .await
+        else {
+            panic!("only {} of 60 arrived within 4 s", ids.len());
+        };
+        match element.name() {
+            "r" => {
+                bob.send(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled_count}'/>"))
+                    .await
+            }
+            "message" | "presence" | "iq" => {
+                handled_count += 1;
+                if let Some(id) = element.attr("id") {
+                    ids.insert(id.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    let store = server.router().store();
+    assert_eq!(
+        store.count_offline(&bare("bob@localhost")).await.unwrap(),
+        0
+    );
+}

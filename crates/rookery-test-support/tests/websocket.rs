@@ -232,3 +232,30 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// A WebSocket frame larger than a stanza may be is refused before it is
+/// read whole (tungstenite would otherwise take frames of 16 MiB).
+#[tokio::test]
+async fn websocket_frames_larger_than_a_stanza_end_the_connection() {
+    let server = TestServer::start_with(|c| c.c2s.max_stanza_size = 20_000).await;
+    let mut ws = connect(&server).await;
+    let big = format!(
+        "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0' x='{}'/>",
+        "x".repeat(100_000)
+    );
+    let _ = ws.send(Message::Text(big.into())).await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was not ended");
+    // The server goes on serving WebSocket clients.
+    let mut ws = connect(&server).await;
+    send(&mut ws, OPEN).await;
+    assert!(recv(&mut ws).await.starts_with("<open"));
+}

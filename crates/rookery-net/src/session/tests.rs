@@ -38,6 +38,7 @@ async fn session_futures_stay_small() {
         byte_rate: None,
         resume_timeout: Duration::from_secs(1),
         max_unacked_bytes: 1 << 20,
+        max_unacked: 1000,
         max_sessions: 0,
         redirect: std::sync::Mutex::new(None),
         shutdown: CancellationToken::new(),

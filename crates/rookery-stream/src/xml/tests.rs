@@ -508,3 +508,45 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn tree_nodes_and_namespace_copies_count_against_the_budget() {
+    let limits = Limits {
+        max_stanza_bytes: 20_000,
+        ..Limits::default()
+    };
+    let open =
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    // A namespace longer than any XEP's is refused outright.
+    let mut reader = StreamReader::new(limits);
+    read_all(&mut reader, open);
+    let long = format!("<x xmlns='urn:{}'/>", "n".repeat(MAX_NAMESPACE_BYTES));
+    let mut input = long.as_bytes();
+    assert!(matches!(
+        reader.read(&mut input),
+        Err(Condition::PolicyViolation)
+    ));
+    // Thousands of tiny children, each a tree node with a copy of the
+    // namespace, pass 20 kB of memory long before 20 kB of input.
+    let mut reader = StreamReader::new(limits);
+    read_all(&mut reader, open);
+    let namespace = "n".repeat(MAX_NAMESPACE_BYTES - 4);
+    let children = format!("<x xmlns='urn:{namespace}'>{}</x>", "<y/>".repeat(1000));
+    assert!(children.len() < 5_000);
+    let mut input = children.as_bytes();
+    assert!(matches!(
+        reader.read(&mut input),
+        Err(Condition::PolicyViolation)
+    ));
+    // The same as a WebSocket frame.
+    assert!(matches!(
+        parse_frame(children.as_bytes(), &limits),
+        Err(Condition::PolicyViolation)
+    ));
+    // A message as clients send them passes with room to spare.
+    let mut reader = StreamReader::new(limits);
+    read_all(&mut reader, open);
+    let message = "<message to='b@l' id='1' type='chat'><body>hi</body><active xmlns='http://jabber.org/protocol/chatstates'/><origin-id xmlns='urn:xmpp:sid:0' id='x'/></message>";
+    let events = read_all(&mut reader, message.as_bytes());
+    assert!(matches!(&events[..], [XmlEvent::Element(_)]));
+}
