@@ -7,6 +7,7 @@
 #
 #   bench/abuse.sh                                   # 500 users, 1,000 msg/s, 4 attackers of each kind
 #   USERS=200 RATE=500 ATTACKERS=5 DURATION=10 bench/abuse.sh
+#   KINDS=flood,slow-reader bench/abuse.sh           # some kinds of attack only
 #
 # The report (abuse.json), the bench's and the server's logs stay in OUT.
 set -euo pipefail
@@ -17,6 +18,7 @@ USERS=${USERS:-500}
 RATE=${RATE:-1000}
 DURATION=${DURATION:-20}
 ATTACKERS=${ATTACKERS:-4}
+KINDS=${KINDS:-}
 PORT=${PORT:-26222}
 OUT=${OUT:-$ROOT/target/abuse/$(date +%Y%m%d-%H%M%S)}
 
@@ -56,5 +58,5 @@ done
 echo "results in $OUT" >&2
 "$BIN/rookery-bench" --server "127.0.0.1:$PORT" --json abuse.json abuse --users "$USERS" \
     --rate "$RATE" --duration "$DURATION" --attackers "$ATTACKERS" \
-    --http "127.0.0.1:$((PORT + 2))" 2> bench.log > /dev/null
+    --http "127.0.0.1:$((PORT + 2))" ${KINDS:+--kinds "$KINDS"} 2> bench.log > /dev/null
 grep '^abuse: p99' bench.log >&2

@@ -28,7 +28,7 @@ use super::chat::{ChatReport, Placement};
 use crate::{Cli, emit, rss_kib, server_pids};
 
 /// What an abuse run does.
-#[derive(Debug, Clone, Copy, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AbuseLoad {
     /// Normal users (accounts 1 ..= users), chatting.
     #[arg(long)]
@@ -45,12 +45,15 @@ pub struct AbuseLoad {
     /// The server's HTTP address (for the HTTP and WebSocket attacks).
     #[arg(long)]
     pub http: SocketAddr,
+    /// The kinds of attack (all when not given), to tell what each costs.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub kinds: Vec<Kind>,
 }
 
 /// The kinds of attack, each from its own /24 of loopback (127.0.K.x).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-enum Kind {
+pub enum Kind {
     /// An opening stream tag that never ends (attributes after attributes), before TLS.
     EndlessHeader,
     /// After login, an opening stanza tag that never ends.
@@ -250,8 +253,13 @@ pub async fn abuse(cli: &Cli, load: &AbuseLoad) -> anyhow::Result<()> {
         .thread_name("attackers")
         .enable_all()
         .build()?;
+    let kinds = if load.kinds.is_empty() {
+        &Kind::ALL[..]
+    } else {
+        &load.kinds[..]
+    };
     let mut workers = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in kinds {
         for worker in 0..load.attackers {
             let arena = arena.clone();
             let attackers = load.attackers;
