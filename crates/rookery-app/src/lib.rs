@@ -454,12 +454,25 @@ impl App {
         }
         // Messages stored offline while a cluster fault hid their recipients'
         // sessions go to those sessions once the registry is current again.
+        // After an outage of the bus, that includes what other nodes stored
+        // for this node's users meanwhile (a node that stopped during the
+        // outage cannot hand them over itself).
         let redelivery = {
             let router = router.clone();
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(REDELIVERY_INTERVAL);
+                let mut was_ready = true;
                 loop {
                     ticker.tick().await;
+                    let ready = router.bus().ready();
+                    if ready && !was_ready {
+                        let users = router.defer_local_users();
+                        tracing::info!(
+                            users,
+                            "The cluster is back; looking for what was stored for this node's users meanwhile."
+                        );
+                    }
+                    was_ready = ready;
                     if router.bus().healthy() {
                         let routed = router.redeliver_deferred().await;
                         if routed > 0 {
@@ -477,12 +490,15 @@ impl App {
         redelivery.abort();
         tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
         if let Some(nats) = &nats {
-            // Peers stop sending new clients here; ours are sent to the least loaded peer.
+            // Peers stop sending new clients here; ours are sent to the least
+            // loaded peer, unless this node cannot reach its cluster (its
+            // peers may be as cut off, and refuse them).
             nats.stop_accepting();
             let target = router
                 .bus()
                 .peers()
                 .into_iter()
+                .filter(|_| router.bus().ready())
                 .filter(|peer| peer.address.is_some())
                 .min_by_key(|peer| peer.sessions)
                 .and_then(|peer| peer.address);
@@ -513,17 +529,24 @@ impl App {
             // acknowledged for users who may already be binding on another
             // node; the periodic redelivery is gone with this node, so it
             // runs once more when the registry is known current past now.
+            // Without NATS, nothing can be confirmed: the peers look at what
+            // was stored for their users when NATS is back.
             let ended = Instant::now();
             let deadline = ended + FINAL_REDELIVERY_WAIT;
-            while router
-                .bus()
-                .registry_confirmed()
-                .is_none_or(|at| at < ended)
+            while router.bus().healthy()
+                && router
+                    .bus()
+                    .registry_confirmed()
+                    .is_none_or(|at| at < ended)
                 && Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let routed = router.redeliver_deferred().await;
+            let routed = if router.bus().healthy() {
+                router.redeliver_deferred().await
+            } else {
+                0
+            };
             if routed > 0 {
                 tracing::info!(
                     routed,

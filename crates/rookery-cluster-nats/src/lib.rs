@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -70,6 +71,9 @@ const KV_OPERATION: &str = "KV-Operation";
 const CATCH_UP_LIMIT: u64 = 2000;
 /// How long joining waits for JetStream to be ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Registry checks in a row (one a second) that may fail before the node
+/// stops taking new sessions: one is a slow answer under load.
+const REGISTRY_FAILURES: u64 = 2;
 /// How often the delivery consumer is checked for removal by a peer.
 const CONSUMER_CHECK: Duration = Duration::from_secs(1);
 
@@ -151,7 +155,42 @@ pub struct NatsBus {
     published: AtomicU64,
     /// Tells the registry watch to start over.
     rewatch: tokio::sync::Notify,
+    /// When the registry stream this node's sessions are written in was
+    /// created: another time means NATS lost its store and a peer made the
+    /// stream again, without this node's sessions.
+    registry_created: Mutex<Option<stream::Info>>,
+    /// Registry checks in a row that found no usable registry (binding needs it).
+    registry_failures: AtomicU64,
+    /// True while the delivery consumer cannot read this node's deliveries.
+    deliveries_down: AtomicBool,
+    /// Dead incarnations this node is cleaning up or has cleaned up: each
+    /// once, however many signs of its death arrive.
+    cleanups: Mutex<HashMap<NodeId, Cleanup>>,
+    /// Ended sessions whose registry entry could not be removed yet.
+    unregistered: Mutex<Vec<(FullJid, SessionId)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The cleanup lock's value once the cleanup is done.
+const CLEANUP_DONE: &[u8] = b"done";
+
+/// What became of a cleanup lock held by another.
+enum Lock {
+    /// This node holds it now.
+    Taken,
+    /// The cleanup it guards is done.
+    Done,
+    /// A live node holds it.
+    Held,
+}
+
+/// Where this node is with the cleanup after a dead incarnation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cleanup {
+    /// Under way here.
+    Running,
+    /// Done (here or by a peer): its deliveries were replayed.
+    Done,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -223,7 +262,17 @@ impl NatsBus {
                     }
                     _ => {}
                 }
-                async move { tracing::info!(node = %name, %event, "NATS connection event.") }
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(node = %name, "Lost the connection to NATS; reconnecting.")
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!(node = %name, "Connected to NATS.")
+                        }
+                        event => tracing::info!(node = %name, %event, "NATS connection event."),
+                    }
+                }
             })
             .connect(addresses)
             .await
@@ -263,8 +312,16 @@ impl NatsBus {
             confirmed: Mutex::new(None),
             published: AtomicU64::new(0),
             rewatch: tokio::sync::Notify::new(),
+            registry_created: Mutex::new(None),
+            registry_failures: AtomicU64::new(0),
+            deliveries_down: AtomicBool::new(false),
+            cleanups: Mutex::new(HashMap::new()),
+            unregistered: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
         });
+        if let Ok(Some(info)) = bus.registry_info().await {
+            *bus.registry_created.lock().expect("registry lock") = Some(info);
+        }
         let (loaded, watch) = tokio::sync::oneshot::channel();
         bus.spawn(watch_sessions(bus.clone(), Some(loaded)));
         tokio::time::timeout(Duration::from_secs(30), watch)
@@ -337,14 +394,16 @@ impl NatsBus {
     pub async fn leave(&self) {
         self.stop_accepting();
         let heartbeat = self.heartbeat(true);
-        let _ = self
-            .client
-            .publish(
-                subjects::heartbeat(self.node),
-                serde_json::to_vec(&heartbeat).unwrap_or_default().into(),
-            )
-            .await;
-        let _ = self.client.flush().await;
+        if self.healthy() {
+            let _ = self
+                .client
+                .publish(
+                    subjects::heartbeat(self.node),
+                    serde_json::to_vec(&heartbeat).unwrap_or_default().into(),
+                )
+                .await;
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.client.flush()).await;
+        }
         for task in self.tasks.lock().expect("tasks lock").drain(..) {
             task.abort();
         }
@@ -389,15 +448,86 @@ impl NatsBus {
         }
     }
 
-    /// The registry stream's state, asked of JetStream now (the bucket's own
-    /// status is what it was when the bucket was opened).
-    async fn registry_state(&self) -> Result<stream::State, BusError> {
-        let stream = self
+    /// The registry stream's description, asked of JetStream now (the
+    /// bucket's own is what it was when the bucket was opened); `None` when
+    /// the stream does not exist (NATS lost its store).
+    async fn registry_info(&self) -> Result<Option<stream::Info>, BusError> {
+        match self
             .jetstream
             .get_stream(format!("KV_{}", subjects::SESSIONS))
             .await
-            .map_err(unavailable)?;
-        Ok(stream.cached_info().state.clone())
+        {
+            Ok(stream) => Ok(Some(stream.cached_info().clone())),
+            Err(error)
+                if matches!(error.kind(), GetStreamErrorKind::JetStream(error)
+                    if error.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// Makes the cluster's JetStream state again after NATS lost it (a
+    /// server restarted with an empty store) and registers this node's
+    /// sessions anew; the watch starts over. Peers do the same for theirs.
+    async fn restore_state(&self) {
+        tracing::error!(
+            node = %self.config.name,
+            "NATS lost the cluster's state (a server restarted with an empty store?); \
+             making it again and registering this node's sessions anew."
+        );
+        if let Err(error) = Self::jetstream_state(&self.jetstream, self.config.replicas).await {
+            tracing::warn!(%error, "The cluster's state cannot be made again yet; retrying.");
+            return;
+        }
+        let Ok(Some(info)) = self.registry_info().await else {
+            return;
+        };
+        // Revisions of the lost store mean nothing in the new one.
+        let own: Vec<Route> = {
+            let mut view = self.view.write().expect("view lock");
+            for revision in view.revisions.values_mut() {
+                *revision = 0;
+            }
+            let local = self.local.read().expect("local lock");
+            view.users
+                .values()
+                .flatten()
+                .filter(|route| {
+                    route.node == self.node
+                        && local
+                            .get(&route.jid)
+                            .is_some_and(|(own, _)| *own == route.session)
+                })
+                .map(|route| Route::clone(route))
+                .collect()
+        };
+        self.applied.store(0, Ordering::Relaxed);
+        let mut registered = 0;
+        for route in own {
+            let record = SessionRecord::new(self.node, route.session, &route.info);
+            let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+            match self
+                .sessions
+                .put(subjects::session_key(&route.jid), value)
+                .await
+            {
+                Ok(revision) => {
+                    registered += 1;
+                    self.view
+                        .write()
+                        .expect("view lock")
+                        .upsert(route, revision);
+                }
+                Err(error) => {
+                    tracing::warn!(jid = %route.jid, %error, "A session could not be registered anew.")
+                }
+            }
+        }
+        *self.registry_created.lock().expect("registry lock") = Some(info);
+        self.rewatch.notify_one();
+        tracing::warn!(registered, "The cluster's state is back.");
     }
 
     /// True once this node has been on NATS for a whole failure timeout: only
@@ -570,34 +700,43 @@ impl NatsBus {
         .map_err(|error| error.map_or_else(|bus| bus, unavailable))
     }
 
-    /// Takes the cleanup lock `key` from a cleaner that is dead itself.
-    async fn take_over_cleanup(&self, key: &str) -> bool {
-        let Ok(Some(entry)) = self.cleanup.entry(key).await else {
-            return false;
+    /// Cleans up after the dead incarnation `dead`: once, however many signs
+    /// of its death reach this node (a silent heartbeat, a new process of the
+    /// same name, its sessions still in the registry), and once in the
+    /// cluster (the KV lock). Sessions of it that linger in the registry are
+    /// removed again whenever they show up; its deliveries are replayed once.
+    async fn clean_up(&self, dead: NodeId) {
+        let state = {
+            let mut cleanups = self.cleanups.lock().expect("cleanups lock");
+            let state = cleanups.get(&dead).copied();
+            if state.is_none() {
+                cleanups.insert(dead, Cleanup::Running);
+            }
+            state
         };
-        let holder = std::str::from_utf8(&entry.value)
-            .ok()
-            .and_then(|value| value.parse::<NodeId>().ok());
-        if holder == Some(self.node) {
-            return true; // Ours, from an attempt that left work undone.
+        match state {
+            Some(Cleanup::Running) => return,
+            Some(Cleanup::Done) => {
+                // Already cleaned up; sessions of it seen since (a registry
+                // entry that could not be removed then) go now.
+                self.remove_lingering(dead).await;
+                return;
+            }
+            None => {}
         }
-        let alive = holder.is_some_and(|holder| {
-            self.members
-                .read()
-                .expect("members lock")
-                .contains_key(&holder)
-        });
-        if alive {
-            return false;
+        let done = self.clean_up_once(dead).await;
+        let mut cleanups = self.cleanups.lock().expect("cleanups lock");
+        if done {
+            cleanups.insert(dead, Cleanup::Done);
+        } else {
+            // Alive after all, or left to a peer: looked at again if it stays silent.
+            cleanups.remove(&dead);
         }
-        self.cleanup
-            .update(key, Bytes::from(self.node.to_string()), entry.revision)
-            .await
-            .is_ok()
     }
 
-    /// Removes a dead node's sessions, tells their contacts, and replays its deliveries.
-    async fn clean_up(&self, dead: NodeId) {
+    /// The cleanup proper; false when it was not done (the node spoke again,
+    /// this node lost NATS meanwhile, or a live peer holds the lock).
+    async fn clean_up_once(&self, dead: NodeId) -> bool {
         // One node cleans up: the one that creates the lock. While NATS is
         // unreachable, keep trying, unless the node turns out to be alive.
         let key = subjects::cleanup_key(dead);
@@ -605,13 +744,8 @@ impl NatsBus {
             while !self.heard_long_enough() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if self
-                .members
-                .read()
-                .expect("members lock")
-                .contains_key(&dead)
-            {
-                return; // It spoke again.
+            if self.is_member(dead) {
+                return false; // It spoke again.
             }
             let lock = self
                 .cleanup
@@ -619,11 +753,16 @@ impl NatsBus {
             match tokio::time::timeout(PUBLISH_TIMEOUT, lock).await {
                 Ok(Ok(_)) => break,
                 Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    // Another node cleans up, unless it died before finishing.
-                    if self.take_over_cleanup(&key).await {
-                        break;
+                    match self.take_over_cleanup(&key).await {
+                        Lock::Taken => break,
+                        Lock::Done => {
+                            // Done by a peer; its removals reach the view
+                            // through the watch, and lingering ones go here.
+                            self.remove_lingering(dead).await;
+                            return true;
+                        }
+                        Lock::Held => return false,
                     }
-                    return;
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "Cleanup after a dead node waits for NATS.")
@@ -631,49 +770,28 @@ impl NatsBus {
                 Err(_) => tracing::warn!("Cleanup after a dead node waits for NATS."),
             }
         }
-        if !self.heard_long_enough()
-            || self
-                .members
-                .read()
-                .expect("members lock")
-                .contains_key(&dead)
-        {
+        if !self.heard_long_enough() || self.is_member(dead) {
             // Our connection dropped meanwhile, or the node spoke again: not dead after all.
             let _ = self.cleanup.delete(&key).await;
-            return;
+            return false;
         }
         let Some(recovery) = self.recovery() else {
-            return;
+            return false;
         };
+        tracing::warn!(
+            dead = format!("{dead:016x}"),
+            "A node stopped answering; cleaning up after it."
+        );
         let started = Instant::now();
-        let lost: Vec<(Arc<Route>, Option<u64>)> = {
-            let view = self.view.read().expect("view lock");
-            view.users
-                .values()
-                .flatten()
-                .filter(|route| route.node == dead)
-                .map(|route| (route.clone(), view.revisions.get(&route.jid).copied()))
-                .collect()
-        };
-        let mut removed = Vec::with_capacity(lost.len());
-        for (route, revision) in lost {
-            let key = subjects::session_key(&route.jid);
-            // A JID bound again meanwhile (the client came back elsewhere) keeps
-            // its new session, and its contacts are not told it went away.
-            match self.sessions.delete_expect_revision(&key, revision).await {
-                Ok(()) => {
-                    self.view.write().expect("view lock").remove(&route.jid);
-                    removed.push(route);
-                }
-                Err(error) => {
-                    tracing::debug!(jid = %route.jid, %error, "Session of a dead node not removed.")
-                }
-            }
-        }
+        let removed = self.remove_sessions(dead).await;
         for route in &removed {
-            recovery.session_lost(Route::clone(route)).await;
+            recovery.session_lost(route.clone()).await;
         }
         let replayed = self.replay(dead, &*recovery).await;
+        let _ = self
+            .cleanup
+            .put(&key, Bytes::from_static(CLEANUP_DONE))
+            .await;
         tracing::warn!(
             dead = format!("{dead:016x}"),
             sessions = removed.len(),
@@ -681,6 +799,187 @@ impl NatsBus {
             took = ?started.elapsed(),
             "Cleaned up after a dead node."
         );
+        true
+    }
+
+    fn is_member(&self, node: NodeId) -> bool {
+        self.members
+            .read()
+            .expect("members lock")
+            .contains_key(&node)
+    }
+
+    /// Removes sessions of an incarnation cleaned up already that showed up
+    /// since, and tells their contacts.
+    async fn remove_lingering(&self, dead: NodeId) {
+        let removed = self.remove_sessions(dead).await;
+        if removed.is_empty() {
+            return;
+        }
+        tracing::info!(
+            dead = format!("{dead:016x}"),
+            sessions = removed.len(),
+            "Sessions of a node cleaned up already were removed."
+        );
+        if let Some(recovery) = self.recovery() {
+            for route in removed {
+                recovery.session_lost(route).await;
+            }
+        }
+    }
+
+    /// Removes the sessions of `dead` from the registry and from the view;
+    /// returns those that were still its (a JID bound again meanwhile keeps
+    /// its new session, and its contacts are not told it went away).
+    async fn remove_sessions(&self, dead: NodeId) -> Vec<Route> {
+        let lost: Vec<Arc<Route>> = {
+            let view = self.view.read().expect("view lock");
+            view.users
+                .values()
+                .flatten()
+                .filter(|route| route.node == dead)
+                .cloned()
+                .collect()
+        };
+        let mut removed = Vec::with_capacity(lost.len());
+        for route in lost {
+            let key = subjects::session_key(&route.jid);
+            // The registry's entry now, not the view's revision: after NATS
+            // lost its store, revisions the view knew mean nothing.
+            let rebound = match self.sessions.entry(&key).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                    match serde_json::from_slice::<SessionRecord>(&entry.value) {
+                        Ok(record) if record.node != dead => true,
+                        _ => {
+                            if let Err(error) = self
+                                .sessions
+                                .delete_expect_revision(&key, Some(entry.revision))
+                                .await
+                            {
+                                tracing::debug!(jid = %route.jid, %error, "Session of a dead node not removed.");
+                            }
+                            false
+                        }
+                    }
+                }
+                Ok(_) => false,
+                Err(error) => {
+                    tracing::debug!(jid = %route.jid, %error, "Session of a dead node not read.");
+                    false
+                }
+            };
+            // Gone from the view whatever the registry said: nothing may be
+            // routed to a dead node again (a replay would go round in
+            // circles). A registry entry that could not be removed shows up
+            // again and goes then (`remove_lingering`).
+            {
+                let mut view = self.view.write().expect("view lock");
+                if view
+                    .get(&route.jid)
+                    .is_some_and(|now| now.node == dead && now.session == route.session)
+                {
+                    view.remove(&route.jid);
+                }
+            }
+            // (The watch may have applied the removal first.)
+            if !rebound {
+                removed.push(Route::clone(&route));
+            }
+        }
+        removed
+    }
+
+    /// Removes the registry entry of a session of this node that ended. When
+    /// NATS cannot take it now, it is tried again once NATS is back (the
+    /// registry check), so that no contact sees a session that is gone.
+    async fn remove_registration(&self, jid: &FullJid, session: SessionId, revision: Option<u64>) {
+        if !self.healthy() {
+            self.unregistered
+                .lock()
+                .expect("unregistered lock")
+                .push((jid.clone(), session));
+            return;
+        }
+        let delete = self
+            .sessions
+            .delete_expect_revision(subjects::session_key(jid), revision);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, delete).await {
+            Ok(Ok(())) => {
+                // A new bind of the same JID may have landed meanwhile: only
+                // this session's entry goes.
+                let mut view = self.view.write().expect("view lock");
+                if view
+                    .get(jid)
+                    .is_some_and(|route| route.session == session && route.node == self.node)
+                {
+                    view.remove(jid);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%jid, %error, "Session not unregistered (replaced meanwhile?).");
+            }
+            Err(_) => {
+                self.unregistered
+                    .lock()
+                    .expect("unregistered lock")
+                    .push((jid.clone(), session));
+            }
+        }
+    }
+
+    /// Tries again the removals of ended sessions that NATS did not take.
+    async fn retry_unregistered(&self) {
+        let pending = std::mem::take(&mut *self.unregistered.lock().expect("unregistered lock"));
+        for (jid, session) in pending {
+            if self.local_mailbox(&jid).is_some() {
+                continue; // Bound again here meanwhile.
+            }
+            let revision = {
+                let view = self.view.read().expect("view lock");
+                match view.get(&jid) {
+                    Some(route) if route.session == session && route.node == self.node => {
+                        view.revisions.get(&jid).copied()
+                    }
+                    _ => continue,
+                }
+            };
+            self.remove_registration(&jid, session, revision).await;
+        }
+    }
+
+    /// True once this node knows `node` is dead (cleaned up or being cleaned up).
+    fn known_dead(&self, node: NodeId) -> bool {
+        self.cleanups
+            .lock()
+            .expect("cleanups lock")
+            .contains_key(&node)
+    }
+
+    /// Takes the cleanup lock `key` from a cleaner that is dead itself.
+    async fn take_over_cleanup(&self, key: &str) -> Lock {
+        let Ok(Some(entry)) = self.cleanup.entry(key).await else {
+            return Lock::Held;
+        };
+        if entry.value.as_ref() == CLEANUP_DONE {
+            return Lock::Done;
+        }
+        let holder = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|value| value.parse::<NodeId>().ok());
+        if holder == Some(self.node) {
+            return Lock::Taken; // Ours, from an attempt that left work undone.
+        }
+        if holder.is_some_and(|holder| self.is_member(holder)) {
+            return Lock::Held;
+        }
+        match self
+            .cleanup
+            .update(key, Bytes::from(self.node.to_string()), entry.revision)
+            .await
+        {
+            Ok(_) => Lock::Taken,
+            Err(_) => Lock::Held,
+        }
     }
 
     /// Routes again every delivery a dead node did not acknowledge.
@@ -710,6 +1009,10 @@ impl NatsBus {
                 return 0;
             }
         };
+        // Peers that learn of the death later than this node may still
+        // publish to it for a moment: the stream is drained for a whole
+        // failure timeout, so that nothing stays behind with no reader.
+        let until = Instant::now() + self.config.failure_timeout;
         let mut replayed = 0;
         loop {
             let batch = consumer
@@ -728,7 +1031,7 @@ impl NatsBus {
                 }
                 let _ = message.ack().await;
             }
-            if count == 0 {
+            if count == 0 && Instant::now() >= until {
                 break;
             }
         }
@@ -761,9 +1064,22 @@ async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::onesh
         match watch {
             Ok(mut watch) => {
                 let mut seen: Option<HashSet<FullJid>> = Some(HashSet::new());
-                let empty = tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_state()).await;
-                if matches!(empty, Ok(Ok(state)) if state.messages == 0) {
+                let empty = tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_info()).await;
+                if matches!(empty, Ok(Ok(Some(info))) if info.state.messages == 0) {
                     seen = None;
+                    // Nothing registered: whatever the view has of peers is stale.
+                    let mut view = bus.view.write().expect("view lock");
+                    let stale: Vec<FullJid> = view
+                        .users
+                        .values()
+                        .flatten()
+                        .filter(|route| route.node != bus.node)
+                        .map(|route| route.jid.clone())
+                        .collect();
+                    for jid in stale {
+                        view.remove(&jid);
+                    }
+                    drop(view);
                     if let Some(loaded) = loaded.take() {
                         let _ = loaded.send(());
                     }
@@ -820,24 +1136,51 @@ async fn check_registry(bus: Arc<NatsBus>) {
             continue;
         }
         let asked = Instant::now();
-        let state = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_state()).await {
-            Ok(Ok(state)) => state,
+        let info = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_info()).await {
+            Ok(Ok(Some(info))) => info,
+            Ok(Ok(None)) => {
+                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
+                bus.restore_state().await;
+                known = 0;
+                continue;
+            }
             Ok(Err(error)) => {
+                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%error, "The session registry cannot be checked.");
                 continue;
             }
             Err(_) => {
+                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("The session registry check timed out.");
                 continue;
             }
         };
+        let replaced = {
+            let mut created = bus.registry_created.lock().expect("registry lock");
+            match &*created {
+                Some(known) => known.created != info.created,
+                None => {
+                    *created = Some(info.clone());
+                    false
+                }
+            }
+        };
+        if replaced {
+            // A peer made the state again before this node noticed it was gone.
+            bus.restore_state().await;
+            known = 0;
+            continue;
+        }
+        bus.registry_failures.store(0, Ordering::Relaxed);
+        bus.retry_unregistered().await;
+        let state = info.state;
         tracing::trace!(
             registry = state.last_sequence,
             applied = bus.applied.load(Ordering::Relaxed),
             "Registry check."
         );
         let mut applied = bus.applied.load(Ordering::Relaxed);
-        if applied < known && state.last_sequence - applied <= CATCH_UP_LIMIT {
+        if applied < known && state.last_sequence.saturating_sub(applied) <= CATCH_UP_LIMIT {
             // The watch still lacks revisions that existed a check ago: read
             // them one at a time, with plain requests, which work while
             // consumers are being moved.
@@ -921,6 +1264,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
         let messages = match consumer {
             Ok(consumer) => consumer.messages().await,
             Err(error) => {
+                bus.deliveries_down.store(true, Ordering::SeqCst);
                 tracing::warn!(%error, "The delivery consumer cannot be created; retrying.");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -934,6 +1278,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                 continue;
             }
         };
+        bus.deliveries_down.store(false, Ordering::SeqCst);
         // A peer that took this node for dead (a partition, not a crash)
         // deletes this consumer when it replays the deliveries, and the pull
         // stream may not notice for long: deliveries to this node's new
@@ -948,6 +1293,10 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                     match bus.deliveries.consumer_info(&name).await {
                         Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
                             tracing::warn!("A peer removed this node's delivery consumer; making it again.");
+                            break;
+                        }
+                        Err(error) if error.kind() == ConsumerInfoErrorKind::StreamNotFound => {
+                            tracing::warn!("The delivery stream is gone (NATS lost its store); waiting for it.");
                             break;
                         }
                         _ => continue,
@@ -986,6 +1335,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
             }
             let _ = message.ack().await;
         }
+        bus.deliveries_down.store(true, Ordering::SeqCst);
         tracing::warn!("The delivery stream ended; reconnecting it.");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -1182,10 +1532,6 @@ async fn detect_failures(bus: Arc<NatsBus>) {
         }
         for node in dead {
             cleaned.insert(node, Instant::now());
-            tracing::warn!(
-                dead = format!("{node:016x}"),
-                "A node stopped answering; cleaning up after it."
-            );
             let bus = bus.clone();
             tokio::spawn(async move { bus.clean_up(node).await });
         }
@@ -1304,28 +1650,8 @@ impl Bus for NatsBus {
                 _ => return Ok(()),
             }
         };
-        match self
-            .sessions
-            .delete_expect_revision(subjects::session_key(jid), revision)
-            .await
-        {
-            Ok(()) => {
-                // A new bind of the same JID may have landed meanwhile: only
-                // this session's entry goes.
-                let mut view = self.view.write().expect("view lock");
-                if view
-                    .get(jid)
-                    .is_some_and(|route| route.session == session && route.node == self.node)
-                {
-                    view.remove(jid);
-                }
-                Ok(())
-            }
-            Err(error) => {
-                tracing::debug!(%jid, %error, "Session not unregistered (replaced meanwhile?).");
-                Ok(())
-            }
-        }
+        self.remove_registration(jid, session, revision).await;
+        Ok(())
     }
 
     fn routes(&self, user: &BareJid) -> Vec<Arc<Route>> {
@@ -1356,6 +1682,11 @@ impl Bus for NatsBus {
         {
             // Nothing to keep: a session of this node takes it directly.
             return mailbox.send_stanza(stanza);
+        }
+        if route.node != self.node && self.known_dead(route.node) {
+            // A route the view still had: its node is gone, and what was
+            // published to it is replayed once and no more.
+            return Err(stanza);
         }
         if self.healthy() {
             match self.publish_delivery(route, &stanza, durability).await {
@@ -1444,19 +1775,32 @@ impl Bus for NatsBus {
             jid: jid.to_string(),
             session: session.0,
         };
-        self.resume
-            .put(id, serde_json::to_vec(&record).unwrap_or_default().into())
+        let put = self
+            .resume
+            .put(id, serde_json::to_vec(&record).unwrap_or_default().into());
+        tokio::time::timeout(PUBLISH_TIMEOUT, put)
             .await
+            .map_err(unavailable)?
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn unregister_resumable(&self, id: &str) -> Result<(), BusError> {
-        self.resume.delete(id).await.map_err(unavailable)
+        if !self.healthy() {
+            // The record expires; a resumption checks the session it names.
+            return Ok(());
+        }
+        tokio::time::timeout(PUBLISH_TIMEOUT, self.resume.delete(id))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
     }
 
     async fn resumable(&self, id: &str) -> Option<Arc<Route>> {
-        let value = self.resume.get(id).await.ok()??;
+        let value = tokio::time::timeout(PUBLISH_TIMEOUT, self.resume.get(id))
+            .await
+            .ok()?
+            .ok()??;
         let record: ResumeRecord = serde_json::from_slice(&value).ok()?;
         let jid = FullJid::new(&record.jid).ok()?;
         self.route(&jid)
@@ -1496,5 +1840,11 @@ impl Bus for NatsBus {
 
     fn registry_confirmed(&self) -> Option<Instant> {
         *self.confirmed.lock().expect("confirmed lock")
+    }
+
+    fn ready(&self) -> bool {
+        self.healthy()
+            && !self.deliveries_down.load(Ordering::SeqCst)
+            && self.registry_failures.load(Ordering::Relaxed) < REGISTRY_FAILURES
     }
 }

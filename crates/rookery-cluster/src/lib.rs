@@ -390,6 +390,11 @@ pub trait Bus: Send + Sync {
     fn healthy(&self) -> bool {
         true
     }
+    /// True while new sessions can be bound: healthy, and in a cluster the
+    /// registry and this node's deliveries answer (`/ready`).
+    fn ready(&self) -> bool {
+        self.healthy()
+    }
     /// The latest moment this node's view of the registry was known to hold
     /// every session bound before it (`None`: not known lately). A message
     /// stored offline before that moment went to a user who was offline.

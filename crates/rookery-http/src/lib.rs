@@ -100,7 +100,7 @@ pub async fn serve(listener: TcpListener, state: HttpState) -> io::Result<()> {
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     if state.c2s.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !state.c2s.router.bus().healthy() {
+    } else if !state.c2s.router.bus().ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "cluster unreachable\n")
     } else {
         (StatusCode::OK, "ready\n")

@@ -70,7 +70,7 @@ impl C2s {
     pub fn admit(&self) -> Result<(), rookery_stream::StreamError> {
         use rookery_stream::{Condition, StreamError};
         let bus = self.router.bus();
-        if !bus.healthy() {
+        if !bus.ready() {
             return Err(StreamError::new(
                 Condition::ResourceConstraint,
                 "This node lost its cluster; try again shortly.",

@@ -106,6 +106,24 @@ impl Deferred {
 }
 
 impl Router {
+    /// Notes every user with a session on this node, to look at their
+    /// stored messages once the registry is current: after an outage of the
+    /// bus, other nodes may have stored messages for them that nobody is left
+    /// to hand over. (Subscription requests are not sent again: their
+    /// clients may have shown them already.) Returns how many users were noted.
+    pub fn defer_local_users(&self) -> usize {
+        let users: std::collections::HashSet<BareJid> = self
+            .bus
+            .local_routes()
+            .iter()
+            .map(|route| route.jid.to_bare())
+            .collect();
+        for user in &users {
+            self.deferred.stored_message(user);
+        }
+        users.len()
+    }
+
     /// Gives stored messages and pending subscription requests to users who
     /// turn out to have available sessions (see the module documentation).
     /// Returns how many stanzas went out.

@@ -103,6 +103,15 @@ impl NatsServer {
         self.spawn();
         self.wait_ready();
     }
+
+    /// Starts it again on the same ports with an empty store, as a server
+    /// whose disk was lost or that an operator started on a fresh folder.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.dir = tempfile::tempdir().expect("a data folder");
+        self.spawn();
+        self.wait_ready();
+    }
 }
 
 impl Drop for NatsServer {

@@ -344,6 +344,176 @@ async fn a_node_cut_off_from_nats_serves_locally_stores_the_rest_and_recovers() 
 }
 
 #[tokio::test]
+async fn nats_back_with_an_empty_store_heals_every_node_without_a_restart() {
+    let mut nats = NatsServer::start();
+    let cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, _| {}).await;
+    cluster.create_users(&names("empty", 4), "secret");
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut alice = TestClient::online(first.starttls, "empty1", "secret", "a").await;
+    let mut bob = TestClient::online(second.starttls, "empty2", "secret", "b").await;
+
+    nats.restart_empty();
+    // Until the cluster's state is back, a node that cannot bind sessions
+    // says so; then both heal by themselves.
+    for node in [first, second] {
+        wait_ready_status(node, 200, Duration::from_secs(20)).await;
+    }
+    // Sessions from before the loss are registered anew: routing works both ways.
+    alice
+        .send("<message to='empty2@localhost/b' type='chat'><body>across</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "across");
+    bob.send("<message to='empty1@localhost/a' type='chat'><body>back</body></message>")
+        .await;
+    assert_eq!(body(&alice.expect_message().await), "back");
+    // New logins bind on both nodes and reach each other.
+    let mut carol = TestClient::online(first.starttls, "empty3", "secret", "c").await;
+    let mut dave = TestClient::online(second.starttls, "empty4", "secret", "d").await;
+    carol
+        .send("<message to='empty4@localhost/d' type='chat'><body>new</body></message>")
+        .await;
+    assert_eq!(body(&dave.expect_message().await), "new");
+    dave.send("<message to='empty3@localhost/c' type='chat'><body>hello</body></message>")
+        .await;
+    assert_eq!(body(&carol.expect_message().await), "hello");
+    for node in [first, second] {
+        assert!(
+            node.log_count("lost the cluster's state") >= 1,
+            "{} did not notice: {}",
+            node.name,
+            node.log_tail(30)
+        );
+    }
+}
+
+/// The `replayed=` counts of the cleanups a node's log reports, in order.
+fn replays(node: &NodeProcess) -> Vec<u64> {
+    std::fs::read_to_string(node.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("Cleaned up after a dead node."))
+        .filter_map(|line| {
+            // The log is coloured: ANSI sequences around `=`.
+            let plain: String = line
+                .split('\x1b')
+                .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+                .collect();
+            let (_, rest) = plain.split_once("replayed=")?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dead_node_is_cleaned_up_once_and_replays_no_more_than_was_sent() {
+    // Findings of the outside probe: after NATS came back with an empty
+    // store and a node was restarted, a survivor cleaned up after the old
+    // incarnation every 24.5 s, "replaying" thousands of messages of 20.
+    let mut nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 3, |_, c| {
+        c.log.level = "rookery_cluster_nats=debug,info".into()
+    })
+    .await;
+    cluster.create_users(&names("storm", 3), "secret");
+    let mut alice = TestClient::online(cluster.nodes[0].starttls, "storm1", "secret", "a").await;
+    let mut bob = TestClient::online(cluster.nodes[1].starttls, "storm2", "secret", "b").await;
+    let _carol = TestClient::online(cluster.nodes[2].starttls, "storm3", "secret", "c").await;
+    alice.befriend(&mut bob).await;
+
+    nats.restart_empty();
+    const SENT: u64 = 20;
+    for n in 0..SENT {
+        alice
+            .send(&format!(
+                "<message to='storm2@localhost' type='chat'><body>{n}</body></message>"
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &cluster.nodes {
+        wait_ready_status(node, 200, Duration::from_secs(20)).await;
+    }
+    // node1 dies with bob's session on it; its deliveries are replayed.
+    cluster.nodes[1].kill();
+    drop(bob);
+    alice.expect(unavailable_from("storm2@localhost/b")).await;
+    cluster.nodes[1].restart().await;
+    // Many failure timeouts later, still one cleanup of the dead incarnation.
+    tokio::time::sleep(FAILURE_TIMEOUT * 8).await;
+    let (first, third) = (replays(&cluster.nodes[0]), replays(&cluster.nodes[2]));
+    let all: Vec<u64> = first.iter().chain(&third).copied().collect();
+    assert_eq!(
+        all.len(),
+        1,
+        "node0 cleaned up {first:?} times, node2 {third:?}:\n{}\n{}",
+        cluster.nodes[0].log_tail(40),
+        cluster.nodes[2].log_tail(40)
+    );
+    assert!(all[0] <= SENT, "replayed {all:?} of {SENT} sent");
+    // bob gets what he was sent, each once, on his next login.
+    let mut bob = TestClient::online(cluster.nodes[2].starttls, "storm2", "secret", "b").await;
+    let mut got = Vec::new();
+    while let Some(message) = bob.recv_timeout(Duration::from_secs(2)).await {
+        if message.name() == "message" {
+            got.push(body(&message));
+        }
+    }
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "duplicates: {got:?}");
+}
+
+#[tokio::test]
+async fn sigterm_during_a_nats_outage_ends_in_time_and_what_it_stored_reaches_online_users() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let mut nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, config| {
+        config.server.shutdown_grace = GRACE.as_secs();
+    })
+    .await;
+    cluster.create_users(&names("outage", 2), "secret");
+    let mut alice = TestClient::online(cluster.nodes[0].starttls, "outage1", "secret", "a").await;
+    alice.enable_sm(false).await;
+    let mut carol = TestClient::online(cluster.nodes[1].starttls, "outage2", "secret", "c").await;
+
+    nats.kill();
+    wait_ready_status(&cluster.nodes[0], 503, Duration::from_secs(10)).await;
+    alice
+        .send("<message to='outage2@localhost' type='chat'><body>while down</body></message><r xmlns='urn:xmpp:sm:3'/>")
+        .await;
+    let ack = alice
+        .expect(|e| e.name() == "a" && e.has_ns("urn:xmpp:sm:3"))
+        .await;
+    assert_eq!(ack.attr("h"), Some("1"), "the message was acknowledged");
+
+    let stopping = Instant::now();
+    cluster.nodes[0].terminate();
+    let status = cluster.nodes[0].wait_exit(GRACE * 3).await;
+    let took = stopping.elapsed();
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the node did not stop by itself: {status:?} after {took:?}\n{}",
+        cluster.nodes[0].log_tail(30)
+    );
+    assert!(
+        took < GRACE + Duration::from_secs(2),
+        "stopping took {took:?}"
+    );
+    // Its clients are not sent to a peer that cannot take them either.
+    let error = alice.expect_stream_error().await;
+    assert_eq!(error, "system-shutdown");
+
+    // The bus returns: carol, online all along on the other node, gets the
+    // message the stopped node stored, without logging in again.
+    nats.restart();
+    assert_eq!(body(&carol.expect_message().await), "while down");
+}
+
+#[tokio::test]
 async fn haproxy_from_the_docs_spreads_clients_and_drains_a_stopping_node() {
     let nats = NatsServer::start();
     let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 3, |_, _| {}).await;
