@@ -64,6 +64,45 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// The fault checker: starts a cluster of its own (Rookery nodes, NATS,
+    /// PostgreSQL on loopback), chats with stream management across it and
+    /// injects faults drawn from a seed; reports lost, duplicated and
+    /// reordered messages. Needs no --server.
+    Check {
+        /// The rookery binary (default: beside this one).
+        #[arg(long)]
+        rookery: Option<PathBuf>,
+        /// The schedule's seed (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seconds of faults (at least one round of every kind).
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Rookery nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// NATS servers: 1 or 3.
+        #[arg(long, default_value_t = 1)]
+        nats: usize,
+        /// Chat users.
+        #[arg(long, default_value_t = 60)]
+        users: usize,
+        /// Messages per second, all users together.
+        #[arg(long, default_value_t = 60.0)]
+        rate: f64,
+        /// Kinds of fault (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        faults: Vec<rookery_bench::check::FaultKind>,
+        /// The nodes' failure timeout, seconds.
+        #[arg(long, default_value_t = 2.0)]
+        failure_timeout: f64,
+        /// Where the run keeps its processes' files and logs.
+        #[arg(long, default_value = "target/check")]
+        folder: PathBuf,
+        /// Keep the folder after the run.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Print "user password" lines for the accounts, for `rookery user import`.
     Accounts {
         /// Number of accounts.
@@ -391,6 +430,56 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Abuse { load } => scenarios::abuse::abuse(&cli, load).await,
         Scenario::Failover { pairs, wait } => {
             scenarios::failover::failover(&cli, *pairs, *wait).await
+        }
+        Scenario::Check {
+            rookery,
+            seed,
+            duration,
+            nodes,
+            nats,
+            users,
+            rate,
+            faults,
+            failure_timeout,
+            folder,
+            keep,
+        } => {
+            let rookery = match rookery {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()?.with_file_name("rookery"),
+            };
+            let seed = seed.unwrap_or_else(rand::random);
+            eprintln!("check: seed {seed}");
+            let settings = rookery_bench::check::CheckSettings {
+                rookery,
+                folder: folder.clone(),
+                keep: *keep,
+                seed,
+                nodes: *nodes,
+                nats: *nats,
+                users: *users,
+                rate: *rate,
+                duration: Duration::from_secs(*duration),
+                faults: if faults.is_empty() {
+                    rookery_bench::check::FaultKind::ALL.to_vec()
+                } else {
+                    faults.clone()
+                },
+                failure_timeout: *failure_timeout,
+                shutdown_grace: 5,
+                settle: Duration::from_secs(120),
+            };
+            let report = rookery_bench::check::run(&settings).await?;
+            emit(&cli, &report)?;
+            eprintln!(
+                "check: seed {seed}: {} faults; {}; inversions away from faults {}; {}",
+                report.faults.len(),
+                report.chat,
+                report.inversions_away_from_faults,
+                if report.passed() { "passed" } else { "FAILED" }
+            );
+            anyhow::ensure!(report.passed(), "the check failed (seed {seed})");
+            Ok(())
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Report {
     pub unconfirmed: u64,
     /// Arrived at a user it was not sent to.
     pub misdelivered: u64,
+    /// Arrived after a later message of the same sender to the same recipient.
+    pub inversions: u64,
     /// Bounced back with a message error.
     pub bounced: u64,
     /// Connections that ended and were replaced.
@@ -91,7 +93,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "sent {} acknowledged {} delivered {} duplicated {} lost {} unconfirmed {} misdelivered {} bounced {}; reconnects {} resumed {} resume-failed {} redirected {}; latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            "sent {} acknowledged {} delivered {} duplicated {} lost {} unconfirmed {} misdelivered {} bounced {} inversions {}; reconnects {} resumed {} resume-failed {} redirected {}; latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
             self.sent,
             self.acknowledged,
             self.delivered,
@@ -100,6 +102,7 @@ impl std::fmt::Display for Report {
             self.unconfirmed,
             self.misdelivered,
             self.bounced,
+            self.inversions,
             self.reconnects,
             self.resumed,
             self.resume_failed,
@@ -117,8 +120,21 @@ impl std::fmt::Display for Report {
 
 #[derive(Debug)]
 struct Sent {
+    /// The sender's index in the users.
+    from: usize,
     to: String,
     at: Duration,
+}
+
+/// A message that reached its recipient after a later one from the same sender.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Inversion {
+    /// Its number.
+    pub seq: u64,
+    /// When it was sent, since the start of the run.
+    pub sent_at: Duration,
+    /// When it arrived.
+    pub arrived_at: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -129,6 +145,9 @@ struct Book {
     latencies: Vec<Duration>,
     misdelivered: u64,
     bounced: u64,
+    /// The highest message number arrived per sender and recipient.
+    newest: HashMap<(usize, String), u64>,
+    inversions: Vec<Inversion>,
 }
 
 /// What was sent, acknowledged and delivered.
@@ -160,13 +179,14 @@ impl Ledger {
         self.book.lock().expect("ledger lock")
     }
 
-    /// Numbers a new message to `to` and records it.
-    fn record_sent(&self, to: &str) -> (u64, Duration) {
+    /// Numbers a new message from user `from` to `to` and records it.
+    fn record_sent(&self, from: usize, to: &str) -> (u64, Duration) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let at = self.epoch.elapsed();
         self.book().sent.insert(
             seq,
             Sent {
+                from,
                 to: to.to_owned(),
                 at,
             },
@@ -190,11 +210,34 @@ impl Ledger {
             return;
         }
         let latency = now.saturating_sub(sent.at);
+        let (from, sent_at) = (sent.from, sent.at);
         let count = book.arrivals.entry(seq).or_default();
         *count += 1;
         if *count == 1 {
             book.latencies.push(latency);
+            // Numbers grow with time for each sender: an arrival below the
+            // highest one seen from the same sender is out of order.
+            let newest = book.newest.entry((from, at.to_owned())).or_default();
+            if *newest > seq {
+                book.inversions.push(Inversion {
+                    seq,
+                    sent_at,
+                    arrived_at: now,
+                });
+            } else {
+                *newest = seq;
+            }
         }
+    }
+
+    /// When the run started (message times count from here).
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// The messages that arrived after a later one of the same sender to the same recipient.
+    pub fn inversions(&self) -> Vec<Inversion> {
+        self.book().inversions.clone()
     }
 
     fn record_bounce(&self) {
@@ -252,6 +295,7 @@ impl Ledger {
                 .filter(|seq| !book.acknowledged.contains(seq) && !book.arrivals.contains_key(seq))
                 .count() as u64,
             misdelivered: book.misdelivered,
+            inversions: book.inversions.len() as u64,
             bounced: book.bounced,
             reconnects: self.reconnects.load(Ordering::Relaxed),
             resumed: self.resumed.load(Ordering::Relaxed),
@@ -634,7 +678,7 @@ impl Actor {
                         to = (to + 1) % users;
                     }
                     let to = format!("{}@{}", self.settings.users[to], self.settings.target.domain);
-                    let (seq, at) = self.ledger.record_sent(&to);
+                    let (seq, at) = self.ledger.record_sent(self.index, &to);
                     let xml = format!(
                         "<message to='{to}' type='chat' id='m{seq}'><body>{seq} {}</body></message>",
                         at.as_micros()

@@ -71,9 +71,19 @@ const KV_OPERATION: &str = "KV-Operation";
 const CATCH_UP_LIMIT: u64 = 2000;
 /// How long joining waits for JetStream to be ready.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Registry checks in a row (one a second) that may fail before the node
-/// stops taking new sessions: one is a slow answer under load.
-const REGISTRY_FAILURES: u64 = 2;
+/// How long the registry or the delivery consumer may fail before the node
+/// stops taking new sessions: longer than a JetStream leader election after
+/// a NATS server died (2 to 6 s), during which binding is retried.
+const NOT_READY_AFTER: Duration = Duration::from_secs(10);
+/// How long JetStream waits for a delivery's acknowledgement before it
+/// delivers it again. Deliveries that sessions hold (until their clients
+/// acknowledge them) are kept from that by progress signals; one lost on its
+/// way to this node (its NATS connection broke) comes again after this.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often held deliveries are signalled in progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Held deliveries older than this are forgotten (their session is long gone).
+const HELD_AT_MOST: Duration = Duration::from_secs(24 * 3600);
 /// How often the delivery consumer is checked for removal by a peer.
 const CONSUMER_CHECK: Duration = Duration::from_secs(1);
 
@@ -159,15 +169,18 @@ pub struct NatsBus {
     /// created: another time means NATS lost its store and a peer made the
     /// stream again, without this node's sessions.
     registry_created: Mutex<Option<stream::Info>>,
-    /// Registry checks in a row that found no usable registry (binding needs it).
-    registry_failures: AtomicU64,
-    /// True while the delivery consumer cannot read this node's deliveries.
-    deliveries_down: AtomicBool,
+    /// Since when the registry checks find no usable registry (binding needs it).
+    registry_failing: Mutex<Option<Instant>>,
+    /// Since when the delivery consumer cannot read this node's deliveries.
+    deliveries_down: Mutex<Option<Instant>>,
     /// Dead incarnations this node is cleaning up or has cleaned up: each
     /// once, however many signs of its death arrive.
     cleanups: Mutex<HashMap<NodeId, Cleanup>>,
     /// Ended sessions whose registry entry could not be removed yet.
     unregistered: Mutex<Vec<(FullJid, SessionId)>>,
+    /// Deliveries held by sessions of this node, not yet acknowledged: the
+    /// reply subject, when it was handed over, when last signalled.
+    held: Mutex<HashMap<String, (Instant, Instant)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -313,10 +326,11 @@ impl NatsBus {
             published: AtomicU64::new(0),
             rewatch: tokio::sync::Notify::new(),
             registry_created: Mutex::new(None),
-            registry_failures: AtomicU64::new(0),
-            deliveries_down: AtomicBool::new(false),
+            registry_failing: Mutex::new(None),
+            deliveries_down: Mutex::new(None),
             cleanups: Mutex::new(HashMap::new()),
             unregistered: Mutex::new(Vec::new()),
+            held: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         if let Ok(Some(info)) = bus.registry_info().await {
@@ -331,6 +345,7 @@ impl NatsBus {
         bus.spawn(serve_control(bus.clone()));
         bus.spawn(check_registry(bus.clone()));
         bus.spawn(publish_heartbeats(bus.clone()));
+        bus.spawn(keep_held(bus.clone()));
         bus.spawn(follow_members(bus.clone()));
         tracing::info!(node = %bus.config.name, incarnation = format!("{node:016x}"), "Joined the cluster.");
         Ok(bus)
@@ -788,6 +803,18 @@ impl NatsBus {
             recovery.session_lost(route.clone()).await;
         }
         let replayed = self.replay(dead, &*recovery).await;
+        if self.is_member(dead) {
+            // It was frozen or cut off, not dead, and spoke again while its
+            // sessions went: it ends them itself, and is alive from now on.
+            let _ = self.cleanup.delete(&key).await;
+            tracing::warn!(
+                dead = format!("{dead:016x}"),
+                sessions = removed.len(),
+                replayed,
+                "A node taken for dead spoke again; its cleanup stopped."
+            );
+            return false;
+        }
         let _ = self
             .cleanup
             .put(&key, Bytes::from_static(CLEANUP_DONE))
@@ -947,6 +974,31 @@ impl NatsBus {
         }
     }
 
+    /// Peers took this node for dead and cleaned up after it (it was frozen
+    /// or cut off): the lock of that cleanup goes, so that a real death later
+    /// is cleaned up again.
+    async fn forget_cleanup(&self) {
+        let key = subjects::cleanup_key(self.node);
+        let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.cleanup.delete(&key)).await;
+    }
+
+    /// Notes that `what` fails, since now unless it failed already.
+    fn failing(&self, what: &Mutex<Option<Instant>>) {
+        what.lock()
+            .expect("readiness lock")
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// Notes a delivery handed to a session, to signal it in progress until
+    /// it is acknowledged.
+    fn hold(&self, receipt: &Receipt) {
+        let now = Instant::now();
+        self.held
+            .lock()
+            .expect("held lock")
+            .insert(receipt.0.clone(), (now, now));
+    }
+
     /// True once this node knows `node` is dead (cleaned up or being cleaned up).
     fn known_dead(&self, node: NodeId) -> bool {
         self.cleanups
@@ -1031,7 +1083,9 @@ impl NatsBus {
                 }
                 let _ = message.ack().await;
             }
-            if count == 0 && Instant::now() >= until {
+            if (count == 0 && Instant::now() >= until) || self.is_member(dead) {
+                // Drained; or the node was alive after all and reads its
+                // deliveries itself again (they are its new sessions').
                 break;
             }
         }
@@ -1139,18 +1193,18 @@ async fn check_registry(bus: Arc<NatsBus>) {
         let info = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_info()).await {
             Ok(Ok(Some(info))) => info,
             Ok(Ok(None)) => {
-                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
+                bus.failing(&bus.registry_failing);
                 bus.restore_state().await;
                 known = 0;
                 continue;
             }
             Ok(Err(error)) => {
-                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
+                bus.failing(&bus.registry_failing);
                 tracing::debug!(%error, "The session registry cannot be checked.");
                 continue;
             }
             Err(_) => {
-                bus.registry_failures.fetch_add(1, Ordering::Relaxed);
+                bus.failing(&bus.registry_failing);
                 tracing::debug!("The session registry check timed out.");
                 continue;
             }
@@ -1171,7 +1225,7 @@ async fn check_registry(bus: Arc<NatsBus>) {
             known = 0;
             continue;
         }
-        bus.registry_failures.store(0, Ordering::Relaxed);
+        *bus.registry_failing.lock().expect("readiness lock") = None;
         bus.retry_unregistered().await;
         let state = info.state;
         tracing::trace!(
@@ -1254,8 +1308,9 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                     durable_name: Some(name.clone()),
                     filter_subject: subjects::deliver(bus.node),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    // Receipts are acknowledged when clients acknowledge; failures are handled by cleanup.
-                    ack_wait: Duration::from_secs(24 * 3600),
+                    // Receipts are acknowledged when clients acknowledge,
+                    // and signalled in progress until then (`keep_held`).
+                    ack_wait: ACK_WAIT,
                     max_ack_pending: 1_000_000,
                     ..Default::default()
                 },
@@ -1264,7 +1319,13 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
         let messages = match consumer {
             Ok(consumer) => consumer.messages().await,
             Err(error) => {
-                bus.deliveries_down.store(true, Ordering::SeqCst);
+                bus.failing(&bus.deliveries_down);
+                if error.to_string().contains("10100") {
+                    // "Filtered consumer not unique": a peer that took this
+                    // node for dead drains its deliveries; it stops once it
+                    // hears this node again.
+                    bus.forget_cleanup().await;
+                }
                 tracing::warn!(%error, "The delivery consumer cannot be created; retrying.");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -1278,7 +1339,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                 continue;
             }
         };
-        bus.deliveries_down.store(false, Ordering::SeqCst);
+        *bus.deliveries_down.lock().expect("readiness lock") = None;
         // A peer that took this node for dead (a partition, not a crash)
         // deletes this consumer when it replays the deliveries, and the pull
         // stream may not notice for long: deliveries to this node's new
@@ -1293,6 +1354,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                     match bus.deliveries.consumer_info(&name).await {
                         Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
                             tracing::warn!("A peer removed this node's delivery consumer; making it again.");
+                            bus.forget_cleanup().await;
                             break;
                         }
                         Err(error) if error.kind() == ConsumerInfoErrorKind::StreamNotFound => {
@@ -1318,13 +1380,21 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                         .filter(|_| durable)
                         .map(|reply| Receipt(reply.to_string()));
                     let handed = receipt.is_some();
+                    if let Some(receipt) = &receipt {
+                        bus.hold(receipt);
+                    }
                     match mailbox.send(Mail::Stanza {
                         stanza: Box::new(stanza),
                         receipt,
                     }) {
                         Ok(()) if handed => continue,
                         Ok(()) => None,
-                        Err(Mail::Stanza { stanza, .. }) => Some(*stanza),
+                        Err(Mail::Stanza { stanza, receipt }) => {
+                            if let Some(receipt) = receipt {
+                                bus.held.lock().expect("held lock").remove(&receipt.0);
+                            }
+                            Some(*stanza)
+                        }
                         Err(_) => None,
                     }
                 }
@@ -1335,7 +1405,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
             }
             let _ = message.ack().await;
         }
-        bus.deliveries_down.store(true, Ordering::SeqCst);
+        bus.failing(&bus.deliveries_down);
         tracing::warn!("The delivery stream ended; reconnecting it.");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -1407,7 +1477,41 @@ async fn take_over_here(bus: &NatsBus, jid: &str, session: SessionId) -> Option<
             }
         }
     }
+    // The node taking the session over holds its deliveries from now on.
+    {
+        let mut held = bus.held.lock().expect("held lock");
+        for (_, receipt) in &snapshot.receipts {
+            held.remove(&receipt.0);
+        }
+    }
     Some(WireSnapshot::from_snapshot(&snapshot, bus.node))
+}
+
+/// Tells JetStream that the deliveries sessions hold are in progress, so
+/// that they are not delivered again while their clients have not yet
+/// acknowledged them.
+async fn keep_held(bus: Arc<NatsBus>) {
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY / 2);
+    loop {
+        ticker.tick().await;
+        let due: Vec<String> = {
+            let mut held = bus.held.lock().expect("held lock");
+            held.retain(|_, (since, _)| since.elapsed() < HELD_AT_MOST);
+            let now = Instant::now();
+            held.iter_mut()
+                .filter(|(_, (_, signalled))| signalled.elapsed() >= PROGRESS_EVERY)
+                .map(|(reply, (_, signalled))| {
+                    *signalled = now;
+                    reply.clone()
+                })
+                .collect()
+        };
+        for reply in due {
+            if let Err(error) = bus.client.publish(reply, Bytes::from_static(b"+WPI")).await {
+                tracing::debug!(%error, "A held delivery could not be signalled in progress.");
+            }
+        }
+    }
 }
 
 async fn publish_heartbeats(bus: Arc<NatsBus>) {
@@ -1442,6 +1546,17 @@ async fn follow_members(bus: Arc<NatsBus>) {
             };
             if heartbeat.node == bus.node {
                 continue;
+            }
+            let back = {
+                let mut cleanups = bus.cleanups.lock().expect("cleanups lock");
+                cleanups.remove(&heartbeat.node).is_some()
+            };
+            if back {
+                tracing::warn!(
+                    node = %heartbeat.name,
+                    incarnation = format!("{:016x}", heartbeat.node),
+                    "A node taken for dead is back (it was frozen or cut off)."
+                );
             }
             let mut dead = Vec::new();
             {
@@ -1485,10 +1600,18 @@ async fn detect_failures(bus: Arc<NatsBus>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     // When each dead node was last handed to `clean_up`.
     let mut cleaned: HashMap<NodeId, Instant> = HashMap::new();
+    let mut last_tick = Instant::now();
     loop {
         ticker.tick().await;
         let timeout = bus.config.failure_timeout;
-        if !bus.heard_long_enough() {
+        // A tick far later than due: this process was frozen (SIGSTOP, a
+        // paused VM, a stalled host), and heard nothing meanwhile.
+        let frozen = last_tick.elapsed() > timeout / 2;
+        last_tick = Instant::now();
+        if frozen {
+            tracing::warn!("This node was frozen; its peers get a failure timeout to speak again.");
+        }
+        if frozen || !bus.heard_long_enough() {
             // Our own outage silences everyone: judge nobody until we have
             // listened for a whole timeout again.
             if let Some(grace) = Instant::now().checked_sub(timeout / 2) {
@@ -1750,12 +1873,17 @@ impl Bus for NatsBus {
             .await
             .ok()?
             .ok()?;
-        serde_json::from_slice::<WireSnapshot>(&answer.payload)
+        let snapshot = serde_json::from_slice::<WireSnapshot>(&answer.payload)
             .ok()?
-            .into_snapshot()
+            .into_snapshot()?;
+        for (_, receipt) in &snapshot.receipts {
+            self.hold(receipt);
+        }
+        Some(snapshot)
     }
 
     async fn acknowledge(&self, receipt: Receipt) {
+        self.held.lock().expect("held lock").remove(&receipt.0);
         if let Err(error) = self
             .client
             .publish(receipt.0, Bytes::from_static(b"+ACK"))
@@ -1844,7 +1972,13 @@ impl Bus for NatsBus {
 
     fn ready(&self) -> bool {
         self.healthy()
-            && !self.deliveries_down.load(Ordering::SeqCst)
-            && self.registry_failures.load(Ordering::Relaxed) < REGISTRY_FAILURES
+            && [&self.deliveries_down, &self.registry_failing]
+                .iter()
+                .all(|since| {
+                    since
+                        .lock()
+                        .expect("readiness lock")
+                        .is_none_or(|since| since.elapsed() < NOT_READY_AFTER)
+                })
     }
 }

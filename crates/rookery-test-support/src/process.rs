@@ -9,7 +9,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rookery_app::Config;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use rookery_store_postgres::testing::TempDatabase;
 
@@ -265,27 +264,7 @@ impl Drop for NodeProcess {
     }
 }
 
-/// The status code of `GET path`, or `None` when nothing answers.
-pub async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        let text = String::from_utf8_lossy(&answer);
-        text.split_whitespace().nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
-}
+pub use rookery_bench::harness::http_status;
 
 /// Rookery nodes as processes on NATS and a fresh PostgreSQL database.
 #[derive(Debug)]

@@ -337,7 +337,7 @@ async fn losing_postgresql_keeps_online_chat_and_fails_the_rest_clearly() {
         .ok()
         .and_then(|mut addresses| addresses.next())
         .expect("the PostgreSQL address");
-    let proxy = TcpProxy::start(target).await;
+    let proxy = TcpProxy::start(target).await.expect("a proxy");
     let via = proxy.address.to_string();
     let cluster = TestCluster::start_with(2, |_, config| {
         let url = config.storage.postgres_url.take().expect("a database URL");
@@ -405,7 +405,7 @@ async fn a_node_cut_off_alone_is_cleaned_up_and_its_clients_come_back() {
     // Node 0 reaches NATS through a proxy the test cuts; node 1 does not.
     let nats = rookery_test_support::nats::NatsServer::start();
     let target = format!("127.0.0.1:{}", nats.port).parse().unwrap();
-    let proxy = TcpProxy::start(target).await;
+    let proxy = TcpProxy::start(target).await.expect("a proxy");
     let via = format!("nats://{}", proxy.address);
     let direct = nats.url();
     let cluster = TestCluster::start_with(2, |index, config| {
