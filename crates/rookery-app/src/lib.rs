@@ -457,13 +457,20 @@ impl App {
         // After an outage of the bus, that includes what other nodes stored
         // for this node's users meanwhile (a node that stopped during the
         // outage cannot hand them over itself).
+        let stop_redelivery = CancellationToken::new();
         let redelivery = {
             let router = router.clone();
+            let stop = stop_redelivery.clone();
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(REDELIVERY_INTERVAL);
                 let mut was_ready = true;
                 loop {
-                    ticker.tick().await;
+                    // Stopped only between rounds: a round takes stored
+                    // messages out of storage before it routes them.
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        () = stop.cancelled() => break,
+                    }
                     let ready = router.bus().ready();
                     if ready && !was_ready {
                         let users = router.defer_local_users();
@@ -487,7 +494,13 @@ impl App {
         };
         tracing::info!(domain = %config.server.domain, "Rookery is ready.");
         shutdown.await;
-        redelivery.abort();
+        stop_redelivery.cancel();
+        if tokio::time::timeout(REDELIVERY_STOP, redelivery)
+            .await
+            .is_err()
+        {
+            tracing::warn!("The redelivery of stored messages did not finish its round in time.");
+        }
         tracing::info!(sessions = router.bus().local_sessions(), "Shutting down.");
         if let Some(nats) = &nats {
             // Peers stop sending new clients here; ours are sent to the least
@@ -563,6 +576,8 @@ impl App {
 
 /// How often messages deferred by a cluster outage are retried.
 const REDELIVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping node lets a round of redelivery finish.
+const REDELIVERY_STOP: Duration = Duration::from_secs(5);
 /// How long a stopping node waits for its registry view to be confirmed
 /// before its last redelivery (the registry is checked every second).
 const FINAL_REDELIVERY_WAIT: Duration = Duration::from_secs(3);

@@ -181,18 +181,26 @@ impl Cluster {
             )?);
             proxies.push(own);
         }
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             postgres,
             nats,
             proxies,
             nodes,
         };
-        cluster.ready().await?;
+        let mut problems = Vec::new();
+        cluster.ready(&mut problems).await?;
+        anyhow::ensure!(problems.is_empty(), "{problems:?}");
         Ok(cluster)
     }
 
-    async fn ready(&self) -> anyhow::Result<()> {
-        for node in &self.nodes {
+    /// Waits until every node is ready; a node that ended by itself (a
+    /// crash) is reported in `problems` and started again.
+    async fn ready(&mut self, problems: &mut Vec<String>) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            if let Some(status) = node.exited() {
+                problems.push(format!("{} ended by itself ({status})", node.name));
+                node.restart()?;
+            }
             node.wait_ready(READY_TIMEOUT).await?;
         }
         Ok(())
@@ -266,7 +274,7 @@ pub async fn run(settings: &CheckSettings) -> anyhow::Result<CheckReport> {
         )
         .await?;
         let undone = Instant::now();
-        if let Err(error) = cluster.ready().await {
+        if let Err(error) = cluster.ready(&mut problems).await {
             problems.push(format!("after {kind:?} of {target}: {error:#}"));
         }
         let recovered = Instant::now();

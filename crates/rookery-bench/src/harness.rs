@@ -420,6 +420,13 @@ impl Node {
         }
     }
 
+    /// How it ended, if it ended by itself (a crash).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGKILL, without warning.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

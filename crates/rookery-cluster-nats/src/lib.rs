@@ -1322,9 +1322,16 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                 bus.failing(&bus.deliveries_down);
                 if error.to_string().contains("10100") {
                     // "Filtered consumer not unique": a peer that took this
-                    // node for dead drains its deliveries; it stops once it
-                    // hears this node again.
+                    // node for dead drains its deliveries. It stops once it
+                    // hears this node again, but a peer that died while
+                    // draining leaves its consumer behind: this node is
+                    // alive, so the drain ends here (what the peer had not
+                    // acknowledged comes to this node's consumer).
                     bus.forget_cleanup().await;
+                    let _ = bus
+                        .deliveries
+                        .delete_consumer(&subjects::recover_consumer(bus.node))
+                        .await;
                 }
                 tracing::warn!(%error, "The delivery consumer cannot be created; retrying.");
                 tokio::time::sleep(Duration::from_secs(1)).await;

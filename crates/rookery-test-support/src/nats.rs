@@ -1,122 +1,44 @@
 //! Real `nats-server` processes with JetStream on free loopback ports, one or a
-//! three-server cluster, killed when dropped.
+//! three-server cluster, killed when dropped: the fault checker's
+//! ([`rookery_bench::harness::Nats`]) in a temporary folder.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use crate::free_port;
+use rookery_bench::harness::Nats;
 
 /// One `nats-server` process.
 #[derive(Debug)]
 pub struct NatsServer {
     /// Client port.
     pub port: u16,
-    /// Cluster route port.
-    pub cluster_port: u16,
-    name: String,
-    routes: Vec<u16>,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    server: Nats,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let mut command = Command::new("nats-server");
-        command
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-n",
-                &self.name,
-            ])
-            .arg("-sd")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if !self.routes.is_empty() {
-            let routes: Vec<String> = self
-                .routes
-                .iter()
-                .map(|port| format!("nats://127.0.0.1:{port}"))
-                .collect();
-            command
-                .args(["--cluster_name", "rookery-test"])
-                .args([
-                    "--cluster",
-                    &format!("nats://127.0.0.1:{}", self.cluster_port),
-                ])
-                .args(["--routes", &routes.join(",")]);
-        }
-        self.child = Some(
-            command
-                .spawn()
-                .expect("nats-server is installed (Debian package nats-server)"),
-        );
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.server.url()
     }
 
     /// Starts a single server.
     pub fn start() -> NatsServer {
-        let mut server = NatsServer {
-            port: free_port(),
-            cluster_port: free_port(),
-            name: format!("nats-{}", free_port()),
-            routes: Vec::new(),
-            dir: tempfile::tempdir().expect("a data folder"),
-            child: None,
-        };
-        server.spawn();
-        server.wait_ready();
-        server
+        let mut servers = NatsCluster::start(1).servers;
+        servers.pop().expect("one server")
     }
 
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.kill();
     }
 
     /// Starts it again with the same ports and data.
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-        self.wait_ready();
+        self.server.start(true).expect("nats-server starts again");
     }
 
     /// Starts it again on the same ports with an empty store, as a server
     /// whose disk was lost or that an operator started on a fresh folder.
     pub fn restart_empty(&mut self) {
-        self.kill();
-        self.dir = tempfile::tempdir().expect("a data folder");
-        self.spawn();
-        self.wait_ready();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.start(false).expect("nats-server starts again");
     }
 }
 
@@ -128,27 +50,22 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` servers routed to each other, and waits until JetStream has a leader.
+    /// Starts `size` servers routed to each other (one: a lone server).
     pub fn start(size: usize) -> NatsCluster {
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
-        let servers: Vec<NatsServer> = ports
-            .iter()
-            .enumerate()
-            .map(|(index, (port, cluster_port))| {
-                let mut server = NatsServer {
-                    port: *port,
-                    cluster_port: *cluster_port,
-                    name: format!("nats-{index}-{port}"),
-                    routes: ports.iter().map(|(_, route)| *route).collect(),
-                    dir: tempfile::tempdir().expect("a data folder"),
-                    child: None,
-                };
-                server.spawn();
-                server
+        let dir = tempfile::tempdir().expect("a data folder");
+        let servers = Nats::start_all(dir.path(), size)
+            .expect("nats-server is installed (Debian package nats-server)");
+        let mut servers: Vec<NatsServer> = servers
+            .into_iter()
+            .map(|server| NatsServer {
+                port: server.port,
+                server,
+                _dir: None,
             })
             .collect();
-        for server in &servers {
-            server.wait_ready();
+        // The last server to go removes the folder.
+        if let Some(last) = servers.last_mut() {
+            last._dir = Some(dir);
         }
         NatsCluster { servers }
     }
