@@ -84,6 +84,9 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Held deliveries older than this are forgotten (their session is long gone).
 const HELD_AT_MOST: Duration = Duration::from_secs(24 * 3600);
+/// Registry checks in a row (one a second) that must find the cluster's
+/// state gone before a node makes it again.
+const LOST_STATE_CHECKS: u32 = 3;
 /// How often the delivery consumer is checked for removal by a peer.
 const CONSUMER_CHECK: Duration = Duration::from_secs(1);
 
@@ -176,6 +179,8 @@ pub struct NatsBus {
     /// Dead incarnations this node is cleaning up or has cleaned up: each
     /// once, however many signs of its death arrive.
     cleanups: Mutex<HashMap<NodeId, Cleanup>>,
+    /// Cleanup attempts started, for their numbers.
+    attempts: AtomicU64,
     /// Ended sessions whose registry entry could not be removed yet.
     unregistered: Mutex<Vec<(FullJid, SessionId)>>,
     /// Deliveries held by sessions of this node, not yet acknowledged: the
@@ -200,8 +205,9 @@ enum Lock {
 /// Where this node is with the cleanup after a dead incarnation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cleanup {
-    /// Under way here.
-    Running,
+    /// Under way here: this attempt's number (a node that comes back and
+    /// dies again gets a new attempt, and the old one must not finish).
+    Running(u64),
     /// Done (here or by a peer): its deliveries were replayed.
     Done,
 }
@@ -329,6 +335,7 @@ impl NatsBus {
             registry_failing: Mutex::new(None),
             deliveries_down: Mutex::new(None),
             cleanups: Mutex::new(HashMap::new()),
+            attempts: AtomicU64::new(0),
             unregistered: Mutex::new(Vec::new()),
             held: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
@@ -721,16 +728,17 @@ impl NatsBus {
     /// cluster (the KV lock). Sessions of it that linger in the registry are
     /// removed again whenever they show up; its deliveries are replayed once.
     async fn clean_up(&self, dead: NodeId) {
+        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed);
         let state = {
             let mut cleanups = self.cleanups.lock().expect("cleanups lock");
             let state = cleanups.get(&dead).copied();
             if state.is_none() {
-                cleanups.insert(dead, Cleanup::Running);
+                cleanups.insert(dead, Cleanup::Running(attempt));
             }
             state
         };
         match state {
-            Some(Cleanup::Running) => return,
+            Some(Cleanup::Running(_)) => return,
             Some(Cleanup::Done) => {
                 // Already cleaned up; sessions of it seen since (a registry
                 // entry that could not be removed then) go now.
@@ -739,8 +747,11 @@ impl NatsBus {
             }
             None => {}
         }
-        let done = self.clean_up_once(dead).await;
+        let done = self.clean_up_once(dead, attempt).await;
         let mut cleanups = self.cleanups.lock().expect("cleanups lock");
+        if cleanups.get(&dead) != Some(&Cleanup::Running(attempt)) {
+            return; // It came back meanwhile; a later death has its own attempt.
+        }
         if done {
             cleanups.insert(dead, Cleanup::Done);
         } else {
@@ -749,9 +760,16 @@ impl NatsBus {
         }
     }
 
+    /// True while `attempt` is the cleanup under way for `dead`: false once
+    /// the node spoke again (peers' heartbeats end the attempt).
+    fn still_dead(&self, dead: NodeId, attempt: u64) -> bool {
+        self.cleanups.lock().expect("cleanups lock").get(&dead) == Some(&Cleanup::Running(attempt))
+            && !self.is_member(dead)
+    }
+
     /// The cleanup proper; false when it was not done (the node spoke again,
     /// this node lost NATS meanwhile, or a live peer holds the lock).
-    async fn clean_up_once(&self, dead: NodeId) -> bool {
+    async fn clean_up_once(&self, dead: NodeId, attempt: u64) -> bool {
         // One node cleans up: the one that creates the lock. While NATS is
         // unreachable, keep trying, unless the node turns out to be alive.
         let key = subjects::cleanup_key(dead);
@@ -759,7 +777,7 @@ impl NatsBus {
             while !self.heard_long_enough() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if self.is_member(dead) {
+            if !self.still_dead(dead, attempt) {
                 return false; // It spoke again.
             }
             let lock = self
@@ -785,7 +803,7 @@ impl NatsBus {
                 Err(_) => tracing::warn!("Cleanup after a dead node waits for NATS."),
             }
         }
-        if !self.heard_long_enough() || self.is_member(dead) {
+        if !self.heard_long_enough() || !self.still_dead(dead, attempt) {
             // Our connection dropped meanwhile, or the node spoke again: not dead after all.
             let _ = self.cleanup.delete(&key).await;
             return false;
@@ -802,8 +820,8 @@ impl NatsBus {
         for route in &removed {
             recovery.session_lost(route.clone()).await;
         }
-        let replayed = self.replay(dead, &*recovery).await;
-        if self.is_member(dead) {
+        let replayed = self.replay(dead, attempt, &*recovery).await;
+        if !self.still_dead(dead, attempt) {
             // It was frozen or cut off, not dead, and spoke again while its
             // sessions went: it ends them itself, and is alive from now on.
             let _ = self.cleanup.delete(&key).await;
@@ -1035,7 +1053,7 @@ impl NatsBus {
     }
 
     /// Routes again every delivery a dead node did not acknowledge.
-    async fn replay(&self, dead: NodeId, recovery: &dyn Recovery) -> usize {
+    async fn replay(&self, dead: NodeId, attempt: u64, recovery: &dyn Recovery) -> usize {
         let _ = self
             .deliveries
             .delete_consumer(&subjects::deliver_consumer(dead))
@@ -1083,7 +1101,7 @@ impl NatsBus {
                 }
                 let _ = message.ack().await;
             }
-            if (count == 0 && Instant::now() >= until) || self.is_member(dead) {
+            if (count == 0 && Instant::now() >= until) || !self.still_dead(dead, attempt) {
                 // Drained; or the node was alive after all and reads its
                 // deliveries itself again (they are its new sessions').
                 break;
@@ -1184,6 +1202,11 @@ async fn check_registry(bus: Arc<NatsBus>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut behind = 0;
     let mut known = 0;
+    // Checks in a row that found the registry gone, or made anew: a NATS
+    // server that restarted and is still catching up with its cluster may
+    // answer so for a moment while the state is whole on the others.
+    let mut missing = 0;
+    let mut replacements = 0;
     loop {
         ticker.tick().await;
         if !bus.healthy() {
@@ -1194,8 +1217,12 @@ async fn check_registry(bus: Arc<NatsBus>) {
             Ok(Ok(Some(info))) => info,
             Ok(Ok(None)) => {
                 bus.failing(&bus.registry_failing);
-                bus.restore_state().await;
-                known = 0;
+                missing += 1;
+                if missing >= LOST_STATE_CHECKS {
+                    missing = 0;
+                    bus.restore_state().await;
+                    known = 0;
+                }
                 continue;
             }
             Ok(Err(error)) => {
@@ -1219,12 +1246,18 @@ async fn check_registry(bus: Arc<NatsBus>) {
                 }
             }
         };
+        missing = 0;
         if replaced {
             // A peer made the state again before this node noticed it was gone.
-            bus.restore_state().await;
-            known = 0;
+            replacements += 1;
+            if replacements >= LOST_STATE_CHECKS {
+                replacements = 0;
+                bus.restore_state().await;
+                known = 0;
+            }
             continue;
         }
+        replacements = 0;
         *bus.registry_failing.lock().expect("readiness lock") = None;
         bus.retry_unregistered().await;
         let state = info.state;
