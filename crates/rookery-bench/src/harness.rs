@@ -367,7 +367,7 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.dir.join("node.log"))?;
-        let child = Command::new(&self.binary)
+        let child = rookery(&self.binary)
             .arg("--config")
             .arg(self.dir.join("rookery.toml"))
             .arg("serve")
@@ -384,7 +384,7 @@ impl Node {
     /// Runs `rookery <args>` on the node's configuration with `stdin`.
     pub fn command(&self, args: &[&str], stdin: &str) -> anyhow::Result<()> {
         use std::io::Write as _;
-        let mut child = Command::new(&self.binary)
+        let mut child = rookery(&self.binary)
             .arg("--config")
             .arg(self.dir.join("rookery.toml"))
             .args(args)
@@ -496,6 +496,19 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `binary` to run on its configuration file alone: `ROOKERY_*` variables
+/// of the caller's environment (`ROOKERY_CHECK_SEED`, ...) would be read as
+/// configuration overrides.
+fn rookery(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ROOKERY_") {
+            command.env_remove(key);
+        }
+    }
+    command
 }
 
 /// The status code of `GET path` at `address`, if it answers within 2 s.

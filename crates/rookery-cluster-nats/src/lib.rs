@@ -85,7 +85,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Held deliveries older than this are forgotten (their session is long gone).
 const HELD_AT_MOST: Duration = Duration::from_secs(24 * 3600);
 /// Registry checks in a row (one a second) that must find the cluster's
-/// state gone before a node makes it again.
+/// state gone before a node makes it again, on a NATS cluster: a server
+/// restarted with an empty store answers "not found" while it catches up.
+/// On a lone NATS server the answer is the truth at once.
 const LOST_STATE_CHECKS: u32 = 3;
 /// How often the delivery consumer is checked for removal by a peer.
 const CONSUMER_CHECK: Duration = Duration::from_secs(1);
@@ -1207,6 +1209,11 @@ async fn check_registry(bus: Arc<NatsBus>) {
     // answer so for a moment while the state is whole on the others.
     let mut missing = 0;
     let mut replacements = 0;
+    let needed = if bus.config.replicas > 1 {
+        LOST_STATE_CHECKS
+    } else {
+        1
+    };
     loop {
         ticker.tick().await;
         if !bus.healthy() {
@@ -1218,7 +1225,7 @@ async fn check_registry(bus: Arc<NatsBus>) {
             Ok(Ok(None)) => {
                 bus.failing(&bus.registry_failing);
                 missing += 1;
-                if missing >= LOST_STATE_CHECKS {
+                if missing >= needed {
                     missing = 0;
                     bus.restore_state().await;
                     known = 0;
@@ -1250,7 +1257,7 @@ async fn check_registry(bus: Arc<NatsBus>) {
         if replaced {
             // A peer made the state again before this node noticed it was gone.
             replacements += 1;
-            if replacements >= LOST_STATE_CHECKS {
+            if replacements >= needed {
                 replacements = 0;
                 bus.restore_state().await;
                 known = 0;
