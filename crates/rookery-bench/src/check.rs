@@ -424,8 +424,9 @@ fn repeated_cleanups(nodes: &[Node]) -> Vec<String> {
     repeated.into_iter().collect()
 }
 
-/// A log line without its colours.
-fn strip_ansi(line: &str) -> String {
+/// A log line without its colours (Rookery colours its log when it writes
+/// to a file as well).
+pub fn strip_ansi(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
     let mut parts = line.split('\u{1b}');
     if let Some(first) = parts.next() {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use minidom::Element;
+use rookery_bench::check::strip_ansi;
 use rookery_bench::client::{Target, TlsMode, Transport};
 use rookery_bench::reliable::{Chat, Report, Settings};
 use rookery_test_support::TestClient;
@@ -399,10 +400,7 @@ fn replays(node: &NodeProcess) -> Vec<u64> {
         .filter(|line| line.contains("Cleaned up after a dead node."))
         .filter_map(|line| {
             // The log is coloured: ANSI sequences around `=`.
-            let plain: String = line
-                .split('\x1b')
-                .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
-                .collect();
+            let plain = strip_ansi(line);
             let (_, rest) = plain.split_once("replayed=")?;
             rest.split(|c: char| !c.is_ascii_digit())
                 .next()?
