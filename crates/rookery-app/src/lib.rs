@@ -97,13 +97,36 @@ pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> 
     if config.server.domain == "localhost" {
         names.push("127.0.0.1".into());
     }
-    let generated =
-        rcgen::generate_simple_self_signed(names).context("cannot generate a certificate")?;
-    write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert, generated.cert.pem())
-        .with_context(|| format!("cannot write {}", cert.display()))?;
+    let (pem, key_pem) = self_signed(&config.server.domain, names)?;
+    write_private(&key, key_pem.as_bytes())?;
+    std::fs::write(&cert, pem).with_context(|| format!("cannot write {}", cert.display()))?;
     tracing::warn!(cert = %cert.display(), domain = %config.server.domain, "Generated a self-signed certificate; clients will ask to trust it. Set [tls] cert and key for a real one.");
     Ok((cert, key))
+}
+
+/// A self-signed certificate for `names`, named after `domain` (what a
+/// client shows when it asks to trust it), valid from the start of this year
+/// for ten years; with its key, both PEM.
+fn self_signed(domain: &str, names: Vec<String>) -> anyhow::Result<(String, String)> {
+    let mut params =
+        rcgen::CertificateParams::new(names).context("cannot generate a certificate")?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, domain);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Rookery (self-signed)");
+    let year = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(2026, |since| 1970 + since.as_secs() / 31_556_952) as i32;
+    params.not_before = rcgen::date_time_ymd(year, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
+    let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+    let cert = params
+        .self_signed(&key)
+        .context("cannot generate a certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Makes `dir` (and its parents) if missing, readable by this user only:

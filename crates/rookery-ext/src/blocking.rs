@@ -121,9 +121,16 @@ impl Extension for Blocking {
                 if let Ok(list) = store.blocklist(&user).await {
                     cx.router.set_blocklist(&user, list);
                 }
-                if name == "block" {
-                    for jid in &changed {
-                        cx.router.hide_presence(&user, jid).await;
+                for jid in &changed {
+                    if name == "block" {
+                        // Directed presence to anyone the item covers.
+                        let directed =
+                            cx.session.directed.iter().any(|to| {
+                                rookery_router::is_blocked(std::slice::from_ref(jid), to)
+                            });
+                        cx.router.hide_presence(&user, jid, directed).await;
+                    } else {
+                        cx.router.show_presence(&user, jid).await;
                     }
                 }
                 if !changed.is_empty() || (name == "unblock" && jids.is_empty()) {

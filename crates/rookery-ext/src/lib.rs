@@ -14,6 +14,7 @@ pub mod last;
 pub mod ping;
 pub mod private;
 pub mod register;
+pub mod time;
 pub mod vcard;
 pub mod version;
 
@@ -52,6 +53,7 @@ pub fn all(config: &ExtConfig) -> Vec<Arc<dyn Extension>> {
         Arc::new(version::Version {
             show_os: config.show_os,
         }),
+        Arc::new(time::EntityTime),
         Arc::new(last::LastActivity),
         Arc::new(vcard::VCard),
         Arc::new(private::Private {

@@ -58,6 +58,21 @@ impl Router {
             ));
             return;
         };
+        if let Some(to) = &to
+            && !self.is_local(to)
+        {
+            // No server-to-server yet: like messages and iqs (RFC 6120
+            // 10.4.3), so that a client joining a room elsewhere hears back.
+            if !matches!(kind, PresenceType::Unavailable | PresenceType::Error) {
+                session.outbox.push(error_reply(
+                    &presence,
+                    ErrorCondition::REMOTE_SERVER_NOT_FOUND,
+                    None,
+                    None,
+                ));
+            }
+            return;
+        }
         match (to, kind) {
             (None, PresenceType::Available | PresenceType::Unavailable) => {
                 self.handle_broadcast_presence(session, presence).await
@@ -238,12 +253,22 @@ impl Router {
         }
     }
 
-    /// A client's explicit probe: answered if the user is subscribed to the contact.
+    /// A client's explicit probe: answered if the user is subscribed to the
+    /// contact; else (no subscription, or no such account) with
+    /// `unsubscribed`, as RFC 6121 4.3.2 recommends.
     async fn answer_probe(&self, session: &mut Session, contact: &BareJid) {
         let subscribed = *contact == session.user()
             || matches!(self.store.roster_item(&session.user(), contact).await, Ok(Some(item)) if item.subscription.has_to());
         if subscribed {
             self.answer_probe_for(session, contact).await;
+        } else if !self
+            .blocks(&session.user(), &Jid::from(contact.clone()))
+            .await
+        {
+            let mut answer =
+                self.subscription_presence(contact, &session.user(), PresenceType::Unsubscribed);
+            set_attr(&mut answer, "to", session.jid.to_string());
+            self.accept_delivery(session, answer);
         }
     }
 
@@ -518,8 +543,21 @@ impl Router {
         }
     }
 
-    /// Makes `contact` see `user` as gone, whatever the subscription (blocking).
-    pub async fn hide_presence(&self, user: &BareJid, contact: &Jid) {
+    /// True if `contact` receives `user`'s presence by subscription.
+    async fn sees_presence(&self, user: &BareJid, contact: &Jid) -> bool {
+        matches!(
+            self.store.roster_item(user, &contact.to_bare()).await,
+            Ok(Some(item)) if item.subscription.has_from()
+        )
+    }
+
+    /// Makes `contact`, just blocked, see `user` as gone (XEP-0191 3.3): only
+    /// if it was getting the user's presence, by subscription or (`directed`)
+    /// directed presence; anyone else learns nothing, not even a resource.
+    pub async fn hide_presence(&self, user: &BareJid, contact: &Jid, directed: bool) {
+        if !directed && !self.sees_presence(user, contact).await {
+            return;
+        }
         for route in self.bus.routes(user) {
             if route.info.available() {
                 let mut presence = unavailable_from(route.jid.as_str());
@@ -529,6 +567,14 @@ impl Router {
                 self.send_each(&rules::presence_to_bare(&contact_routes), &presence)
                     .await;
             }
+        }
+    }
+
+    /// Gives `contact`, just unblocked, `user`'s current presence if it is
+    /// subscribed to it (XEP-0191 3.4).
+    pub async fn show_presence(&self, user: &BareJid, contact: &Jid) {
+        if self.sees_presence(user, contact).await {
+            self.send_current_presence(user, &contact.to_bare()).await;
         }
     }
 }

@@ -718,6 +718,7 @@ async fn server_services_disco_version_ping_last_and_caps() {
     for expected in [
         "urn:xmpp:ping",
         "jabber:iq:version",
+        "urn:xmpp:time",
         "jabber:iq:last",
         "vcard-temp",
         "jabber:iq:private",
@@ -757,6 +758,22 @@ async fn server_services_disco_version_ping_last_and_caps() {
         .unwrap()
         .text();
     assert_eq!(name, "Rookery");
+    // XEP-0202: the server's clock, in UTC.
+    let time = alice
+        .iq("<iq type='get' to='localhost'><time xmlns='urn:xmpp:time'/></iq>")
+        .await;
+    let time = xmpp_parsers::time::TimeResult::try_from(
+        time.get_child("time", "urn:xmpp:time")
+            .expect("a time answer")
+            .clone(),
+    )
+    .expect("a valid entity time");
+    assert_eq!(time.tz_offset.local_minus_utc(), 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((time.utc.timestamp() - now).abs() < 60, "{}", time.utc);
     let ping = alice
         .iq("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
         .await;
@@ -1002,6 +1019,13 @@ async fn blocking_command() {
     laptop
         .expect(|e| e.has_child("unblock", "urn:xmpp:blocking"))
         .await;
+    // XEP-0191 3.4: bob, subscribed, sees alice's resources again at once.
+    for resource in ["alice@localhost/phone", "alice@localhost/laptop"] {
+        bob.expect(|e| {
+            e.name() == "presence" && e.attr("type").is_none() && e.attr("from") == Some(resource)
+        })
+        .await;
+    }
     bob.send("<message to='alice@localhost/phone' type='chat'><body>back</body></message>")
         .await;
     assert_eq!(body(&alice.expect_message().await), "back");
@@ -1009,6 +1033,71 @@ async fn blocking_command() {
         .iq("<iq type='set'><block xmlns='urn:xmpp:blocking'/></iq>")
         .await;
     assert_eq!(error_condition(&bad), "bad-request");
+}
+
+#[tokio::test]
+async fn blocking_someone_who_gets_no_presence_tells_them_nothing() {
+    let server = server_with(&["alice", "mallory"]).await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
+    let mut mallory = TestClient::online(server.starttls(), "mallory", "secret", "x").await;
+    alice.iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='mallory@localhost'/></block></iq>").await;
+    // XEP-0191 3.3: no unavailable presence (and so no resource) to someone
+    // who was not getting alice's presence.
+    mallory.assert_none(SHORT, |e| e.name() == "presence").await;
+    // Directed presence counts: unblocked, then sent presence, then blocked again.
+    alice
+        .iq("<iq type='set'><unblock xmlns='urn:xmpp:blocking'/></iq>")
+        .await;
+    alice.send("<presence to='mallory@localhost/x'/>").await;
+    mallory.expect_presence_from("alice@localhost/phone").await;
+    alice.iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='mallory@localhost'/></block></iq>").await;
+    mallory
+        .expect(|e| {
+            e.attr("type") == Some("unavailable") && e.attr("from") == Some("alice@localhost/phone")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_probe_without_a_subscription_is_answered_unsubscribed() {
+    let server = server_with(&["alice", "bob"]).await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
+    let _bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
+    // RFC 6121 4.3.2: not subscribed, and no such account, both answered so.
+    for contact in ["bob@localhost", "nobody@localhost"] {
+        alice
+            .send(&format!("<presence type='probe' to='{contact}'/>"))
+            .await;
+        let answer = alice
+            .expect(|e| e.name() == "presence" && e.attr("from") == Some(contact))
+            .await;
+        assert_eq!(answer.attr("type"), Some("unsubscribed"), "{contact}");
+    }
+    alice
+        .assert_none(SHORT, |e| {
+            e.name() == "presence" && e.attr("from") == Some("bob@localhost/desk")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn presence_to_a_domain_not_served_here_is_refused() {
+    let server = server_with(&["alice"]).await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "phone").await;
+    // A room at a service that does not exist: the client hears back.
+    alice
+        .send("<presence id='join' to='room@conference.elsewhere.example/alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
+        .await;
+    let error = alice.expect(|e| e.attr("id") == Some("join")).await;
+    assert_eq!(error.attr("type"), Some("error"));
+    assert_eq!(error_condition(&error), "remote-server-not-found");
+    // Leaving (unavailable) is not answered.
+    alice
+        .send("<presence id='leave' type='unavailable' to='room@conference.elsewhere.example/alice'/>")
+        .await;
+    alice
+        .assert_none(SHORT, |e| e.attr("id") == Some("leave"))
+        .await;
 }
 
 #[tokio::test]

@@ -149,8 +149,10 @@ fn main() -> ExitCode {
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .with_context(|| format!("invalid log.level {:?}", config.log.level))?;
+    // Colours only for a person at a terminal, not in files and journals.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
@@ -244,7 +246,10 @@ fn password(given: Option<String>) -> anyhow::Result<String> {
     if let Some(password) = given {
         return Ok(password);
     }
-    eprint!("Password: ");
+    // A prompt only for a person: piped in, the password needs none.
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("Password: ");
+    }
     let mut line = String::new();
     std::io::stdin()
         .lock()

@@ -148,6 +148,8 @@ fn user_administration() {
         });
     let add = add.unwrap();
     assert!(add.status.success(), "{}", stderr(&add));
+    // Piped in, the password needs no prompt (it would end up mid-line).
+    assert!(!stderr(&add).contains("Password:"), "{}", stderr(&add));
     assert!(
         run(
             dir.path(),
@@ -236,6 +238,10 @@ async fn serve_logs_in_clients_and_stops_on_sigterm() {
     assert!(status.status.success(), "exit status {:?}", status.status);
     let log = String::from_utf8_lossy(&status.stderr);
     assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal"
+    );
+    assert!(
         log.contains("Rookery starting.") && log.contains("version"),
         "the first line names the version: {log}"
     );
@@ -243,4 +249,51 @@ async fn serve_logs_in_clients_and_stops_on_sigterm() {
         log.contains("SIGTERM received.") && log.contains("Stopped."),
         "{log}"
     );
+}
+
+#[test]
+fn the_generated_certificate_is_named_after_the_domain() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let (starttls, direct, http) = (free_port(), free_port(), free_port());
+    let config = format!(
+        "[server]\ndomain = \"chat.example\"\ndata_dir = \"data\"\n[c2s]\nstarttls_listen = \"127.0.0.1:{starttls}\"\ndirect_tls_listen = \"127.0.0.1:{direct}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n"
+    );
+    std::fs::write(dir.path().join("rookery.toml"), config).unwrap();
+    let mut server = rookery(dir.path(), &["serve"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cert = dir.path().join("data/tls/cert.pem");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", starttls)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let pem = std::fs::read_to_string(cert).unwrap();
+    let body: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    let contains = |text: &[u8]| der.windows(text.len()).any(|window| window == text);
+    // Subject and issuer name the domain, not the generator.
+    assert!(contains(b"chat.example"));
+    assert!(contains(b"Rookery (self-signed)"));
+    assert!(!contains(b"rcgen"));
+    // Valid for ten years from the start of this one (UTCTime YYMMDDhhmmssZ).
+    let year = 1970
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_556_952;
+    for year in [year, year + 10] {
+        let time = format!("{:02}0101000000Z", year % 100);
+        assert!(contains(time.as_bytes()), "no validity bound {time}");
+    }
 }
