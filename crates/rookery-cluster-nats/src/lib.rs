@@ -120,6 +120,29 @@ impl View {
         self.revisions.insert(jid, revision);
     }
 
+    /// Forgets the routes of JIDs the registry lacks (`registered`: those
+    /// it holds), except this node's live sessions (`local`): a registry
+    /// made again by a peer after NATS lost its store lacks them until this
+    /// node registers them anew, from this view (`restore_state`).
+    fn forget_unregistered(&mut self, registered: &HashSet<FullJid>, node: NodeId, local: &Local) {
+        let stale: Vec<FullJid> = self
+            .users
+            .values()
+            .flatten()
+            .filter(|route| !registered.contains(&route.jid))
+            .filter(|route| {
+                route.node != node
+                    || local
+                        .get(&route.jid)
+                        .is_none_or(|(own, _)| *own != route.session)
+            })
+            .map(|route| route.jid.clone())
+            .collect();
+        for jid in stale {
+            self.remove(&jid);
+        }
+    }
+
     fn remove(&mut self, jid: &FullJid) {
         let bare = jid.to_bare();
         if let Some(routes) = self.users.get_mut(&bare) {
@@ -131,6 +154,9 @@ impl View {
         self.revisions.remove(jid);
     }
 }
+
+/// This node's sessions: session instance and inbox by full JID.
+type Local = foldhash::HashMap<FullJid, (SessionId, Mailbox)>;
 
 /// A live node as known from its heartbeats.
 #[derive(Debug, Clone)]
@@ -151,7 +177,7 @@ pub struct NatsBus {
     deliveries: stream::Stream,
     view: RwLock<View>,
     /// Sessions on this node: the session instance and its inbox.
-    local: RwLock<foldhash::HashMap<FullJid, (SessionId, Mailbox)>>,
+    local: RwLock<Local>,
     /// Full JIDs whose bind is being written to the registry: a deletion seen
     /// meanwhile is the end of an earlier session (its revision is older than
     /// the write under way), not a peer removing the new one.
@@ -552,6 +578,11 @@ impl NatsBus {
         *self.registry_created.lock().expect("registry lock") = Some(info);
         self.rewatch.notify_one();
         tracing::warn!(registered, "The cluster's state is back.");
+        // Until now peers could not see these sessions, and stored what they
+        // had for them.
+        if let Some(recovery) = self.recovery() {
+            recovery.registered_anew();
+        }
     }
 
     /// True once this node has been on NATS for a whole failure timeout: only
@@ -1141,19 +1172,12 @@ async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::onesh
                 let empty = tokio::time::timeout(PUBLISH_TIMEOUT, bus.registry_info()).await;
                 if matches!(empty, Ok(Ok(Some(info))) if info.state.messages == 0) {
                     seen = None;
-                    // Nothing registered: whatever the view has of peers is stale.
+                    // Nothing registered: the view is stale.
+                    // (The view's lock before the sessions', as everywhere.)
                     let mut view = bus.view.write().expect("view lock");
-                    let stale: Vec<FullJid> = view
-                        .users
-                        .values()
-                        .flatten()
-                        .filter(|route| route.node != bus.node)
-                        .map(|route| route.jid.clone())
-                        .collect();
-                    for jid in stale {
-                        view.remove(&jid);
-                    }
-                    drop(view);
+                    let local = bus.local.read().expect("local lock");
+                    view.forget_unregistered(&HashSet::new(), bus.node, &local);
+                    drop((local, view));
                     if let Some(loaded) = loaded.take() {
                         let _ = loaded.send(());
                     }
@@ -1170,17 +1194,10 @@ async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::onesh
                     }
                     if entry.delta == 0 {
                         if let Some(seen) = seen.take() {
-                            // Caught up: whatever the view still has that the registry lacks is stale.
+                            // Caught up: what the view has that the registry lacks is stale.
                             let mut view = bus.view.write().expect("view lock");
-                            let stale: Vec<FullJid> = view
-                                .revisions
-                                .keys()
-                                .filter(|jid| !seen.contains(*jid))
-                                .cloned()
-                                .collect();
-                            for jid in stale {
-                                view.remove(&jid);
-                            }
+                            let local = bus.local.read().expect("local lock");
+                            view.forget_unregistered(&seen, bus.node, &local);
                         }
                         if let Some(loaded) = loaded.take() {
                             let _ = loaded.send(());
@@ -2027,5 +2044,60 @@ impl Bus for NatsBus {
                         .expect("readiness lock")
                         .is_none_or(|since| since.elapsed() < NOT_READY_AFTER)
                 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(jid: &str, session: u64, node: NodeId) -> Route {
+        Route {
+            jid: FullJid::new(jid).expect("a full JID"),
+            session: SessionId(session),
+            node,
+            info: RouteInfo::default(),
+            mailbox: None,
+        }
+    }
+
+    fn jids(view: &View) -> Vec<String> {
+        let mut jids: Vec<String> = view.revisions.keys().map(|jid| jid.to_string()).collect();
+        jids.sort();
+        jids
+    }
+
+    /// A registry a peer made again after NATS lost its store holds the
+    /// peer's sessions only: this node keeps its own live ones (and
+    /// registers them anew), but forgets what it no longer holds.
+    #[test]
+    fn a_registry_lacking_this_node_s_live_sessions_does_not_make_them_stale() {
+        const HERE: NodeId = 1;
+        const PEER: NodeId = 2;
+        let mut view = View::default();
+        view.upsert(route("alice@localhost/a", 10, HERE), 5);
+        view.upsert(route("alice@localhost/old", 11, HERE), 6);
+        view.upsert(route("bob@localhost/b", 20, PEER), 7);
+        view.upsert(route("carol@localhost/c", 30, PEER), 8);
+        let mut local = Local::default();
+        local.insert(
+            FullJid::new("alice@localhost/a").expect("a full JID"),
+            (SessionId(10), Mailbox::new().0),
+        );
+        // A newer session of the same JID is local now: the route's is over.
+        local.insert(
+            FullJid::new("alice@localhost/old").expect("a full JID"),
+            (SessionId(12), Mailbox::new().0),
+        );
+        let registered: HashSet<FullJid> =
+            [FullJid::new("bob@localhost/b").expect("a full JID")].into();
+
+        view.forget_unregistered(&registered, HERE, &local);
+        assert_eq!(jids(&view), ["alice@localhost/a", "bob@localhost/b"]);
+        assert_eq!(view.users.len(), 2, "no user is left without routes");
+
+        // An empty registry: only the live local session stays.
+        view.forget_unregistered(&HashSet::new(), HERE, &local);
+        assert_eq!(jids(&view), ["alice@localhost/a"]);
     }
 }

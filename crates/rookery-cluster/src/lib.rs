@@ -422,6 +422,9 @@ pub trait Recovery: Send + Sync {
     async fn reroute(&self, to: FullJid, stanza: Element);
     /// A session vanished with its node: its contacts learn it is gone.
     async fn session_lost(&self, route: Route);
+    /// This node's sessions were registered anew after the registry was
+    /// lost: peers that could not see them meanwhile stored their messages.
+    fn registered_anew(&self);
 }
 
 /// Takes over a session on this node through its inbox.

@@ -670,6 +670,14 @@ impl rookery_cluster::Recovery for Router {
         }
         tracing::info!(jid = %route.jid, "Session lost with its node.");
     }
+
+    fn registered_anew(&self) {
+        let users = self.defer_local_users();
+        tracing::info!(
+            users,
+            "Sessions registered anew; looking for what was stored for their users meanwhile."
+        );
+    }
 }
 
 /// Removes addressing a client must not set on a stanza we keep or forward.

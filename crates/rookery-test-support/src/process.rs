@@ -99,12 +99,13 @@ impl NodeProcess {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// How many lines of the log contain `text`.
+    /// How many lines of the log contain `text` (colours left out, so
+    /// that `key=value` matches a field).
     pub fn log_count(&self, text: &str) -> usize {
         std::fs::read_to_string(self.log_path())
             .unwrap_or_default()
             .lines()
-            .filter(|line| line.contains(text))
+            .filter(|line| rookery_bench::check::strip_ansi(line).contains(text))
             .count()
     }
 

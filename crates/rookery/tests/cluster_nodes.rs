@@ -256,12 +256,7 @@ async fn no_acknowledged_message_is_lost_when_a_node_is_killed() {
 #[tokio::test]
 async fn losing_one_of_three_nats_servers_does_not_interrupt_service() {
     let mut nats = NatsCluster::start(3);
-    let cluster = ProcessCluster::start(binary(), nats.urls(), 2, |_, config| {
-        if let Some(cluster) = &mut config.cluster {
-            cluster.nats_replicas = 3;
-        }
-    })
-    .await;
+    let cluster = on_three_nats_servers(&nats, 2).await;
     let users = names("user", 40);
     cluster.create_users(&users, "secret");
     cluster.nodes[0].import_users("alice secret\nbob secret\n");
@@ -281,6 +276,16 @@ async fn losing_one_of_three_nats_servers_does_not_interrupt_service() {
     let report = chat.finish(Duration::from_secs(60)).await;
     assert_nothing_lost(&report);
     assert_eq!(report.reconnects, 0, "clients were disconnected: {report}");
+}
+
+/// `size` nodes on a three-server NATS cluster, with three replicas.
+async fn on_three_nats_servers(nats: &NatsCluster, size: usize) -> ProcessCluster {
+    ProcessCluster::start(binary(), nats.urls(), size, |_, config| {
+        if let Some(cluster) = &mut config.cluster {
+            cluster.nats_replicas = 3;
+        }
+    })
+    .await
 }
 
 /// Waits until `GET /ready` on `node` answers `status`.
@@ -390,6 +395,128 @@ async fn nats_back_with_an_empty_store_heals_every_node_without_a_restart() {
     dave.send("<message to='empty3@localhost/c' type='chat'><body>hello</body></message>")
         .await;
     assert_eq!(body(&carol.expect_message().await), "hello");
+}
+
+/// Makes the session registry again as a peer that noticed the loss first
+/// does: the bucket's stream, holding one entry that is not this test's
+/// nodes' (a peer registers its own sessions there at once).
+async fn registry_made_by_a_peer(urls: &[String]) {
+    use async_nats::jetstream::stream;
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .iter()
+        .map(|url| url.parse().expect("a NATS URL"))
+        .collect();
+    let client = async_nats::connect(servers).await.expect("NATS answers");
+    let jetstream = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let made = jetstream
+            .get_or_create_stream(stream::Config {
+                name: "KV_rookery_sessions".into(),
+                subjects: vec!["$KV.rookery_sessions.>".into()],
+                max_messages_per_subject: 1,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                num_replicas: urls.len(),
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await;
+        if made.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream did not come back: {made:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    jetstream
+        .publish("$KV.rookery_sessions.a-peer-s-session", "{}".into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+}
+
+/// Waits until every node of `nodes` logged "The cluster's state is back."
+/// more than `before[i]` times; returns the counts.
+async fn wait_state_back(nodes: &[&NodeProcess], before: &[usize]) -> Vec<usize> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut counts = Vec::new();
+    for (node, before) in nodes.iter().zip(before) {
+        loop {
+            let count = node.log_count("The cluster's state is back.");
+            if count > *before {
+                counts.push(count);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not notice: {}",
+                node.name,
+                node.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_registry_made_anew_by_a_peer_keeps_this_node_s_own_sessions() {
+    // Three NATS servers and three replicas: a node waits three checks
+    // before it makes the state again, and its registry watch may restart
+    // meanwhile on the registry a peer made first.
+    let mut nats = NatsCluster::start(3);
+    let cluster = on_three_nats_servers(&nats, 2).await;
+    cluster.create_users(&names("anew", 2), "secret");
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut alice = TestClient::online(first.starttls, "anew1", "secret", "a").await;
+    let mut bob = TestClient::online(second.starttls, "anew2", "secret", "b").await;
+    let nodes = [first, second];
+
+    // NATS loses its store; the nodes make the state again, and restart
+    // their registry watches...
+    for server in &mut nats.servers {
+        server.kill();
+    }
+    for server in &mut nats.servers {
+        server.restart_empty();
+    }
+    let counts = wait_state_back(&nodes, &[0, 0]).await;
+    // ... which find NATS gone again, and then a registry a peer made.
+    for server in &mut nats.servers {
+        server.kill();
+    }
+    for server in &mut nats.servers {
+        server.restart_empty();
+    }
+    registry_made_by_a_peer(&nats.urls()).await;
+    // Sent while neither node has registered its session anew: stored,
+    // then handed over once bob's node has.
+    alice
+        .send("<message to='anew2@localhost' type='chat'><body>meanwhile</body></message>")
+        .await;
+    wait_state_back(&nodes, &counts).await;
+    for node in nodes {
+        assert_eq!(
+            node.log_count("registered=0"),
+            0,
+            "{} forgot its own session: {}",
+            node.name,
+            node.log_tail(40)
+        );
+    }
+    assert_eq!(body(&bob.expect_message().await), "meanwhile");
+    alice
+        .send("<message to='anew2@localhost/b' type='chat'><body>across</body></message>")
+        .await;
+    assert_eq!(body(&bob.expect_message().await), "across");
+    bob.send("<message to='anew1@localhost/a' type='chat'><body>back</body></message>")
+        .await;
+    assert_eq!(body(&alice.expect_message().await), "back");
 }
 
 /// The `replayed=` counts of the cleanups a node's log reports, in order.
