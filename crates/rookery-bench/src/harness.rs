@@ -174,6 +174,8 @@ pub struct Nats {
     /// Client port.
     pub port: u16,
     cluster_port: u16,
+    /// Monitoring (HTTP) port: `/healthz`.
+    monitor_port: u16,
     routes: Vec<u16>,
     name: String,
     dir: PathBuf,
@@ -185,19 +187,20 @@ pub struct Nats {
 impl Nats {
     /// `count` servers (1, or a cluster of 3) with their stores under `dir`.
     pub fn start_all(dir: &Path, count: usize) -> anyhow::Result<Vec<Nats>> {
-        let ports: Vec<(u16, u16)> = (0..count)
-            .map(|_| Ok((free_port()?, free_port()?)))
+        let ports: Vec<(u16, u16, u16)> = (0..count)
+            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
             .collect::<anyhow::Result<_>>()?;
         let mut servers = Vec::new();
-        for (index, (port, cluster_port)) in ports.iter().enumerate() {
+        for (index, (port, cluster_port, monitor_port)) in ports.iter().enumerate() {
             let routes = if count > 1 {
-                ports.iter().map(|(_, cluster)| *cluster).collect()
+                ports.iter().map(|(_, cluster, _)| *cluster).collect()
             } else {
                 Vec::new()
             };
             let mut server = Nats {
                 port: *port,
                 cluster_port: *cluster_port,
+                monitor_port: *monitor_port,
                 routes,
                 name: format!("nats{index}"),
                 dir: dir.join(format!("nats{index}")),
@@ -221,6 +224,7 @@ impl Nats {
         command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
             .args(["-n", &self.name])
+            .args(["-m", &self.monitor_port.to_string()])
             .arg("-sd")
             .arg(&store)
             .stdin(Stdio::null())
@@ -246,6 +250,14 @@ impl Nats {
                 .context("nats-server is installed (Debian package nats-server)")?,
         );
         Ok(())
+    }
+
+    /// True when the server answers `/healthz` with 200: running, and with
+    /// JetStream current (every stream and consumer it holds a replica of
+    /// caught up with its group).
+    pub async fn healthy(&self) -> bool {
+        let address = SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
+        http_status(address, "/healthz").await == Some(200)
     }
 
     /// Its client URL.

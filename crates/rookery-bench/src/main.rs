@@ -472,9 +472,10 @@ async fn main() -> anyhow::Result<()> {
             let report = rookery_bench::check::run(&settings).await?;
             emit(&cli, &report)?;
             eprintln!(
-                "check: seed {seed}: {} faults; {}; inversions away from faults {}; {}",
+                "check: seed {seed}: {} faults; {}; of the lost, with a lone NATS server's store {}; inversions away from faults {}; {}",
                 report.faults.len(),
                 report.chat,
+                report.lost_with_nats_store,
                 report.inversions_away_from_faults,
                 if report.passed() { "passed" } else { "FAILED" }
             );

@@ -8,7 +8,7 @@
 //! server, and every arrival. A message the server acknowledged that never
 //! reached its recipient is **lost**; one that arrived twice is a duplicate.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,7 +140,8 @@ pub struct Inversion {
 #[derive(Debug, Default)]
 struct Book {
     sent: HashMap<u64, Sent>,
-    acknowledged: HashSet<u64>,
+    /// When the server acknowledged each message.
+    acknowledged: HashMap<u64, Duration>,
     arrivals: HashMap<u64, u32>,
     latencies: Vec<Duration>,
     misdelivered: u64,
@@ -195,7 +196,11 @@ impl Ledger {
     }
 
     fn record_acknowledged(&self, seqs: impl IntoIterator<Item = u64>) {
-        self.book().acknowledged.extend(seqs);
+        let now = self.epoch.elapsed();
+        let mut book = self.book();
+        for seq in seqs {
+            book.acknowledged.entry(seq).or_insert(now);
+        }
     }
 
     fn record_arrival(&self, seq: u64, at: &str) {
@@ -230,6 +235,17 @@ impl Ledger {
         }
     }
 
+    /// When each lost message (acknowledged, never delivered) was
+    /// acknowledged, since the start of the run.
+    pub fn lost_acknowledged_at(&self) -> Vec<Duration> {
+        let book = self.book();
+        book.acknowledged
+            .iter()
+            .filter(|(seq, _)| !book.arrivals.contains_key(seq))
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
     /// When the run started (message times count from here).
     pub fn epoch(&self) -> Instant {
         self.epoch
@@ -260,7 +276,7 @@ impl Ledger {
         book.acknowledged.len() == book.sent.len()
             && book
                 .acknowledged
-                .iter()
+                .keys()
                 .all(|seq| book.arrivals.contains_key(seq))
     }
 
@@ -269,7 +285,7 @@ impl Ledger {
         let book = self.book();
         let mut lost: Vec<u64> = book
             .acknowledged
-            .iter()
+            .keys()
             .filter(|seq| !book.arrivals.contains_key(seq))
             .copied()
             .collect();
@@ -292,7 +308,9 @@ impl Ledger {
             unconfirmed: book
                 .sent
                 .keys()
-                .filter(|seq| !book.acknowledged.contains(seq) && !book.arrivals.contains_key(seq))
+                .filter(|seq| {
+                    !book.acknowledged.contains_key(seq) && !book.arrivals.contains_key(seq)
+                })
                 .count() as u64,
             misdelivered: book.misdelivered,
             inversions: book.inversions.len() as u64,
@@ -389,6 +407,11 @@ impl Chat {
     /// The ledger, for progress while it runs.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// The ledger, to read after [`finish`](Chat::finish).
+    pub fn shared_ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
     }
 
     /// Stops sending, waits (at most `settle`) until every message is

@@ -7,9 +7,10 @@
 //! faults may overtake an earlier one. The seed is printed; set
 //! `ROOKERY_CHECK_SEED` to replay a schedule.
 //!
-//! One NATS server here; rounds on three (`rookery-bench check --nats 3`)
-//! lost messages until the last fixes and have only one clean long run
-//! since (docs/cluster.md, "The fault checker"), so they stay out of CI for now.
+//! One NATS server here. Rounds on three (`rookery-bench check --nats 3`)
+//! stay out of CI until the loss of the last long run on three servers is
+//! explained (docs/cluster.md, "The fault checker"). On a lone server, what
+//! it held when it lost its store is counted apart (`lost_with_nats_store`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -59,7 +60,7 @@ async fn check(nats: usize) {
     assert_eq!(report.faults.len(), FaultKind::ALL.len(), "one round");
     assert!(report.chat.sent > 0, "nothing was sent");
     assert_eq!(
-        report.chat.lost, 0,
+        report.chat.lost, report.lost_with_nats_store,
         "acknowledged messages were lost (seed {}): {}",
         settings.seed, report.chat
     );
