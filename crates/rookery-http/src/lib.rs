@@ -151,7 +151,8 @@ impl Transport for WsTransport {
     async fn recv(&mut self, _buffer: &mut BytesMut) -> io::Result<Received> {
         loop {
             return match self.socket.recv().await {
-                None | Some(Ok(Message::Close(_))) => Ok(Received::Eof),
+                None => Ok(Received::Eof),
+                Some(Ok(Message::Close(_))) => Ok(Received::Closed),
                 Some(Ok(Message::Text(text))) => Ok(Received::Frame(Bytes::from(text))),
                 Some(Ok(Message::Binary(data))) => Ok(Received::Frame(data)),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,

@@ -301,6 +301,7 @@ impl<T: Transport> Connection<T> {
                     self.throttle(frame.len(), now);
                 }
                 Wake::Input(Ok(Received::Eof)) => self.stream.handle_eof(now.into_std()),
+                Wake::Input(Ok(Received::Closed)) => self.stream.handle_close(now.into_std()),
                 Wake::Input(Err(error)) => {
                     tracing::debug!(%error, "Read failed.");
                     self.stream.handle_eof(now.into_std());

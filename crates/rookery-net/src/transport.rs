@@ -26,6 +26,11 @@ pub enum Received {
     Frame(Bytes),
     /// The peer closed the connection.
     Eof,
+    /// The peer closed the connection on purpose without closing the stream
+    /// (a WebSocket close frame without `<close/>`: a browser tab closed).
+    /// The session ends as if the stream were closed: nothing waits for a
+    /// resumption. A connection that just drops ends in [`Received::Eof`].
+    Closed,
 }
 
 /// A connection the session task drives.

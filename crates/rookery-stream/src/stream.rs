@@ -370,6 +370,13 @@ impl ServerStream {
         }
     }
 
+    /// The transport was closed on purpose without the stream being closed
+    /// (a WebSocket close frame): ends the stream as a clean close does.
+    pub fn handle_close(&mut self, now: Instant) {
+        self.now = now;
+        self.handle_peer_close();
+    }
+
     /// Advances the clock: negotiation, stanza and idle timeouts, pings and keep-alives.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;

@@ -259,3 +259,36 @@ async fn websocket_frames_larger_than_a_stanza_end_the_connection() {
     send(&mut ws, OPEN).await;
     assert!(recv(&mut ws).await.starts_with("<open"));
 }
+
+/// A browser that closes its WebSocket (a tab closed, a page left) without
+/// `<close/>` ends its session at once: nothing waits the five minutes of
+/// stream management for a resumption that will not come, so its contacts
+/// do not see it online meanwhile. (A connection that drops without a
+/// close frame stays resumable.)
+#[tokio::test]
+async fn a_websocket_closed_by_the_browser_ends_the_session_at_once() {
+    let server = TestServer::start().await;
+    server.create_user("alice", "secret").await;
+    let mut ws = ws_online(&server, "alice", "web").await;
+    send(&mut ws, "<enable xmlns='urn:xmpp:sm:3' resume='true'/>").await;
+    let enabled: minidom::Element = recv(&mut ws).await.parse().expect("an element");
+    assert_eq!(enabled.name(), "enabled");
+    let previd = enabled.attr("id").expect("resumable").to_owned();
+    ws.close(None).await.expect("a close frame");
+    while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await
+    {
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let mut again = TestClient::connect(server.starttls()).await;
+    again.open().await;
+    again.starttls().await;
+    again
+        .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
+        .await
+        .expect("authenticated");
+    assert_eq!(
+        again.resume(&previd, 0).await,
+        Err("item-not-found".to_owned())
+    );
+}
