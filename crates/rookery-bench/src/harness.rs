@@ -510,10 +510,10 @@ impl Drop for Node {
     }
 }
 
-/// `binary` to run on its configuration file alone: `ROOKERY_*` variables
-/// of the caller's environment (`ROOKERY_CHECK_SEED`, ...) would be read as
-/// configuration overrides.
-fn rookery(binary: &Path) -> Command {
+/// The `rookery` `binary`, to run on its configuration file alone:
+/// `ROOKERY_*` variables of the caller's environment (`ROOKERY_CHECK_SEED`,
+/// `ROOKERY_TEST_POSTGRES_URL`, ...) would be read as configuration overrides.
+pub fn rookery(binary: &Path) -> Command {
     let mut command = Command::new(binary);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ROOKERY_") {

@@ -151,6 +151,17 @@ struct Book {
     inversions: Vec<Inversion>,
 }
 
+impl Book {
+    /// The lost messages (acknowledged, never delivered), with when each
+    /// was acknowledged.
+    fn lost(&self) -> impl Iterator<Item = (u64, Duration)> + '_ {
+        self.acknowledged
+            .iter()
+            .filter(|(seq, _)| !self.arrivals.contains_key(seq))
+            .map(|(seq, at)| (*seq, *at))
+    }
+}
+
 /// What was sent, acknowledged and delivered.
 #[derive(Debug)]
 pub struct Ledger {
@@ -238,12 +249,7 @@ impl Ledger {
     /// When each lost message (acknowledged, never delivered) was
     /// acknowledged, since the start of the run.
     pub fn lost_acknowledged_at(&self) -> Vec<Duration> {
-        let book = self.book();
-        book.acknowledged
-            .iter()
-            .filter(|(seq, _)| !book.arrivals.contains_key(seq))
-            .map(|(_, at)| *at)
-            .collect()
+        self.book().lost().map(|(_, at)| at).collect()
     }
 
     /// When the run started (message times count from here).
@@ -273,22 +279,13 @@ impl Ledger {
     /// Every message acknowledged, and every acknowledged one delivered.
     pub fn settled(&self) -> bool {
         let book = self.book();
-        book.acknowledged.len() == book.sent.len()
-            && book
-                .acknowledged
-                .keys()
-                .all(|seq| book.arrivals.contains_key(seq))
+        book.acknowledged.len() == book.sent.len() && book.lost().next().is_none()
     }
 
     /// The counts now.
     pub fn report(&self) -> Report {
         let book = self.book();
-        let mut lost: Vec<u64> = book
-            .acknowledged
-            .keys()
-            .filter(|seq| !book.arrivals.contains_key(seq))
-            .copied()
-            .collect();
+        let mut lost: Vec<u64> = book.lost().map(|(seq, _)| seq).collect();
         lost.sort_unstable();
         let mut latencies = book.latencies.clone();
         latencies.sort_unstable();

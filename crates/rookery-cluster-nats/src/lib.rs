@@ -129,13 +129,7 @@ impl View {
             .users
             .values()
             .flatten()
-            .filter(|route| !registered.contains(&route.jid))
-            .filter(|route| {
-                route.node != node
-                    || local
-                        .get(&route.jid)
-                        .is_none_or(|(own, _)| *own != route.session)
-            })
+            .filter(|route| !registered.contains(&route.jid) && !is_live_here(route, node, local))
             .map(|route| route.jid.clone())
             .collect();
         for jid in stale {
@@ -157,6 +151,15 @@ impl View {
 
 /// This node's sessions: session instance and inbox by full JID.
 type Local = foldhash::HashMap<FullJid, (SessionId, Mailbox)>;
+
+/// True when `route` is a live session of this node (`node`): `local` holds
+/// that very session instance.
+fn is_live_here(route: &Route, node: NodeId, local: &Local) -> bool {
+    route.node == node
+        && local
+            .get(&route.jid)
+            .is_some_and(|(own, _)| *own == route.session)
+}
 
 /// A live node as known from its heartbeats.
 #[derive(Debug, Clone)]
@@ -544,12 +547,7 @@ impl NatsBus {
             view.users
                 .values()
                 .flatten()
-                .filter(|route| {
-                    route.node == self.node
-                        && local
-                            .get(&route.jid)
-                            .is_some_and(|(own, _)| *own == route.session)
-                })
+                .filter(|route| is_live_here(route, self.node, &local))
                 .map(|route| Route::clone(route))
                 .collect()
         };

@@ -205,16 +205,9 @@ impl NodeProcess {
         self.wait_ready().await;
     }
 
-    /// The `rookery` binary, to run on its configuration file alone, whatever
-    /// the test's environment says (`ROOKERY_TEST_POSTGRES_URL` is no key).
+    /// The `rookery` binary, to run on its configuration file alone.
     fn rookery(&self) -> Command {
-        let mut command = Command::new(&self.binary);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ROOKERY_") {
-                command.env_remove(key);
-            }
-        }
-        command
+        rookery_bench::harness::rookery(&self.binary)
     }
 
     /// Runs `rookery` with `args` on this node's configuration; returns its output.

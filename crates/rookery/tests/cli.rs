@@ -9,17 +9,8 @@ use std::time::{Duration, Instant};
 use rookery_test_support::{TestClient, free_port};
 
 fn rookery(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rookery"));
-    command
-        .current_dir(dir)
-        .args(args)
-        .env_remove("ROOKERY_CONFIG")
-        .env("RUST_LOG", "");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("ROOKERY_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = rookery_bench::harness::rookery(Path::new(env!("CARGO_BIN_EXE_rookery")));
+    command.current_dir(dir).args(args).env("RUST_LOG", "");
     command
 }
 

@@ -365,18 +365,7 @@ async fn nats_back_with_an_empty_store_heals_every_node_without_a_restart() {
         wait_ready_status(node, 200, Duration::from_secs(20)).await;
     }
     // Each node notices (a moment after the first) and registers its sessions anew.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for node in [first, second] {
-        while node.log_count("The cluster's state is back.") == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not notice: {}",
-                node.name,
-                node.log_tail(30)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    wait_state_back(&[first, second], &[0, 0], Duration::from_secs(15)).await;
     // Sessions from before the loss are registered anew: routing works both ways.
     alice
         .send("<message to='empty2@localhost/b' type='chat'><body>across</body></message>")
@@ -440,10 +429,10 @@ async fn registry_made_by_a_peer(urls: &[String]) {
         .expect("stored");
 }
 
-/// Waits until every node of `nodes` logged "The cluster's state is back."
-/// more than `before[i]` times; returns the counts.
-async fn wait_state_back(nodes: &[&NodeProcess], before: &[usize]) -> Vec<usize> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits (at most `within`) until every node of `nodes` logged "The
+/// cluster's state is back." more than `before[i]` times; returns the counts.
+async fn wait_state_back(nodes: &[&NodeProcess], before: &[usize], within: Duration) -> Vec<usize> {
+    let deadline = Instant::now() + within;
     let mut counts = Vec::new();
     for (node, before) in nodes.iter().zip(before) {
         loop {
@@ -485,7 +474,7 @@ async fn a_registry_made_anew_by_a_peer_keeps_this_node_s_own_sessions() {
     for server in &mut nats.servers {
         server.restart_empty();
     }
-    let counts = wait_state_back(&nodes, &[0, 0]).await;
+    let counts = wait_state_back(&nodes, &[0, 0], Duration::from_secs(20)).await;
     // ... which find NATS gone again, and then a registry a peer made.
     for server in &mut nats.servers {
         server.kill();
@@ -499,7 +488,7 @@ async fn a_registry_made_anew_by_a_peer_keeps_this_node_s_own_sessions() {
     alice
         .send("<message to='anew2@localhost' type='chat'><body>meanwhile</body></message>")
         .await;
-    wait_state_back(&nodes, &counts).await;
+    wait_state_back(&nodes, &counts, Duration::from_secs(20)).await;
     for node in nodes {
         assert_eq!(
             node.log_count("registered=0"),
