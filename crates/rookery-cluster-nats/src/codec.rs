@@ -143,6 +143,9 @@ pub struct WireSnapshot {
     pub inactive: bool,
     /// Held stanzas, as XML.
     pub held: Vec<String>,
+    /// The id of the last offline message handed out.
+    #[serde(default)]
+    pub offline_after: i64,
 }
 
 impl WireSnapshot {
@@ -160,6 +163,7 @@ impl WireSnapshot {
             directed: snapshot.directed.iter().map(|j| j.to_string()).collect(),
             inactive: snapshot.inactive,
             held: snapshot.held.iter().map(String::from).collect(),
+            offline_after: snapshot.offline_after,
         }
     }
 
@@ -191,6 +195,7 @@ impl WireSnapshot {
                 .collect(),
             inactive: self.inactive,
             held: self.held.into_iter().filter_map(parse).collect(),
+            offline_after: self.offline_after,
             inbox: None,
         })
     }

@@ -1041,11 +1041,20 @@ impl NatsBus {
     /// Notes a delivery handed to a session, to signal it in progress until
     /// it is acknowledged.
     fn hold(&self, receipt: &Receipt) {
-        let now = Instant::now();
-        self.held
-            .lock()
-            .expect("held lock")
-            .insert(receipt.0.clone(), (now, now));
+        if let Receipt::Delivery(reply) = receipt {
+            let now = Instant::now();
+            self.held
+                .lock()
+                .expect("held lock")
+                .insert(reply.clone(), (now, now));
+        }
+    }
+
+    /// Forgets a held delivery: acknowledged, or now held by another node.
+    fn release(&self, receipt: &Receipt) {
+        if let Receipt::Delivery(reply) = receipt {
+            self.held.lock().expect("held lock").remove(reply);
+        }
     }
 
     /// True once this node knows `node` is dead (cleaned up or being cleaned up).
@@ -1440,7 +1449,7 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                         .reply
                         .as_ref()
                         .filter(|_| durable)
-                        .map(|reply| Receipt(reply.to_string()));
+                        .map(|reply| Receipt::Delivery(reply.to_string()));
                     let handed = receipt.is_some();
                     if let Some(receipt) = &receipt {
                         bus.hold(receipt);
@@ -1452,8 +1461,8 @@ async fn consume_deliveries(bus: Arc<NatsBus>) {
                         Ok(()) if handed => continue,
                         Ok(()) => None,
                         Err(Mail::Stanza { stanza, receipt }) => {
-                            if let Some(receipt) = receipt {
-                                bus.held.lock().expect("held lock").remove(&receipt.0);
+                            if let Some(receipt) = &receipt {
+                                bus.release(receipt);
                             }
                             Some(*stanza)
                         }
@@ -1540,11 +1549,8 @@ async fn take_over_here(bus: &NatsBus, jid: &str, session: SessionId) -> Option<
         }
     }
     // The node taking the session over holds its deliveries from now on.
-    {
-        let mut held = bus.held.lock().expect("held lock");
-        for (_, receipt) in &snapshot.receipts {
-            held.remove(&receipt.0);
-        }
+    for (_, receipt) in &snapshot.receipts {
+        bus.release(receipt);
     }
     Some(WireSnapshot::from_snapshot(&snapshot, bus.node))
 }
@@ -1945,10 +1951,13 @@ impl Bus for NatsBus {
     }
 
     async fn acknowledge(&self, receipt: Receipt) {
-        self.held.lock().expect("held lock").remove(&receipt.0);
+        let Receipt::Delivery(reply) = receipt else {
+            return;
+        };
+        self.held.lock().expect("held lock").remove(&reply);
         if let Err(error) = self
             .client
-            .publish(receipt.0, Bytes::from_static(b"+ACK"))
+            .publish(reply, Bytes::from_static(b"+ACK"))
             .await
         {
             tracing::debug!(%error, "Delivery acknowledgement not sent.");

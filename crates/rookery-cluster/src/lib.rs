@@ -266,10 +266,44 @@ impl Mailbox {
     }
 }
 
-/// Proof of a durable delivery, acknowledged through the bus once the stanza is
-/// safe: acknowledged by the client, written out, or rerouted and stored.
+/// Proof of a durable delivery, acknowledged once the stanza is safe:
+/// acknowledged by the client, written out, or rerouted and stored. Until
+/// then the delivery is kept where it came from, so that a node dying in
+/// between loses nothing (it is delivered again: a duplicate, which stream
+/// management allows).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Receipt(pub String);
+// Untagged: a delivery receipt stays a plain string on the wire, as before
+// stored ones existed.
+#[serde(untagged)]
+pub enum Receipt {
+    /// A delivery through the bus, acknowledged through it (NATS: the reply
+    /// subject of the JetStream message).
+    Delivery(String),
+    /// A message read from offline storage, removed from it by the router.
+    Stored(StoredReceipt),
+}
+
+/// A message handed out of offline storage and still kept there.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredReceipt {
+    /// The user it was stored for (a bare JID).
+    pub user: String,
+    /// Its id in storage.
+    pub id: i64,
+    /// A digest of the stanza as handed out ([`stanza_digest`]), to find it
+    /// among what a session ending did not deliver: it is then left in
+    /// storage rather than stored again.
+    pub digest: u64,
+}
+
+/// A digest of a stanza's XML, stable for the same stanza within one build
+/// (and across a take-over, which carries stanzas as XML).
+pub fn stanza_digest(stanza: &Element) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    String::from(stanza).hash(&mut hasher);
+    hasher.finish()
+}
 
 /// Everything a session can be sent.
 #[derive(Debug)]
@@ -318,6 +352,9 @@ pub struct SessionSnapshot {
     pub inactive: bool,
     /// Stanzas held back while inactive.
     pub held: Vec<Element>,
+    /// The id of the last offline message handed to the session (its
+    /// messages above it are still to be read).
+    pub offline_after: i64,
     /// The inbox, with whatever arrived meanwhile, when the session stays on this node.
     pub inbox: Option<Inbox>,
 }
@@ -365,7 +402,8 @@ pub trait Bus: Send + Sync {
     async fn close(&self, route: &Route, error: StreamError);
     /// Takes a session over for a resuming connection.
     async fn take_over(&self, route: &Route) -> Option<SessionSnapshot>;
-    /// A durable delivery is safe: forget it.
+    /// A durable delivery of the bus is safe: forget it. (Receipts of
+    /// stored messages are the router's; the bus ignores them.)
     async fn acknowledge(&self, receipt: Receipt);
     /// Makes a session resumable under `id`.
     async fn register_resumable(

@@ -240,8 +240,13 @@ impl<T: Transport> Connection<T> {
             self.settle_receipts().await;
             if self.wants_offline_page() {
                 let bound = self.bound.as_mut().expect("checked");
-                self.c2s.router.next_offline_page(&mut bound.session).await;
-                self.drain_outbox();
+                let page = self.c2s.router.next_offline_page(&mut bound.session).await;
+                for (stanza, receipt) in page {
+                    let bound = self.bound.as_mut().expect("checked");
+                    self.c2s.router.accept_delivery(&mut bound.session, stanza);
+                    let taken = self.drain_outbox();
+                    self.keep_receipt(receipt, true, taken).await;
+                }
                 continue;
             }
             let timer = [
@@ -646,7 +651,7 @@ impl<T: Transport> Connection<T> {
         let Some(bound) = &mut self.bound else { return };
         if !message {
             // Presence and iq are not kept across failures.
-            return self.c2s.router.bus().acknowledge(receipt).await;
+            return self.c2s.router.acknowledge(vec![receipt]).await;
         }
         match (taken, self.stream.sm()) {
             (true, Some(sm)) => bound.receipts.tracked.push_back((sm.sent_count(), receipt)),
@@ -662,8 +667,8 @@ impl<T: Transport> Connection<T> {
         if let Some(sm) = self.stream.sm() {
             safe.extend(bound.receipts.take_acked(sm.acked));
         }
-        for receipt in safe {
-            self.c2s.router.bus().acknowledge(receipt).await;
+        if !safe.is_empty() {
+            self.c2s.router.acknowledge(safe).await;
         }
     }
 
@@ -814,6 +819,7 @@ async fn hand_over(
         directed: session.directed.drain().collect(),
         inactive: session.inactive,
         held: std::mem::take(&mut session.held),
+        offline_after: session.offline_after,
         inbox: Some(inbox),
     };
     if let Err(snapshot) = reply.send(snapshot) {
@@ -885,7 +891,7 @@ async fn hibernate(c2s: Arc<C2s>, bound: Bound, mut sm: SmState, undelivered: Ve
                     Some(receipt) if message => {
                         receipts.tracked.push_back((sm.sent_count(), receipt))
                     }
-                    Some(receipt) => c2s.router.bus().acknowledge(receipt).await,
+                    Some(receipt) => c2s.router.acknowledge(vec![receipt]).await,
                     None => {}
                 }
                 if sm.unacked_bytes() > c2s.max_unacked_bytes
@@ -951,12 +957,55 @@ async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
             receipts.rerouted.extend(receipt);
         }
     }
-    tracing::info!(undelivered = undelivered.len(), "Session ended.");
+    let mut receipts = receipts.take_all();
+    let kept = keep_stored(&mut receipts, &mut undelivered);
+    tracing::info!(
+        undelivered = undelivered.len(),
+        kept_stored = kept,
+        "Session ended."
+    );
+    let user = session.user();
     c2s.router.end_session(session, undelivered).await;
-    // Rerouted or stored: the original deliveries are safe to forget.
-    for receipt in receipts.take_all() {
-        c2s.router.bus().acknowledge(receipt).await;
+    if kept > 0 {
+        c2s.router.offline_kept(&user);
     }
+    // Rerouted or stored: the original deliveries are safe to forget.
+    c2s.router.acknowledge(receipts).await;
+}
+
+/// Messages the session read from offline storage and its client did not
+/// get stay where they are stored, in their place: they are taken out of
+/// `undelivered` (not stored again) and their receipts out of `receipts`
+/// (not removed). Returns how many. A stored message the client did get
+/// has no stanza left in `undelivered`, and its receipt removes it.
+fn keep_stored(receipts: &mut Vec<Receipt>, undelivered: &mut Vec<Element>) -> usize {
+    if !receipts.iter().any(|r| matches!(r, Receipt::Stored(_))) {
+        return 0;
+    }
+    let mut digests: Vec<Option<u64>> = undelivered
+        .iter()
+        .map(|stanza| Some(rookery_cluster::stanza_digest(stanza)))
+        .collect();
+    let mut kept = 0;
+    receipts.retain(|receipt| {
+        let Receipt::Stored(stored) = receipt else {
+            return true;
+        };
+        match digests.iter().position(|d| *d == Some(stored.digest)) {
+            Some(index) => {
+                digests[index] = None;
+                kept += 1;
+                false
+            }
+            None => true,
+        }
+    });
+    let mut index = 0;
+    undelivered.retain(|_| {
+        index += 1;
+        digests[index - 1].is_some()
+    });
+    kept
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use jid::{BareJid, Jid};
+use jid::BareJid;
 use minidom::Element;
+use rookery_store::StoredOffline;
 use rookery_stream::xml::set_attr;
 
 use crate::Router;
@@ -181,33 +182,51 @@ impl Router {
         sent
     }
 
+    /// Delivers the oldest page of the user's stored messages to their
+    /// available sessions and only then removes what was delivered (through
+    /// the bus, a delivery is durable once handed over): a node killed in
+    /// between leaves them stored, to be delivered again. Stops at the first
+    /// message no session took, so that the rest keeps its order.
     async fn redeliver_offline(&self, user: &BareJid) -> usize {
-        let messages = match self.store.take_offline(user, crate::OFFLINE_PAGE).await {
-            Ok(messages) => messages,
+        let stored = match self.store.read_offline(user, 0, crate::OFFLINE_PAGE).await {
+            Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(%user, %error, "Deferred messages could not be read.");
                 self.deferred.stored_message(user);
                 return 0;
             }
         };
-        if !messages.is_empty() {
+        if !stored.is_empty() {
             // A page at a time: looked at again on the next round.
             self.deferred.stored_message(user);
         }
-        let to = Jid::from(user.clone());
-        let mut sent = 0;
-        for stored in messages {
-            match stored.stanza.parse::<Element>() {
-                Ok(message) => {
-                    let message_type = crate::stanza::MessageType::of(&message);
-                    Box::pin(self.route_message_to(message, message_type, &to, None)).await;
-                    sent += 1;
-                }
+        let mut done = Vec::with_capacity(stored.len());
+        for StoredOffline { id, message } in stored {
+            let message = match message.stanza.parse::<Element>() {
+                Ok(message) => message,
                 Err(error) => {
-                    tracing::error!(%user, %error, "Stored offline message is not valid XML.")
+                    tracing::error!(%user, %error, "Stored offline message is not valid XML; removed.");
+                    done.push(id);
+                    continue;
                 }
+            };
+            let message_type = MessageType::of(&message);
+            let routes = self.bus.routes(user);
+            let MessageOutcome::Deliver(targets) = rules::message_to_bare(message_type, &routes)
+            else {
+                break;
+            };
+            if self
+                .deliver_to_targets(message, message_type, user, &targets, &routes, None)
+                .await
+                .is_err()
+            {
+                break;
             }
+            done.push(id);
         }
+        let sent = done.len();
+        self.remove_stored(user, &done).await;
         sent
     }
 }

@@ -327,6 +327,7 @@ impl Router {
             directed,
             inactive,
             held,
+            offline_after,
             inbox,
         } = snapshot;
         let mut session = Session::new(jid, id, mailbox);
@@ -334,6 +335,7 @@ impl Router {
         session.directed = directed.into_iter().collect();
         session.inactive = inactive;
         session.held = held;
+        session.offline_after = offline_after;
         // Offline messages may still wait (the paging stopped with the
         // connection): one look at storage finds out, an empty page ends it.
         session.offline_pending = session.info.available() && session.info.priority >= 0;

@@ -1,12 +1,13 @@
 //! Message routing (RFC 6121 section 8.5) with message carbons (XEP-0280) and
 //! offline storage (XEP-0160).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_cluster::Route;
-use rookery_store::StoreError;
+use rookery_cluster::{Receipt, Route, StoredReceipt};
+use rookery_store::{StoreError, StoredOffline};
 use rookery_stream::ns;
 use rookery_stream::xml::set_attr;
 
@@ -161,44 +162,15 @@ impl Router {
     ) {
         match outcome {
             MessageOutcome::Deliver(targets) => {
-                let wants_copies = routes.iter().any(|route| route.info.carbons)
-                    && carbons_eligible(&message, message_type);
-                let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
-                let mut last_failed = None;
-                // The last target gets the message itself, unless carbons still need it.
-                let mut message = Some(message);
-                for (index, target) in targets.iter().enumerate() {
-                    let copy = if index + 1 == targets.len() && !wants_copies {
-                        message.take().expect("taken once, last")
-                    } else {
-                        message.clone().expect("kept until the last target")
-                    };
-                    match self.send_to(target, copy).await {
-                        Ok(()) => delivered.push(&target.jid),
-                        Err(returned) => last_failed = Some(returned),
-                    }
-                }
-                if delivered.is_empty() {
+                let sender = sender.map(|s| &s.jid);
+                if let Err(message) = self
+                    .deliver_to_targets(message, message_type, user, &targets, routes, sender)
+                    .await
+                {
                     // Every target went away in the meantime: try again without them.
-                    if let Some(message) = last_failed {
-                        let excluded: Vec<_> = targets.iter().map(|t| t.jid.clone()).collect();
-                        self.route_to_user_excluding(message, message_type, user, &excluded)
-                            .await;
-                    }
-                    return;
-                }
-                if let (true, Some(message)) = (wants_copies, message) {
-                    let sender_jid = sender.map(|s| &s.jid);
-                    for route in routes {
-                        if route.info.carbons
-                            && !delivered.contains(&&route.jid)
-                            && sender_jid != Some(&route.jid)
-                        {
-                            let _ = self
-                                .send_to(route, carbon("received", user, &route.jid, &message))
-                                .await;
-                        }
-                    }
+                    let excluded: Vec<_> = targets.iter().map(|t| t.jid.clone()).collect();
+                    self.route_to_user_excluding(message, message_type, user, &excluded)
+                        .await;
                 }
             }
             MessageOutcome::Offline => Box::pin(self.deliver_offline(user, message, sender)).await,
@@ -208,6 +180,53 @@ impl Router {
             }
             MessageOutcome::Drop => {}
         }
+    }
+
+    /// Delivers a message to the chosen sessions of `user`, with carbon
+    /// copies to the other sessions that enabled them; gives it back when no
+    /// target took it (they all went away meanwhile).
+    pub(crate) async fn deliver_to_targets(
+        &self,
+        message: Element,
+        message_type: MessageType,
+        user: &BareJid,
+        targets: &[Arc<Route>],
+        routes: &[Arc<Route>],
+        sender: Option<&FullJid>,
+    ) -> Result<(), Element> {
+        let wants_copies = routes.iter().any(|route| route.info.carbons)
+            && carbons_eligible(&message, message_type);
+        let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
+        let mut last_failed = None;
+        // The last target gets the message itself, unless carbons still need it.
+        let mut message = Some(message);
+        for (index, target) in targets.iter().enumerate() {
+            let copy = if index + 1 == targets.len() && !wants_copies {
+                message.take().expect("taken once, last")
+            } else {
+                message.clone().expect("kept until the last target")
+            };
+            match self.send_to(target, copy).await {
+                Ok(()) => delivered.push(&target.jid),
+                Err(returned) => last_failed = Some(returned),
+            }
+        }
+        if delivered.is_empty() {
+            return last_failed.map_or(Ok(()), Err);
+        }
+        if let (true, Some(message)) = (wants_copies, message) {
+            for route in routes {
+                if route.info.carbons
+                    && !delivered.contains(&&route.jid)
+                    && sender != Some(&route.jid)
+                {
+                    let _ = self
+                        .send_to(route, carbon("received", user, &route.jid, &message))
+                        .await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Routes a message to `user` as if addressed to the bare JID, skipping `except`.
@@ -290,39 +309,99 @@ impl Router {
     }
 
     /// Starts giving stored offline messages to a session that became
-    /// available: the first page now, the rest through
+    /// available: the session task takes the pages through
     /// [`next_offline_page`](Router::next_offline_page).
-    pub(crate) async fn flush_offline(&self, session: &mut Session) {
+    pub(crate) fn flush_offline(&self, session: &mut Session) {
         session.offline_pending = true;
-        self.next_offline_page(session).await;
+        session.offline_after = 0;
     }
 
-    /// Puts the next page of the user's offline messages in the session's
-    /// outbox. The session task calls it while
+    /// Reads the next page of the user's offline messages for the session,
+    /// each with the receipt that removes it from storage once safe (see
+    /// [`acknowledge`](Router::acknowledge)): until then a node dying loses
+    /// nothing. The session task calls it while
     /// [`Session::offline_pending`] and once its client has taken what was
     /// sent before (written out, and mostly acknowledged with stream
     /// management), so a backlog of any size reaches a client at the pace
     /// it reads, never all in memory at once.
-    pub async fn next_offline_page(&self, session: &mut Session) {
+    pub async fn next_offline_page(&self, session: &mut Session) -> Vec<(Element, Receipt)> {
         let user = session.user();
-        let messages = match self.store.take_offline(&user, crate::OFFLINE_PAGE).await {
-            Ok(messages) => messages,
+        let stored = match self
+            .store
+            .read_offline(&user, session.offline_after, crate::OFFLINE_PAGE)
+            .await
+        {
+            Ok(stored) => stored,
             Err(error) => {
                 session.offline_pending = false;
-                return tracing::warn!(%user, %error, "Offline messages could not be read.");
+                tracing::warn!(%user, %error, "Offline messages could not be read.");
+                return Vec::new();
             }
         };
-        if messages.is_empty() {
+        if stored.is_empty() {
             session.offline_pending = false;
         }
-        self.deferred.paged(&user, messages.is_empty());
-        for stored in messages {
-            match stored.stanza.parse::<Element>() {
-                Ok(message) => self.accept_delivery(session, message),
+        self.deferred.paged(&user, stored.is_empty());
+        let mut page = Vec::with_capacity(stored.len());
+        let mut broken = Vec::new();
+        for StoredOffline { id, message } in stored {
+            session.offline_after = id;
+            match message.stanza.parse::<Element>() {
+                Ok(stanza) => {
+                    let receipt = Receipt::Stored(StoredReceipt {
+                        user: user.to_string(),
+                        id,
+                        digest: rookery_cluster::stanza_digest(&stanza),
+                    });
+                    page.push((stanza, receipt));
+                }
                 Err(error) => {
-                    tracing::error!(%user, %error, "Stored offline message is not valid XML.")
+                    tracing::error!(%user, %error, "Stored offline message is not valid XML; removed.");
+                    broken.push(id);
                 }
             }
         }
+        self.remove_stored(&user, &broken).await;
+        page
+    }
+
+    /// Removes messages from the user's offline storage (they reached the
+    /// client, or went elsewhere). On failure they stay and are delivered again.
+    pub(crate) async fn remove_stored(&self, user: &BareJid, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.remove_offline(user, ids).await {
+            tracing::warn!(%user, %error, count = ids.len(), "Delivered offline messages could not be removed; they will be delivered again.");
+        }
+    }
+
+    /// Settles receipts of deliveries that became safe: the bus's are
+    /// acknowledged through it, stored messages are removed from storage
+    /// (one statement per user).
+    pub async fn acknowledge(&self, receipts: Vec<Receipt>) {
+        let mut stored: HashMap<String, Vec<i64>> = HashMap::new();
+        for receipt in receipts {
+            match receipt {
+                Receipt::Stored(StoredReceipt { user, id, .. }) => {
+                    stored.entry(user).or_default().push(id)
+                }
+                delivery @ Receipt::Delivery(_) => self.bus.acknowledge(delivery).await,
+            }
+        }
+        for (user, ids) in stored {
+            match BareJid::new(&user) {
+                Ok(user) => self.remove_stored(&user, &ids).await,
+                Err(error) => tracing::error!(%user, %error, "A stored receipt names no user."),
+            }
+        }
+    }
+
+    /// A session ended before its client had these stored messages: they
+    /// stay stored, in their place, for the user's other available sessions
+    /// (looked at once the registry is current) or the next login.
+    pub fn offline_kept(&self, user: &BareJid) {
+        self.deferred.paged(user, true);
+        self.deferred.stored_message(user);
     }
 }

@@ -229,7 +229,7 @@ impl Router {
                 }
             }
             if session.info.priority >= 0 {
-                self.flush_offline(session).await;
+                self.flush_offline(session);
             }
         }
     }

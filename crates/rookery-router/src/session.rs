@@ -30,6 +30,9 @@ pub struct Session {
     /// Offline messages wait for this session, a page at a time
     /// ([`Router::next_offline_page`](crate::Router::next_offline_page)).
     pub offline_pending: bool,
+    /// The id of the last offline message handed to the client: the next
+    /// page is read after it (they stay stored until the client has them).
+    pub offline_after: i64,
     /// The client fetched the block list, so it gets block list pushes.
     pub blocklist_requested: bool,
     /// Stanzas for the client, written out by the session task after each step.
@@ -58,6 +61,7 @@ impl Session {
             inactive: false,
             held: Vec::new(),
             offline_pending: false,
+            offline_after: 0,
             blocklist_requested: false,
             outbox: Vec::new(),
             mailbox,

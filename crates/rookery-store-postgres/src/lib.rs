@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use rookery_store::{
     AccountStore, BlockingStore, DocumentKind, DocumentStore, LastActivity, OfflineMessage,
-    OfflineStore, Quota, Roster, RosterItem, RosterStore, StoreError, StoreResult, Subscription,
-    sql_limit,
+    OfflineStore, Quota, Roster, RosterItem, RosterStore, StoreError, StoreResult, StoredOffline,
+    Subscription, sql_limit,
 };
 use rookery_stream::{ScramHash, ScramKeys};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -487,38 +487,53 @@ impl OfflineStore for PostgresStore {
         Ok(())
     }
 
-    async fn take_offline(&self, user: &BareJid, page: Quota) -> StoreResult<Vec<OfflineMessage>> {
+    async fn read_offline(
+        &self,
+        user: &BareJid,
+        after: i64,
+        page: Quota,
+    ) -> StoreResult<Vec<StoredOffline>> {
         // The page is chosen from the index (jid, id) INCLUDE (size) alone;
         // only its messages are read.
         let rows = sqlx::query(
-            "DELETE FROM offline_messages WHERE id IN (
+            "SELECT id, stored_at, stanza FROM offline_messages WHERE id IN (
                  SELECT id FROM (
                      SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n,
                             SUM(size) OVER (ORDER BY id) AS running
-                     FROM offline_messages WHERE jid = $1) AS page
-                 WHERE n <= $2 AND (n = 1 OR running <= $3))
-             RETURNING id, stored_at, stanza",
+                     FROM offline_messages WHERE jid = $1 AND id > $2) AS page
+                 WHERE n <= $3 AND (n = 1 OR running <= $4))
+             ORDER BY id",
         )
         .bind(user.as_str())
+        .bind(after)
         .bind(sql_limit(page.items))
         .bind(sql_limit(page.bytes))
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
-        let mut messages: Vec<(i64, OfflineMessage)> = rows
+        Ok(rows
             .into_iter()
-            .map(|row| {
-                (
-                    row.get(0),
-                    OfflineMessage {
-                        stored_at: row.get(1),
-                        stanza: row.get(2),
-                    },
-                )
+            .map(|row| StoredOffline {
+                id: row.get(0),
+                message: OfflineMessage {
+                    stored_at: row.get(1),
+                    stanza: row.get(2),
+                },
             })
-            .collect();
-        messages.sort_by_key(|(id, _)| *id);
-        Ok(messages.into_iter().map(|(_, message)| message).collect())
+            .collect())
+    }
+
+    async fn remove_offline(&self, user: &BareJid, ids: &[i64]) -> StoreResult<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let removed = sqlx::query("DELETE FROM offline_messages WHERE jid = $1 AND id = ANY($2)")
+            .bind(user.as_str())
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(removed.rows_affected() as usize)
     }
 
     async fn count_offline(&self, user: &BareJid) -> StoreResult<usize> {

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use rookery_store::{
     AccountStore, BlockingStore, DocumentKind, DocumentStore, LastActivity, OfflineMessage,
-    OfflineStore, Quota, Roster, RosterItem, RosterStore, StoreError, StoreResult, Subscription,
-    sql_limit,
+    OfflineStore, Quota, Roster, RosterItem, RosterStore, StoreError, StoreResult, StoredOffline,
+    Subscription, sql_limit,
 };
 use rookery_stream::{ScramHash, ScramKeys};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -549,38 +549,61 @@ impl OfflineStore for SqliteStore {
         Ok(())
     }
 
-    async fn take_offline(&self, user: &BareJid, page: Quota) -> StoreResult<Vec<OfflineMessage>> {
-        // The page is chosen from the index (jid, id, size) alone; only its
-        // messages are read.
+    async fn read_offline(
+        &self,
+        user: &BareJid,
+        after: i64,
+        page: Quota,
+    ) -> StoreResult<Vec<StoredOffline>> {
+        // The page is chosen from the index (jid, id, size) alone;
+        // only its messages are read.
         let rows = sqlx::query(
-            "DELETE FROM offline_messages WHERE id IN (
+            "SELECT id, stored_at, stanza FROM offline_messages WHERE id IN (
                  SELECT id FROM (
                      SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n,
                             SUM(size) OVER (ORDER BY id) AS running
-                     FROM offline_messages WHERE jid = ?1)
-                 WHERE n <= ?2 AND (n = 1 OR running <= ?3))
-             RETURNING id, stored_at, stanza",
+                     FROM offline_messages WHERE jid = ?1 AND id > ?2)
+                 WHERE n <= ?3 AND (n = 1 OR running <= ?4))
+             ORDER BY id",
         )
         .bind(user.as_str())
+        .bind(after)
         .bind(sql_limit(page.items))
         .bind(sql_limit(page.bytes))
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
-        let mut messages: Vec<(i64, OfflineMessage)> = rows
+        Ok(rows
             .into_iter()
-            .map(|row| {
-                (
-                    row.get(0),
-                    OfflineMessage {
-                        stored_at: row.get(1),
-                        stanza: row.get(2),
-                    },
-                )
+            .map(|row| StoredOffline {
+                id: row.get(0),
+                message: OfflineMessage {
+                    stored_at: row.get(1),
+                    stanza: row.get(2),
+                },
             })
-            .collect();
-        messages.sort_by_key(|(id, _)| *id);
-        Ok(messages.into_iter().map(|(_, message)| message).collect())
+            .collect())
+    }
+
+    async fn remove_offline(&self, user: &BareJid, ids: &[i64]) -> StoreResult<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // The ids as one JSON array (integers only): one statement whatever their number.
+        let list = format!(
+            "[{}]",
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        );
+        let removed = sqlx::query(
+            "DELETE FROM offline_messages
+             WHERE jid = ?1 AND id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(user.as_str())
+        .bind(list)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(removed.rows_affected() as usize)
     }
 
     async fn count_offline(&self, user: &BareJid) -> StoreResult<usize> {

@@ -54,7 +54,7 @@ async fn data_survives_reopening() {
     assert!(store.account_exists(&alice).await.unwrap());
     assert_eq!(
         store
-            .take_offline(&alice, rookery_store::Quota::UNLIMITED)
+            .read_offline(&alice, 0, rookery_store::Quota::UNLIMITED)
             .await
             .unwrap()
             .len(),

@@ -8,7 +8,8 @@ use jid::{BareJid, Jid};
 use rookery_stream::{ScramHash, ScramKeys};
 
 use crate::{
-    DocumentKind, LastActivity, OfflineMessage, Quota, RosterItem, Store, StoreError, Subscription,
+    DocumentKind, LastActivity, OfflineMessage, Quota, RosterItem, Store, StoreError,
+    StoredOffline, Subscription,
 };
 
 fn items(items: usize) -> Quota {
@@ -279,9 +280,11 @@ pub async fn subscription_requests(store: &dyn Store) {
     assert_eq!(store.subscription_requests(&alice).await.unwrap().len(), 1);
 }
 
-/// Offline messages come back in order, once, and respect the quota.
+/// Offline messages come back in order and respect the quota; reading does
+/// not remove them, removing does, once, and only the user's own.
 pub async fn offline_messages(store: &dyn Store) {
     let alice = jid("alice@localhost");
+    let bob = jid("bob@localhost");
     for n in 0..3 {
         let message = OfflineMessage {
             stored_at: 1000 + n,
@@ -301,19 +304,54 @@ pub async fn offline_messages(store: &dyn Store) {
         Err(StoreError::QuotaExceeded)
     ));
     assert_eq!(store.count_offline(&alice).await.unwrap(), 3);
-    let taken = store.take_offline(&alice, Quota::UNLIMITED).await.unwrap();
+    let read = store
+        .read_offline(&alice, 0, Quota::UNLIMITED)
+        .await
+        .unwrap();
     assert_eq!(
-        taken.iter().map(|m| m.stanza.as_str()).collect::<Vec<_>>(),
+        read.iter()
+            .map(|m| m.message.stanza.as_str())
+            .collect::<Vec<_>>(),
         [
             "<message id='0'/>",
             "<message id='1'/>",
             "<message id='2'/>"
         ]
     );
-    assert_eq!(taken[0].stored_at, 1000);
+    assert_eq!(read[0].message.stored_at, 1000);
+    assert!(read.windows(2).all(|pair| pair[0].id < pair[1].id));
+    // Read again: still there. After the first id: the other two.
+    assert_eq!(
+        store
+            .read_offline(&alice, 0, Quota::UNLIMITED)
+            .await
+            .unwrap(),
+        read
+    );
+    assert_eq!(
+        store
+            .read_offline(&alice, read[0].id, Quota::UNLIMITED)
+            .await
+            .unwrap(),
+        read[1..]
+    );
+    // Another user's ids remove nothing of alice's.
+    let ids: Vec<i64> = read.iter().map(|m| m.id).collect();
+    assert_eq!(store.remove_offline(&bob, &ids).await.unwrap(), 0);
+    assert_eq!(store.remove_offline(&alice, &ids[..2]).await.unwrap(), 2);
+    assert_eq!(store.remove_offline(&alice, &ids[..2]).await.unwrap(), 0);
+    assert_eq!(store.remove_offline(&alice, &[]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .read_offline(&alice, 0, Quota::UNLIMITED)
+            .await
+            .unwrap(),
+        read[2..]
+    );
+    assert_eq!(store.remove_offline(&alice, &ids).await.unwrap(), 1);
     assert!(
         store
-            .take_offline(&alice, Quota::UNLIMITED)
+            .read_offline(&alice, 0, Quota::UNLIMITED)
             .await
             .unwrap()
             .is_empty()
@@ -351,25 +389,50 @@ pub async fn offline_messages_in_bytes_and_pages(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(store.count_offline(&alice).await.unwrap(), 4);
-    let ids =
-        |page: Vec<OfflineMessage>| -> Vec<i64> { page.iter().map(|m| m.stored_at).collect() };
+    // Pages read one after the other, each after the last id of the one before.
+    let stamps =
+        |page: &[StoredOffline]| -> Vec<i64> { page.iter().map(|m| m.message.stored_at).collect() };
     let page = Quota {
         items: 10,
         bytes: 650,
     };
-    assert_eq!(ids(store.take_offline(&alice, page).await.unwrap()), [0, 1]);
+    let first = store.read_offline(&alice, 0, page).await.unwrap();
+    assert_eq!(stamps(&first), [0, 1]);
     let one = Quota {
         items: 1,
         bytes: usize::MAX,
     };
-    assert_eq!(ids(store.take_offline(&alice, one).await.unwrap()), [2]);
+    let second = store.read_offline(&alice, first[1].id, one).await.unwrap();
+    assert_eq!(stamps(&second), [2]);
     let tiny = Quota {
         items: 10,
         bytes: 10,
     };
-    assert_eq!(ids(store.take_offline(&alice, tiny).await.unwrap()), [3]);
-    assert!(store.take_offline(&alice, tiny).await.unwrap().is_empty());
-    // Taken messages no longer count against the quota.
+    let third = store
+        .read_offline(&alice, second[0].id, tiny)
+        .await
+        .unwrap();
+    assert_eq!(stamps(&third), [3]);
+    assert!(
+        store
+            .read_offline(&alice, third[0].id, tiny)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Read messages still count against the quota; removed ones no longer.
+    assert!(matches!(
+        store.push_offline(&alice, &message(4, 1000), quota).await,
+        Err(StoreError::QuotaExceeded)
+    ));
+    let all: Vec<i64> = store
+        .read_offline(&alice, 0, Quota::UNLIMITED)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(store.remove_offline(&alice, &all).await.unwrap(), 4);
     store
         .push_offline(&alice, &message(4, 1000), quota)
         .await
@@ -536,11 +599,11 @@ pub async fn offline_messages_under_concurrency(store: &dyn Store) {
     });
     futures_join_all(pushes).await;
     let mut ids: Vec<String> = store
-        .take_offline(&alice, Quota::UNLIMITED)
+        .read_offline(&alice, 0, Quota::UNLIMITED)
         .await
         .unwrap()
         .into_iter()
-        .map(|m| m.stanza)
+        .map(|m| m.message.stanza)
         .collect();
     ids.sort();
     ids.dedup();

@@ -222,6 +222,15 @@ pub struct OfflineMessage {
     pub stanza: String,
 }
 
+/// An offline message as stored, with its id (ascending in storage order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOffline {
+    /// Its id, for [`OfflineStore::remove_offline`] and as a read cursor.
+    pub id: i64,
+    /// The message.
+    pub message: OfflineMessage,
+}
+
 /// How much one user may keep of something: items and bytes (of XML).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
@@ -255,10 +264,20 @@ pub trait OfflineStore: Send + Sync {
         message: &OfflineMessage,
         quota: Quota,
     ) -> StoreResult<()>;
-    /// Removes and returns the user's oldest messages, oldest first: at most
-    /// `page.items`, and no more than fit in `page.bytes` (but always the
-    /// oldest one, however large). Empty when there are none.
-    async fn take_offline(&self, user: &BareJid, page: Quota) -> StoreResult<Vec<OfflineMessage>>;
+    /// Reads the user's oldest messages with an id above `after`, oldest
+    /// first: at most `page.items`, and no more than fit in `page.bytes` (but
+    /// always the first one, however large). Empty when there are none. They
+    /// stay stored until [`remove_offline`](Self::remove_offline): a node
+    /// that dies while handing them out loses nothing.
+    async fn read_offline(
+        &self,
+        user: &BareJid,
+        after: i64,
+        page: Quota,
+    ) -> StoreResult<Vec<StoredOffline>>;
+    /// Removes the user's messages with these ids (those already gone are
+    /// skipped); returns how many were removed.
+    async fn remove_offline(&self, user: &BareJid, ids: &[i64]) -> StoreResult<usize>;
     /// Number of stored messages.
     async fn count_offline(&self, user: &BareJid) -> StoreResult<usize>;
 }

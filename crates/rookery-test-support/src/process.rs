@@ -36,6 +36,17 @@ pub struct NodeProcess {
     child: Option<Child>,
 }
 
+/// The test configuration for a node kept in `dir`, on free loopback ports
+/// that stay its own across restarts.
+fn on_free_ports(dir: &tempfile::TempDir) -> Config {
+    let mut config = test_config(&dir.path().join("data"));
+    let loopback = |port| Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    config.c2s.starttls_listen = loopback(free_port());
+    config.c2s.direct_tls_listen = loopback(free_port());
+    config.http.listen = loopback(free_port());
+    config
+}
+
 impl NodeProcess {
     /// Starts a node of the cluster on `nats` and `postgres`, on free loopback
     /// ports, with test certificates and fast failure detection, after
@@ -48,15 +59,21 @@ impl NodeProcess {
         configure: impl FnOnce(&mut Config),
     ) -> NodeProcess {
         let dir = tempfile::tempdir().expect("a node folder");
-        let mut config = test_config(&dir.path().join("data"));
-        let loopback = |port| Some(SocketAddr::from(([127, 0, 0, 1], port)));
-        config.c2s.starttls_listen = loopback(free_port());
-        config.c2s.direct_tls_listen = loopback(free_port());
-        config.http.listen = loopback(free_port());
+        let mut config = on_free_ports(&dir);
         config.storage.backend = "postgres".into();
         config.storage.postgres_url = Some(postgres.to_owned());
         config.storage.postgres_max_connections = 5;
         config.cluster = Some(crate::cluster::cluster_config(name, nats));
+        configure(&mut config);
+        Self::start(binary, dir, config).await
+    }
+
+    /// Starts a single node on its own SQLite database (the embedded
+    /// defaults), on free loopback ports, with test certificates, after
+    /// `configure` adjusted its configuration; waits until it is ready.
+    pub async fn start_single(binary: &Path, configure: impl FnOnce(&mut Config)) -> NodeProcess {
+        let dir = tempfile::tempdir().expect("a node folder");
+        let mut config = on_free_ports(&dir);
         configure(&mut config);
         Self::start(binary, dir, config).await
     }

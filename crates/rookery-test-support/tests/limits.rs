@@ -133,12 +133,12 @@ async fn offline_ids(server: &TestServer, user: &str) -> BTreeSet<String> {
     let messages = server
         .router()
         .store()
-        .take_offline(&bare(user), Quota::UNLIMITED)
+        .read_offline(&bare(user), 0, Quota::UNLIMITED)
         .await
         .unwrap();
     messages
         .iter()
-        .map(|m| m.stanza.parse::<Element>().unwrap())
+        .map(|m| m.message.stanza.parse::<Element>().unwrap())
         .filter_map(|m| m.attr("id").map(str::to_owned))
         .collect()
 }
@@ -272,22 +272,35 @@ async fn offline_storage_is_limited_in_bytes_and_given_out_in_pages() {
 
     // Bob comes online with stream management and acknowledges nothing: pages
     // (128 kB each) go out until half of what may wait unacknowledged (2 MiB)
-    // is out; the rest stays stored until he takes what he got.
+    // is out; the rest waits until he takes what he got. Nothing leaves
+    // storage before he acknowledges it.
     let mut bob = slow_reader(&server, "bob", true).await;
-    eventually("a page taken", async || {
-        store.count_offline(&bob_jid).await.unwrap() < stored
-    })
-    .await;
-    tokio::time::sleep(SHORT).await;
-    let left = store.count_offline(&bob_jid).await.unwrap();
-    assert!(left > 0, "not everything at once: {left} left of {stored}");
-    // Reading and acknowledging, he gets them all, in order.
     let mut ids = Vec::new();
     let mut handled_count = 0;
+    let mut acknowledging = false;
     while ids.len() < stored {
-        let element = bob.recv().await;
+        let element = if acknowledging {
+            bob.recv().await
+        } else {
+            match bob.recv_timeout(SHORT).await {
+                Some(element) => element,
+                None => {
+                    assert!(
+                        !ids.is_empty() && ids.len() < stored,
+                        "not everything at once: {} of {stored} before any acknowledgement",
+                        ids.len()
+                    );
+                    assert_eq!(store.count_offline(&bob_jid).await.unwrap(), stored);
+                    // Reading and acknowledging, he gets them all, in order.
+                    acknowledging = true;
+                    bob.send(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled_count}'/>"))
+                        .await;
+                    continue;
+                }
+            }
+        };
         match element.name() {
-            "r" => {
+            "r" if acknowledging => {
                 bob.send(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled_count}'/>"))
                     .await
             }
@@ -305,7 +318,13 @@ async fn offline_storage_is_limited_in_bytes_and_given_out_in_pages() {
         ids,
         (0..stored).map(|n| format!("o{n}")).collect::<Vec<_>>()
     );
-    assert_eq!(store.count_offline(&bob_jid).await.unwrap(), 0);
+    // Removed as he acknowledges them: the last ones with his last answer.
+    bob.send(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled_count}'/>"))
+        .await;
+    eventually("all removed", async || {
+        store.count_offline(&bob_jid).await.unwrap() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -656,9 +675,55 @@ async fn offline_pages_go_on_after_the_session_is_resumed() {
             _ => {}
         }
     }
+    bob.send(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled_count}'/>"))
+        .await;
     let store = server.router().store();
-    assert_eq!(
-        store.count_offline(&bare("bob@localhost")).await.unwrap(),
-        0
-    );
+    eventually("all removed", async || {
+        store.count_offline(&bare("bob@localhost")).await.unwrap() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stored_messages_a_session_did_not_deliver_stay_stored_in_their_place() {
+    let server = server_with(|c| c.limits.offline_messages = 30).await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "secret", "x").await;
+    for n in 0..30 {
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' type='chat' id='k{n}'><body>k{n}</body></message>"
+            ))
+            .await;
+    }
+    handled(&mut alice).await;
+    let bob_jid = bare("bob@localhost");
+    let store = server.router().store();
+    assert_eq!(store.count_offline(&bob_jid).await.unwrap(), 30);
+    // Bob gets them with stream management, acknowledges none, and ends his
+    // stream: they stay stored as they were. Stored again, they would not
+    // fit (the storage is full until they are removed) and would bounce.
+    let mut bob = TestClient::login(server.starttls(), "bob", "secret", "phone").await;
+    bob.enable_sm(false).await;
+    bob.send("<presence/>").await;
+    for n in 0..30 {
+        let message = bob.expect_message().await;
+        assert_eq!(message.attr("id"), Some(format!("k{n}").as_str()));
+    }
+    bob.close().await;
+    eventually("bob's session ended", async || server.sessions() == 1).await;
+    alice
+        .assert_none(SHORT, |e| e.attr("type") == Some("error"))
+        .await;
+    assert_eq!(store.count_offline(&bob_jid).await.unwrap(), 30);
+    // His next session gets them, in their order, and they are gone once
+    // written to it (no stream management).
+    let mut bob = TestClient::online(server.starttls(), "bob", "secret", "laptop").await;
+    for n in 0..30 {
+        let message = bob.expect_message().await;
+        assert_eq!(message.attr("id"), Some(format!("k{n}").as_str()));
+    }
+    eventually("all removed", async || {
+        store.count_offline(&bob_jid).await.unwrap() == 0
+    })
+    .await;
 }

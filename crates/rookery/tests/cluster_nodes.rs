@@ -676,3 +676,91 @@ async fn haproxy_from_the_docs_spreads_clients_and_drains_a_stopping_node() {
     }
     assert_eq!(cluster.nodes[1].log_count("Session bound."), before);
 }
+
+/// Alice, online at `sender`, leaves `count` numbered messages for bob, who
+/// is offline; returns once her node stored them all.
+async fn leave_messages_for_bob(sender: std::net::SocketAddr, count: usize) {
+    let mut alice = TestClient::online(sender, "alice", "secret", "desk").await;
+    for n in 0..count {
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' type='chat' id='m{n}'><body>m{n}</body></message>"
+            ))
+            .await;
+    }
+    // Her stanzas are handled in order: once the ping is answered, every
+    // message before it is stored.
+    let pong = alice
+        .iq("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    assert_eq!(pong.attr("type"), Some("result"));
+}
+
+/// Bob logs in at `address` with stream management and gets his offline
+/// messages, acknowledging none; returns the bodies of the first `count`.
+async fn bob_reads_without_acknowledging(
+    address: std::net::SocketAddr,
+    count: usize,
+) -> (TestClient, Vec<String>) {
+    let mut bob = TestClient::login(address, "bob", "secret", "phone").await;
+    bob.enable_sm(true).await;
+    bob.send("<presence/>").await;
+    let mut bodies = Vec::new();
+    while bodies.len() < count {
+        bodies.push(body(&bob.expect_message().await));
+    }
+    (bob, bodies)
+}
+
+/// Every body bob gets at `address` in a fresh session, until a quiet second.
+async fn bob_collects(address: std::net::SocketAddr) -> Vec<String> {
+    let mut bob = TestClient::online(address, "bob", "secret", "laptop").await;
+    let mut bodies = Vec::new();
+    while let Some(element) = bob.recv_timeout(Duration::from_secs(2)).await {
+        if element.name() == "message" {
+            bodies.push(body(&element));
+        }
+    }
+    bodies
+}
+
+fn numbered(count: usize) -> Vec<String> {
+    (0..count).map(|n| format!("m{n}")).collect()
+}
+
+/// More than a page of offline messages (50): the session reads a second
+/// page before the client acknowledges the first.
+const STORED: usize = 80;
+
+#[tokio::test]
+async fn offline_messages_handed_to_a_session_survive_a_kill_of_its_node() {
+    // A killed cluster node: bob's messages were read out of PostgreSQL for his
+    // session there, and reach him on the other node.
+    let nats = NatsServer::start();
+    let mut cluster = ProcessCluster::start(binary(), vec![nats.url()], 2, |_, _| {}).await;
+    cluster.create_users(&["alice".into(), "bob".into()], "secret");
+    let (doomed, survivor) = (cluster.nodes[0].starttls, cluster.nodes[1].starttls);
+    leave_messages_for_bob(survivor, STORED).await;
+    let (bob, got) = bob_reads_without_acknowledging(doomed, STORED).await;
+    assert_eq!(got, numbered(STORED), "every stored message, in order");
+    cluster.nodes[0].kill();
+    bob.kill();
+    assert_eq!(
+        bob_collects(survivor).await,
+        numbered(STORED),
+        "what the killed node handed out and bob never acknowledged is still stored"
+    );
+
+    // A killed single node on its embedded SQLite: the same after its restart.
+    let mut node = NodeProcess::start_single(binary(), |_| {}).await;
+    node.import_users("alice secret\nbob secret\n");
+    leave_messages_for_bob(node.starttls, STORED).await;
+    let (bob, got) = bob_reads_without_acknowledging(node.starttls, STORED).await;
+    assert_eq!(got, numbered(STORED));
+    node.kill();
+    bob.kill();
+    node.restart().await;
+    assert_eq!(bob_collects(node.starttls).await, numbered(STORED));
+    // Acknowledged by the client (written out, no stream management), they are gone.
+    assert!(bob_collects(node.starttls).await.is_empty());
+}
