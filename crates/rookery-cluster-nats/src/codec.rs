@@ -146,6 +146,9 @@ pub struct WireSnapshot {
     /// The id of the last offline message handed out.
     #[serde(default)]
     pub offline_after: i64,
+    /// The modules' state of the session, as JSON by module.
+    #[serde(default)]
+    pub modules: std::collections::BTreeMap<String, String>,
 }
 
 impl WireSnapshot {
@@ -164,6 +167,7 @@ impl WireSnapshot {
             inactive: snapshot.inactive,
             held: snapshot.held.iter().map(String::from).collect(),
             offline_after: snapshot.offline_after,
+            modules: snapshot.modules.to_wire(),
         }
     }
 
@@ -196,6 +200,7 @@ impl WireSnapshot {
             inactive: self.inactive,
             held: self.held.into_iter().filter_map(parse).collect(),
             offline_after: self.offline_after,
+            modules: rookery_cluster::ModuleStates::from_wire(self.modules),
             inbox: None,
         })
     }

@@ -20,8 +20,10 @@ use rookery_stream::{SmState, StreamError};
 use tokio::sync::oneshot;
 
 mod local;
+mod module_state;
 
 pub use local::LocalBus;
+pub use module_state::{ModuleState, ModuleStates};
 
 /// Identifies one session instance, so that a stale unbind cannot remove a newer
 /// session that bound the same full JID.
@@ -355,6 +357,8 @@ pub struct SessionSnapshot {
     /// The id of the last offline message handed to the session (its
     /// messages above it are still to be read).
     pub offline_after: i64,
+    /// What the client asked of the server's modules.
+    pub modules: ModuleStates,
     /// The inbox, with whatever arrived meanwhile, when the session stays on this node.
     pub inbox: Option<Inbox>,
 }

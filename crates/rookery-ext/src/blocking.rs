@@ -4,9 +4,10 @@
 use async_trait::async_trait;
 use jid::Jid;
 use minidom::Element;
+use rookery_cluster::ModuleState;
 use rookery_router::namespaces::BLOCKING as NS;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
-use rookery_router::{Extension, IqContext, IqType};
+use rookery_router::{Extension, Hooks, IqContext, IqType, Router, Session, is_server_push};
 use rookery_stream::xml::set_attr;
 
 /// Most entries in one block list.
@@ -15,6 +16,17 @@ const MAX_ITEMS: usize = 1000;
 /// XEP-0191 module.
 #[derive(Debug)]
 pub struct Blocking;
+
+/// What a session's client asked of the module.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BlockingSession {
+    /// The client fetched the block list, so it gets the pushes (XEP-0191 §5).
+    pub list_requested: bool,
+}
+
+impl ModuleState for BlockingSession {
+    const KEY: &'static str = "blocking";
+}
 
 fn item(jid: &Jid) -> Element {
     let mut item = Element::bare("item", NS);
@@ -55,10 +67,33 @@ fn items(payload: &Element) -> Result<Vec<Jid>, ErrorCondition> {
 
 #[async_trait]
 impl Extension for Blocking {
-    async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.has_ns(NS) {
-            return None;
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "blocklist"), (NS, "block"), (NS, "unblock")]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            delivery: true,
+            ..Hooks::default()
         }
+    }
+
+    fn on_delivery(
+        &self,
+        _router: &Router,
+        session: &mut Session,
+        stanza: Element,
+    ) -> Option<Element> {
+        // Pushes go only to clients that fetched the block list.
+        let unwanted = is_server_push(&stanza, NS)
+            && !session
+                .modules
+                .get::<BlockingSession>()
+                .is_some_and(|state| state.list_requested);
+        (!unwanted).then_some(stanza)
+    }
+
+    async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
         if !cx.to_self() {
             return Some(error_reply(cx.iq, ErrorCondition::FORBIDDEN, None, None));
         }
@@ -67,7 +102,10 @@ impl Extension for Blocking {
         let reply = match (cx.iq_type, cx.payload.name()) {
             (IqType::Get, "blocklist") => match store.blocklist(&user).await {
                 Ok(list) => {
-                    cx.session.blocklist_requested = true;
+                    cx.session
+                        .modules
+                        .get_mut::<BlockingSession>()
+                        .list_requested = true;
                     let mut blocklist = Element::bare("blocklist", NS);
                     for jid in &list {
                         blocklist.append_child(item(jid));

@@ -11,6 +11,10 @@ pub struct Carbons;
 
 #[async_trait]
 impl Extension for Carbons {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(CARBONS, "enable"), (CARBONS, "disable")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[CARBONS]
     }

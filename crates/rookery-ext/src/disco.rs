@@ -72,6 +72,10 @@ pub fn caps_element(router: &Router) -> Element {
 
 #[async_trait]
 impl Extension for Disco {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(INFO, "query"), (ITEMS, "query")]
+    }
+
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
         let info = cx.payload.is("query", INFO);
         if !info && !cx.payload.is("query", ITEMS) {

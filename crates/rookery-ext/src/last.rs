@@ -25,6 +25,10 @@ fn answer(iq: &Element, seconds: u64, status: Option<String>) -> Element {
 
 #[async_trait]
 impl Extension for LastActivity {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "query")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -14,6 +14,10 @@ pub struct Ping;
 
 #[async_trait]
 impl Extension for Ping {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "ping")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -21,6 +21,10 @@ pub struct Private {
 
 #[async_trait]
 impl Extension for Private {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "query")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

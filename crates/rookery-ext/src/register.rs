@@ -135,6 +135,10 @@ fn account_error(iq: &Element, error: &AccountError) -> Element {
 
 #[async_trait]
 impl Extension for Register {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "query")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -15,6 +15,10 @@ pub struct EntityTime;
 
 #[async_trait]
 impl Extension for EntityTime {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "time")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -23,6 +23,10 @@ pub struct VCard;
 
 #[async_trait]
 impl Extension for VCard {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "vCard")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -17,6 +17,10 @@ pub struct Version {
 
 #[async_trait]
 impl Extension for Version {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "query")]
+    }
+
     fn server_features(&self) -> &'static [&'static str] {
         &[NS]
     }

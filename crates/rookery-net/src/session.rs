@@ -820,6 +820,7 @@ async fn hand_over(
         inactive: session.inactive,
         held: std::mem::take(&mut session.held),
         offline_after: session.offline_after,
+        modules: std::mem::take(&mut session.modules),
         inbox: Some(inbox),
     };
     if let Err(snapshot) = reply.send(snapshot) {

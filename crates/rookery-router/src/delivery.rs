@@ -9,7 +9,7 @@ use crate::{Router, Session};
 
 /// A push the server generated (an iq with no `from`; a client's iq always
 /// carries the `from` the server stamped on it) with a payload in `namespace`.
-fn is_server_push(stanza: &Element, namespace: &str) -> bool {
+pub fn is_server_push(stanza: &Element, namespace: &str) -> bool {
     stanza.is("iq", ns::CLIENT)
         && stanza.attr("from").is_none()
         && stanza.children().any(|child| child.has_ns(namespace))
@@ -26,10 +26,12 @@ fn holdable(stanza: &Element) -> bool {
 
 impl Router {
     /// Takes a stanza delivered to the session into its outbox, or holds it while inactive.
-    pub fn accept_delivery(&self, session: &mut Session, stanza: Element) {
-        if is_server_push(&stanza, crate::namespaces::BLOCKING) && !session.blocklist_requested {
-            // XEP-0191: pushes go only to clients that fetched the block list.
-            return;
+    pub fn accept_delivery(&self, session: &mut Session, mut stanza: Element) {
+        for module in &self.delivery_hooks {
+            match module.on_delivery(self, session, stanza) {
+                Some(passed) => stanza = passed,
+                None => return,
+            }
         }
         if is_server_push(&stanza, crate::namespaces::ROSTER) {
             // A roster push (RFC 6121 2.1.6): the roster changed.

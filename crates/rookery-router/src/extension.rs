@@ -1,4 +1,8 @@
-//! The open registry of XEP handlers: each module answers the iqs it owns.
+//! The module interface: a XEP module answers the iq payloads it owns (a
+//! table keyed by namespace and element, looked up once per iq), may act at
+//! defined points of a session's life (hooks), and keeps its own typed state
+//! per session ([`ModuleStates`](rookery_cluster::ModuleStates)), which moves
+//! with stream-management resumption and take-over to another node.
 
 use async_trait::async_trait;
 use jid::BareJid;
@@ -47,9 +51,42 @@ impl IqContext<'_> {
     }
 }
 
+/// A moment in a session's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A resource was bound.
+    Bound,
+    /// A session was resumed (XEP-0198) on a new connection, on this node or
+    /// taken over from another.
+    Resumed,
+    /// The session ended.
+    Ended,
+}
+
+/// The hooks a module uses: the router calls a hook only on the modules
+/// that asked for it, so a hook costs nothing while no module uses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// [`Extension::on_delivery`].
+    pub delivery: bool,
+    /// [`Extension::on_session`].
+    pub session: bool,
+}
+
 /// One XEP module.
 #[async_trait]
 pub trait Extension: Send + Sync {
+    /// The iq payloads the module answers, as (namespace, element name):
+    /// [`handle_iq`](Self::handle_iq) gets exactly these. Two modules
+    /// claiming the same payload is a programming error, refused when the
+    /// router is built.
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)];
+
+    /// The hooks it uses.
+    fn hooks(&self) -> Hooks {
+        Hooks::default()
+    }
+
     /// Disco features (XEP-0030) the module adds to the server.
     fn server_features(&self) -> &'static [&'static str] {
         &[]
@@ -60,9 +97,25 @@ pub trait Extension: Send + Sync {
         &[]
     }
 
-    /// Answers an iq get or set addressed to the server or to an account, or
-    /// returns `None` when the payload is not the module's.
+    /// Answers an iq get or set, with one of the module's payloads, addressed
+    /// to the server or to an account; `None` answers `service-unavailable`
+    /// (the module does not serve that target or type).
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element>;
+
+    /// A stanza is about to reach the session's client (with
+    /// [`Hooks::delivery`]): the module gives it back to let it through, or
+    /// keeps it (drops it, or holds it for later).
+    fn on_delivery(
+        &self,
+        _router: &Router,
+        _session: &mut Session,
+        stanza: Element,
+    ) -> Option<Element> {
+        Some(stanza)
+    }
+
+    /// The session reached `event` (with [`Hooks::session`]).
+    async fn on_session(&self, _router: &Router, _session: &mut Session, _event: SessionEvent) {}
 
     /// Answers an iq sent before authentication (in-band registration), or `None`.
     async fn handle_unauthenticated_iq(&self, _router: &Router, _iq: &Element) -> Option<Element> {

@@ -130,10 +130,14 @@ impl Router {
             iq_type,
             target,
         };
-        for extension in &self.extensions {
-            if let Some(reply) = extension.handle_iq(&mut cx).await {
-                return reply;
-            }
+        let module = self
+            .iq_table
+            .get(payload.ns().as_str())
+            .and_then(|names| names.get(payload.name()));
+        if let Some(module) = module
+            && let Some(reply) = module.handle_iq(&mut cx).await
+        {
+            return reply;
         }
         error_reply(iq, ErrorCondition::SERVICE_UNAVAILABLE, None, None)
     }

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -37,7 +38,8 @@ pub mod stanza;
 pub mod subscription;
 
 pub use blocking::is_blocked;
-pub use extension::{Extension, IqContext, IqTarget, IqType};
+pub use delivery::is_server_push;
+pub use extension::{Extension, Hooks, IqContext, IqTarget, IqType, SessionEvent};
 pub use session::Session;
 use stanza::{ErrorCondition, Kind, error_reply};
 
@@ -138,6 +140,12 @@ pub struct Router {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     extensions: Vec<Arc<dyn Extension>>,
+    /// Which module answers an iq payload: namespace, then element name.
+    iq_table: HashMap<&'static str, HashMap<&'static str, Arc<dyn Extension>>>,
+    /// The modules with [`Hooks::delivery`].
+    delivery_hooks: Vec<Arc<dyn Extension>>,
+    /// The modules with [`Hooks::session`].
+    session_hooks: Vec<Arc<dyn Extension>>,
     started: Instant,
     shutting_down: AtomicBool,
     /// XEP-0191 block lists of the accounts with sessions on this node.
@@ -173,16 +181,43 @@ pub fn xmpp_datetime(millis: i64) -> String {
 
 impl Router {
     /// A router over a store and a bus, with XEP modules.
+    ///
+    /// # Panics
+    /// When two modules claim the same iq payload.
     pub fn new(
         config: RouterConfig,
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         extensions: Vec<Arc<dyn Extension>>,
     ) -> Self {
+        let mut iq_table: HashMap<&'static str, HashMap<&'static str, Arc<dyn Extension>>> =
+            HashMap::new();
+        for extension in &extensions {
+            for &(namespace, name) in extension.iq_payloads() {
+                let claimed = iq_table
+                    .entry(namespace)
+                    .or_default()
+                    .insert(name, extension.clone());
+                assert!(
+                    claimed.is_none(),
+                    "two modules answer <{name} xmlns='{namespace}'/>"
+                );
+            }
+        }
+        let with = |hook: fn(Hooks) -> bool| -> Vec<Arc<dyn Extension>> {
+            extensions
+                .iter()
+                .filter(|extension| hook(extension.hooks()))
+                .cloned()
+                .collect()
+        };
         Router {
             config,
             store,
             bus,
+            delivery_hooks: with(|hooks| hooks.delivery),
+            session_hooks: with(|hooks| hooks.session),
+            iq_table,
             extensions,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -313,7 +348,16 @@ impl Router {
                 .close(&replaced, rookery_stream::Condition::Conflict.into())
                 .await;
         }
+        let mut session = session;
+        self.session_event(&mut session, SessionEvent::Bound).await;
         Ok(session)
+    }
+
+    /// Tells the modules with [`Hooks::session`] that the session reached `event`.
+    async fn session_event(&self, session: &mut Session, event: SessionEvent) {
+        for module in &self.session_hooks {
+            module.on_session(self, session, event).await;
+        }
     }
 
     /// Rebuilds a session from a snapshot, without touching the bus.
@@ -328,6 +372,7 @@ impl Router {
             inactive,
             held,
             offline_after,
+            modules,
             inbox,
         } = snapshot;
         let mut session = Session::new(jid, id, mailbox);
@@ -336,6 +381,7 @@ impl Router {
         session.inactive = inactive;
         session.held = held;
         session.offline_after = offline_after;
+        session.modules = modules;
         // Offline messages may still wait (the paging stopped with the
         // connection): one look at storage finds out, an empty page ends it.
         session.offline_pending = session.info.available() && session.info.priority >= 0;
@@ -359,11 +405,13 @@ impl Router {
             (true, Some(mailbox)) => {
                 let mut restored = self.session_from_snapshot(snapshot, mailbox.clone());
                 let inbox = restored.inbox.take().expect("checked above");
+                self.session_event(&mut restored.session, SessionEvent::Resumed)
+                    .await;
                 Ok((restored, inbox))
             }
             _ => {
                 let (mailbox, inbox) = Mailbox::bounded(self.config.inbox_bytes);
-                let restored = self.session_from_snapshot(snapshot, mailbox.clone());
+                let mut restored = self.session_from_snapshot(snapshot, mailbox.clone());
                 let route = Route {
                     jid: restored.session.jid.clone(),
                     session: restored.session.id,
@@ -376,6 +424,8 @@ impl Router {
                     .bind(route)
                     .await
                     .map_err(|_| BindError::Unavailable)?;
+                self.session_event(&mut restored.session, SessionEvent::Resumed)
+                    .await;
                 Ok((restored, inbox))
             }
         }
@@ -420,6 +470,7 @@ impl Router {
         if self.bus.routes(&session.user()).is_empty() {
             self.blocklists.forget(&session.user());
         }
+        self.session_event(&mut session, SessionEvent::Ended).await;
         let held = std::mem::take(&mut session.held);
         for stanza in undelivered.into_iter().chain(held) {
             self.reroute_undelivered(&session, stanza).await;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_cluster::{Mailbox, RouteInfo, SessionId};
+use rookery_cluster::{Mailbox, ModuleStates, RouteInfo, SessionId};
 
 /// A bound session: what routing knows and keeps about one connected resource.
 ///
@@ -33,8 +33,9 @@ pub struct Session {
     /// The id of the last offline message handed to the client: the next
     /// page is read after it (they stay stored until the client has them).
     pub offline_after: i64,
-    /// The client fetched the block list, so it gets block list pushes.
-    pub blocklist_requested: bool,
+    /// What the client asked of the server's modules (their own state,
+    /// typed: [`ModuleStates::get_mut`]); moves with the session.
+    pub modules: ModuleStates,
     /// Stanzas for the client, written out by the session task after each step.
     pub outbox: Vec<Element>,
     /// The session's own mailbox (its route in the bus).
@@ -62,7 +63,7 @@ impl Session {
             held: Vec::new(),
             offline_pending: false,
             offline_after: 0,
-            blocklist_requested: false,
+            modules: ModuleStates::default(),
             outbox: Vec::new(),
             mailbox,
             replaced: false,

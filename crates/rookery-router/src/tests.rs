@@ -1,1 +1,169 @@
-//! Router scenarios.
+//! Router scenarios: the module interface.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use jid::BareJid;
+use minidom::Element;
+use rookery_cluster::{LocalBus, Mailbox, ModuleState};
+use rookery_store::Store;
+
+use super::*;
+
+const NS: &str = "urn:example:counter";
+
+/// What the test module keeps per session.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Counted {
+    asked: u32,
+}
+
+impl ModuleState for Counted {
+    const KEY: &'static str = "test-counter";
+}
+
+/// A module that owns `<count xmlns='urn:example:counter'/>`, counts per
+/// session how often it was asked, records session events and keeps
+/// `<secret/>` messages from clients.
+#[derive(Default)]
+struct Counter {
+    events: Mutex<Vec<(String, SessionEvent)>>,
+}
+
+#[async_trait]
+impl Extension for Counter {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "count")]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            delivery: true,
+            session: true,
+        }
+    }
+
+    async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
+        let counted = cx.session.modules.get_mut::<Counted>();
+        counted.asked += 1;
+        let mut answer = Element::bare("count", NS);
+        rookery_stream::xml::set_attr(&mut answer, "asked", counted.asked.to_string());
+        Some(stanza::iq_result(cx.iq, Some(answer)))
+    }
+
+    fn on_delivery(&self, _: &Router, _: &mut Session, stanza: Element) -> Option<Element> {
+        (!stanza.has_child("secret", NS)).then_some(stanza)
+    }
+
+    async fn on_session(&self, _: &Router, session: &mut Session, event: SessionEvent) {
+        let mut events = self.events.lock().unwrap();
+        events.push((session.jid.resource().to_string(), event));
+    }
+}
+
+/// A module claiming a payload the counter owns.
+struct Impostor;
+
+#[async_trait]
+impl Extension for Impostor {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[(NS, "count")]
+    }
+
+    async fn handle_iq(&self, _: &mut IqContext<'_>) -> Option<Element> {
+        None
+    }
+}
+
+async fn router(modules: Vec<Arc<dyn Extension>>) -> (Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = rookery_store_sqlite::SqliteStore::open(&dir.path().join("test.db"))
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let bus = Arc::new(LocalBus::new());
+    let router = Router::new(RouterConfig::new("localhost"), store, bus, modules);
+    (router, dir)
+}
+
+fn stanza(xml: &str) -> Element {
+    xml.parse().unwrap()
+}
+
+fn count_iq(id: &str) -> Element {
+    stanza(&format!(
+        "<iq xmlns='jabber:client' type='get' id='{id}' from='alice@localhost/phone'><count xmlns='{NS}'/></iq>"
+    ))
+}
+
+#[tokio::test]
+async fn a_module_answers_its_payloads_keeps_state_per_session_and_hears_of_sessions() {
+    let counter = Arc::new(Counter::default());
+    let (router, _dir) = router(vec![counter.clone()]).await;
+    let alice = BareJid::new("alice@localhost").unwrap();
+    let requested = alice.with_resource_str("phone").unwrap();
+    let mut session = router
+        .bind(&alice, Some(requested), Mailbox::new().0)
+        .await
+        .unwrap();
+
+    for (id, asked) in [("a", "1"), ("b", "2")] {
+        router.handle_stanza(&mut session, count_iq(id)).await;
+        let reply = session.take_outbox().pop().unwrap();
+        assert_eq!(
+            reply.attr("type"),
+            Some("result"),
+            "{}",
+            String::from(&reply)
+        );
+        assert_eq!(
+            reply.get_child("count", NS).unwrap().attr("asked"),
+            Some(asked)
+        );
+    }
+    // A payload no module owns.
+    let other = stanza(
+        "<iq xmlns='jabber:client' type='get' id='c' from='alice@localhost/phone'><other xmlns='urn:example:counter'/></iq>",
+    );
+    router.handle_stanza(&mut session, other).await;
+    let reply = session.take_outbox().pop().unwrap();
+    assert!(String::from(&reply).contains("service-unavailable"));
+
+    // The delivery hook keeps what the module wants kept.
+    let secret = stanza(&format!(
+        "<message xmlns='jabber:client' to='alice@localhost/phone'><secret xmlns='{NS}'/></message>"
+    ));
+    router.accept_delivery(&mut session, secret);
+    let plain = stanza(
+        "<message xmlns='jabber:client' to='alice@localhost/phone'><body>hi</body></message>",
+    );
+    router.accept_delivery(&mut session, plain);
+    let delivered = session.take_outbox();
+    assert_eq!(delivered.len(), 1);
+    assert!(delivered[0].has_child("body", "jabber:client"));
+
+    // The state travels with the session (here as another node gets it).
+    let wire = std::mem::take(&mut session.modules).to_wire();
+    session.modules = rookery_cluster::ModuleStates::from_wire(wire);
+    router.handle_stanza(&mut session, count_iq("d")).await;
+    let reply = session.take_outbox().pop().unwrap();
+    assert_eq!(
+        reply.get_child("count", NS).unwrap().attr("asked"),
+        Some("3")
+    );
+
+    router.end_session(session, Vec::new()).await;
+    assert_eq!(
+        *counter.events.lock().unwrap(),
+        [
+            ("phone".to_owned(), SessionEvent::Bound),
+            ("phone".to_owned(), SessionEvent::Ended)
+        ]
+    );
+}
+
+#[tokio::test]
+#[should_panic(expected = "two modules answer <count xmlns='urn:example:counter'/>")]
+async fn two_modules_cannot_claim_one_payload() {
+    router(vec![Arc::new(Counter::default()), Arc::new(Impostor)]).await;
+}

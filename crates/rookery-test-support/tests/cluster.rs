@@ -221,6 +221,10 @@ async fn stream_management_resumes_on_another_node() {
     bob.send("<message to='alice@localhost/phone' type='chat'><body>before</body></message>")
         .await;
     assert_eq!(body(&alice.expect_message().await), "before");
+    // The client fetched its block list: it gets block list pushes (XEP-0191).
+    alice
+        .iq("<iq type='get'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
+        .await;
     alice.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
     for n in 0..3 {
@@ -239,7 +243,7 @@ async fn stream_management_resumes_on_another_node() {
         .authenticate_scram("alice", "secret", rookery_stream::ScramHash::Sha256)
         .await
         .unwrap();
-    assert_eq!(resumed.resume(&id, 2).await, Ok(1));
+    assert_eq!(resumed.resume(&id, 3).await, Ok(2));
     for n in 0..3 {
         assert_eq!(
             body(&resumed.expect_message().await),
@@ -256,6 +260,15 @@ async fn stream_management_resumes_on_another_node() {
         (0, 2)
     );
     bob.assert_none(Duration::ZERO, |e| e.attr("type") == Some("unavailable"))
+        .await;
+    // What the client asked for came along: it still gets block list pushes.
+    let mut laptop =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "laptop").await;
+    laptop
+        .iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='eve@localhost'/></block></iq>")
+        .await;
+    resumed
+        .expect(|e| e.has_child("block", "urn:xmpp:blocking"))
         .await;
 }
 

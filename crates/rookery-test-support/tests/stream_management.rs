@@ -215,3 +215,27 @@ async fn without_stream_management_queued_mail_is_not_lost_on_close() {
         "every message reached one of alice's resources"
     );
 }
+
+#[tokio::test]
+async fn a_resumed_session_keeps_what_its_client_asked_for() {
+    // XEP-0191: a client that fetched its block list gets the pushes; resumed
+    // (XEP-0198), the session is the same one and still gets them.
+    let server = server(60).await;
+    let (mut alice, id) = resumable_alice(&server).await;
+    alice
+        .iq("<iq type='get'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
+        .await;
+    alice.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // alice had handled her presence echo and the block list (h=2).
+    let (mut alice, resumed) = resume(&server, &id, 2).await;
+    assert!(resumed.is_ok(), "{resumed:?}");
+    let mut laptop = TestClient::online(server.starttls(), "alice", "secret", "laptop").await;
+    let blocked = laptop
+        .iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='bob@localhost'/></block></iq>")
+        .await;
+    assert_eq!(blocked.attr("type"), Some("result"));
+    alice
+        .expect(|e| e.has_child("block", "urn:xmpp:blocking"))
+        .await;
+}
