@@ -87,6 +87,19 @@ pub trait Extension: Send + Sync {
         Hooks::default()
     }
 
+    /// The label of the service the module hosts, if any: `conference`
+    /// hosts `conference.<domain>`. Every stanza addressed to the service or
+    /// to an entity at it (a room, an occupant) comes to
+    /// [`handle_service`](Self::handle_service).
+    fn service(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// A stanza addressed to the module's service, `from` stamped (by the
+    /// sender's server: it is who it says). Answers go back with
+    /// [`Router::route`], which reaches the sender on any node.
+    async fn handle_service(&self, _router: &Router, _stanza: Element) {}
+
     /// Disco features (XEP-0030) the module adds to the server.
     fn server_features(&self) -> &'static [&'static str] {
         &[]

@@ -6,7 +6,7 @@ use minidom::Element;
 use rookery_stream::ns;
 
 use crate::stanza::{ErrorCondition, error_reply, iq_result};
-use crate::{IqContext, IqTarget, IqType, Router, Session, namespaces};
+use crate::{Destination, IqContext, IqTarget, IqType, Router, Session, namespaces};
 
 impl Router {
     /// An iq from the session's client.
@@ -31,9 +31,8 @@ impl Router {
                 .outbox
                 .push(error_reply(&iq, ErrorCondition::BAD_REQUEST, text, None));
         }
-        let target = match &to {
-            None => IqTarget::Account(session.user()),
-            Some(to) if !self.is_local(to) => {
+        match to.as_ref().map(|to| self.resolve(to)) {
+            Some(Destination::Remote) => {
                 if iq_type.is_some() {
                     session.outbox.push(error_reply(
                         &iq,
@@ -44,6 +43,11 @@ impl Router {
                 }
                 return;
             }
+            Some(Destination::Service(module)) => return module.handle_service(self, iq).await,
+            Some(Destination::Account | Destination::Server) | None => {}
+        }
+        let target = match &to {
+            None => IqTarget::Account(session.user()),
             Some(to) => match (to.node(), to.try_as_full()) {
                 (None, Err(_)) => IqTarget::Server,
                 (None, Ok(_)) => {

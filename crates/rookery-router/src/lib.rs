@@ -23,6 +23,7 @@ use rookery_store::{LastActivity, OfflineMessage, Quota, Store, StoreError};
 use rookery_stream::ns;
 use rookery_stream::xml::{remove_attr, set_attr};
 
+mod address;
 mod blocking;
 mod deferred;
 mod delivery;
@@ -37,6 +38,7 @@ mod session;
 pub mod stanza;
 pub mod subscription;
 
+pub use address::Destination;
 pub use blocking::is_blocked;
 pub use delivery::is_server_push;
 pub use extension::{Extension, Hooks, IqContext, IqTarget, IqType, SessionEvent};
@@ -142,6 +144,8 @@ pub struct Router {
     extensions: Vec<Arc<dyn Extension>>,
     /// Which module answers an iq payload: namespace, then element name.
     iq_table: HashMap<&'static str, HashMap<&'static str, Arc<dyn Extension>>>,
+    /// The services modules host, by domain (`conference.<domain>`).
+    services: HashMap<String, Arc<dyn Extension>>,
     /// The modules with [`Hooks::delivery`].
     delivery_hooks: Vec<Arc<dyn Extension>>,
     /// The modules with [`Hooks::session`].
@@ -204,6 +208,13 @@ impl Router {
                 );
             }
         }
+        let services = extensions
+            .iter()
+            .filter_map(|extension| {
+                let label = extension.service()?;
+                Some((format!("{label}.{}", config.domain), extension.clone()))
+            })
+            .collect();
         let with = |hook: fn(Hooks) -> bool| -> Vec<Arc<dyn Extension>> {
             extensions
                 .iter()
@@ -218,6 +229,7 @@ impl Router {
             delivery_hooks: with(|hooks| hooks.delivery),
             session_hooks: with(|hooks| hooks.session),
             iq_table,
+            services,
             extensions,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -602,8 +614,10 @@ impl Router {
         let Ok(Some(to)) = stanza::to(&stanza) else {
             return;
         };
-        if !self.is_local(&to) || to.node().is_none() {
-            return;
+        match self.resolve(&to) {
+            Destination::Account => {}
+            Destination::Service(module) => return module.handle_service(self, stanza).await,
+            Destination::Server | Destination::Remote => return,
         }
         match Kind::of(&stanza) {
             Some(Kind::Message) => {

@@ -13,7 +13,7 @@ use rookery_stream::xml::set_attr;
 
 use crate::rules::{self, MessageOutcome};
 use crate::stanza::{ErrorCondition, MessageType, error_reply};
-use crate::{Router, Session, namespaces};
+use crate::{Destination, Router, Session, namespaces};
 
 /// True for a carbon copy (a `<sent/>` or `<received/>` wrapper).
 pub(crate) fn is_carbon_copy(message: &Element) -> bool {
@@ -62,13 +62,14 @@ impl Router {
         // RFC 6120 section 10.3: no `to` means the sender's own bare JID.
         let to = to.unwrap_or_else(|| Jid::from(session.account.clone()));
         let message_type = MessageType::of(&message);
-        if to.node().is_none() || !self.is_local(&to) {
+        let error = match self.resolve(&to) {
+            Destination::Account => None,
+            Destination::Service(module) => return module.handle_service(self, message).await,
+            Destination::Server => Some(ErrorCondition::SERVICE_UNAVAILABLE),
+            Destination::Remote => Some(ErrorCondition::REMOTE_SERVER_NOT_FOUND),
+        };
+        if let Some(error) = error {
             if message_type != MessageType::Error && message_type != MessageType::Headline {
-                let error = if self.is_local(&to) {
-                    ErrorCondition::SERVICE_UNAVAILABLE
-                } else {
-                    ErrorCondition::REMOTE_SERVER_NOT_FOUND
-                };
                 session
                     .outbox
                     .push(error_reply(&message, error, None, None));

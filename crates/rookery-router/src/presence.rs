@@ -12,7 +12,7 @@ use crate::item_locks::retry_changed_item;
 use crate::rules::{self, PresenceFallback};
 use crate::stanza::{self, ErrorCondition, PresenceType, error_reply};
 use crate::subscription::{self, SubState};
-use crate::{Router, Session, strip_to};
+use crate::{Destination, Router, Session, strip_to};
 
 /// Parses `<priority/>` (RFC 6121 section 4.7.2.3); absent or invalid is 0.
 fn priority(presence: &Element) -> i8 {
@@ -58,20 +58,30 @@ impl Router {
             ));
             return;
         };
-        if let Some(to) = &to
-            && !self.is_local(to)
-        {
-            // No server-to-server yet: like messages and iqs (RFC 6120
-            // 10.4.3), so that a client joining a room elsewhere hears back.
-            if !matches!(kind, PresenceType::Unavailable | PresenceType::Error) {
-                session.outbox.push(error_reply(
-                    &presence,
-                    ErrorCondition::REMOTE_SERVER_NOT_FOUND,
-                    None,
-                    None,
-                ));
+        if let Some(to) = &to {
+            match self.resolve(to) {
+                Destination::Remote => {
+                    // No server-to-server yet: like messages and iqs (RFC 6120
+                    // 10.4.3), so that a client joining a room elsewhere hears back.
+                    if !matches!(kind, PresenceType::Unavailable | PresenceType::Error) {
+                        session.outbox.push(error_reply(
+                            &presence,
+                            ErrorCondition::REMOTE_SERVER_NOT_FOUND,
+                            None,
+                            None,
+                        ));
+                    }
+                    return;
+                }
+                // Available and unavailable are directed presence, remembered
+                // below and delivered through `deliver_presence`.
+                Destination::Service(module)
+                    if !matches!(kind, PresenceType::Available | PresenceType::Unavailable) =>
+                {
+                    return module.handle_service(self, presence).await;
+                }
+                _ => {}
             }
-            return;
         }
         match (to, kind) {
             (None, PresenceType::Available | PresenceType::Unavailable) => {
@@ -274,8 +284,13 @@ impl Router {
 
     /// Delivers a presence to an address of this domain, following section 8.5.
     pub(crate) async fn deliver_presence(&self, mut presence: Element, to: &Jid) {
-        if !self.is_local(to) || to.node().is_none() {
-            return;
+        match self.resolve(to) {
+            Destination::Account => {}
+            Destination::Service(module) => {
+                set_attr(&mut presence, "to", to.to_string());
+                return module.handle_service(self, presence).await;
+            }
+            Destination::Server | Destination::Remote => return,
         }
         let user = to.to_bare();
         if let Some(from) = stanza::from(&presence)

@@ -28,6 +28,8 @@ impl ModuleState for Counted {
 #[derive(Default)]
 struct Counter {
     events: Mutex<Vec<(String, SessionEvent)>>,
+    /// What reached its service (`counter.localhost`): name, type, to.
+    served: Mutex<Vec<(String, String, String)>>,
 }
 
 #[async_trait]
@@ -58,6 +60,30 @@ impl Extension for Counter {
     async fn on_session(&self, _: &Router, session: &mut Session, event: SessionEvent) {
         let mut events = self.events.lock().unwrap();
         events.push((session.jid.resource().to_string(), event));
+    }
+
+    fn service(&self) -> Option<&'static str> {
+        Some("counter")
+    }
+
+    async fn handle_service(&self, router: &Router, stanza: Element) {
+        let attr = |name| stanza.attr(name).unwrap_or_default().to_owned();
+        self.served
+            .lock()
+            .unwrap()
+            .push((stanza.name().to_owned(), attr("type"), attr("to")));
+        if stanza.name() == "message" {
+            // An echo, back through routing.
+            let mut echo = Element::bare("message", "jabber:client");
+            rookery_stream::xml::set_attr(&mut echo, "from", attr("to"));
+            rookery_stream::xml::set_attr(&mut echo, "to", attr("from"));
+            echo.append_child(
+                Element::builder("body", "jabber:client")
+                    .append("echo")
+                    .build(),
+            );
+            router.route(echo).await;
+        }
     }
 }
 
@@ -166,4 +192,68 @@ async fn a_module_answers_its_payloads_keeps_state_per_session_and_hears_of_sess
 #[should_panic(expected = "two modules answer <count xmlns='urn:example:counter'/>")]
 async fn two_modules_cannot_claim_one_payload() {
     router(vec![Arc::new(Counter::default()), Arc::new(Impostor)]).await;
+}
+
+#[tokio::test]
+async fn every_kind_of_stanza_to_a_hosted_service_reaches_its_module() {
+    let counter = Arc::new(Counter::default());
+    let (router, _dir) = router(vec![counter.clone()]).await;
+    let alice = BareJid::new("alice@localhost").unwrap();
+    let requested = alice.with_resource_str("phone").unwrap();
+    let (mailbox, mut inbox) = Mailbox::new();
+    let mut session = router.bind(&alice, Some(requested), mailbox).await.unwrap();
+    let from = "from='alice@localhost/phone'";
+
+    let message = stanza(&format!(
+        "<message xmlns='jabber:client' {from} to='room@counter.localhost' type='groupchat'><body>hi</body></message>"
+    ));
+    router.handle_stanza(&mut session, message).await;
+    // The module's echo came back through routing to the session.
+    match inbox.try_recv() {
+        Some(rookery_cluster::Mail::Stanza { stanza, .. }) => {
+            assert_eq!(stanza.attr("from"), Some("room@counter.localhost"));
+            assert_eq!(
+                stanza.get_child("body", "jabber:client").unwrap().text(),
+                "echo"
+            );
+        }
+        other => panic!("no echo: {other:?}"),
+    }
+    let initial = stanza(&format!("<presence xmlns='jabber:client' {from}/>"));
+    router.handle_stanza(&mut session, initial).await;
+    session.take_outbox();
+    let join = stanza(&format!(
+        "<presence xmlns='jabber:client' {from} to='room@counter.localhost/alice'/>"
+    ));
+    router.handle_stanza(&mut session, join).await;
+    let iq = stanza(&format!(
+        "<iq xmlns='jabber:client' {from} to='counter.localhost' type='get' id='i1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+    ));
+    router.handle_stanza(&mut session, iq).await;
+    assert!(
+        session.take_outbox().is_empty(),
+        "the service answers, not the router"
+    );
+
+    // Elsewhere is remote: refused, and the module hears nothing of it.
+    let remote = stanza(&format!(
+        "<message xmlns='jabber:client' {from} to='room@counter.example.org'><body>hi</body></message>"
+    ));
+    router.handle_stanza(&mut session, remote).await;
+    let refused = session.take_outbox().pop().unwrap();
+    assert!(String::from(&refused).contains("remote-server-not-found"));
+
+    // The room got directed presence: it hears the session end.
+    router.end_session(session, Vec::new()).await;
+    let served = counter.served.lock().unwrap().clone();
+    let expected = [
+        ("message", "groupchat", "room@counter.localhost"),
+        ("presence", "", "room@counter.localhost/alice"),
+        ("iq", "get", "counter.localhost"),
+        ("presence", "unavailable", "room@counter.localhost/alice"),
+    ];
+    assert_eq!(
+        served,
+        expected.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+    );
 }

@@ -1,0 +1,53 @@
+//! Addressing in one place: where a stanza's `to` leads. Message, presence
+//! and iq routing all ask [`Router::resolve`].
+
+use std::sync::Arc;
+
+use jid::Jid;
+
+use crate::{Extension, Router};
+
+/// Where an address leads.
+#[derive(Clone)]
+pub enum Destination {
+    /// An account of the served domain (a bare or full JID with a local part).
+    Account,
+    /// The served domain itself.
+    Server,
+    /// A service a module hosts here (`conference.<domain>` and the entities
+    /// at it).
+    Service(Arc<dyn Extension>),
+    /// Another domain: `remote-server-not-found` until federation plugs in here.
+    Remote,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Account => f.write_str("Account"),
+            Destination::Server => f.write_str("Server"),
+            Destination::Service(module) => {
+                write!(f, "Service({})", module.service().unwrap_or_default())
+            }
+            Destination::Remote => f.write_str("Remote"),
+        }
+    }
+}
+
+impl Router {
+    /// Where `to` leads.
+    pub fn resolve(&self, to: &Jid) -> Destination {
+        let domain = to.domain().as_str();
+        if domain == self.config.domain {
+            return if to.node().is_some() {
+                Destination::Account
+            } else {
+                Destination::Server
+            };
+        }
+        match self.services.get(domain) {
+            Some(module) => Destination::Service(module.clone()),
+            None => Destination::Remote,
+        }
+    }
+}
