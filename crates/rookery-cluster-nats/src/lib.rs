@@ -463,11 +463,12 @@ impl NatsBus {
         tracing::info!(node = %self.config.name, "Left the cluster.");
     }
 
+    /// Runs a task of this node: every one ends when the node leaves (the
+    /// finished ones are forgotten as new ones start).
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tasks
-            .lock()
-            .expect("tasks lock")
-            .push(tokio::spawn(task));
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(tokio::spawn(task));
     }
 
     /// Runs a JetStream operation, trying again (for up to `PUBLISH_RETRY`)
@@ -1655,8 +1656,8 @@ async fn follow_members(bus: Arc<NatsBus>) {
                 }
             }
             for node in dead {
-                let bus = bus.clone();
-                tokio::spawn(async move { bus.clean_up(node).await });
+                let cleaner = bus.clone();
+                bus.spawn(async move { cleaner.clean_up(node).await });
             }
         }
     }
@@ -1723,8 +1724,8 @@ async fn detect_failures(bus: Arc<NatsBus>) {
         }
         for node in dead {
             cleaned.insert(node, Instant::now());
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.clean_up(node).await });
+            let cleaner = bus.clone();
+            bus.spawn(async move { cleaner.clean_up(node).await });
         }
     }
 }
@@ -1846,13 +1847,18 @@ impl Bus for NatsBus {
     }
 
     fn routes(&self, user: &BareJid) -> Vec<Arc<Route>> {
-        self.view
-            .read()
-            .expect("view lock")
-            .users
-            .get(user)
+        let view = self.view.read().expect("view lock");
+        let Some(routes) = view.users.get(user) else {
+            return Vec::new();
+        };
+        // A session of this node whose inbox is gone (its task ended
+        // abnormally, or it overflowed and is ending) is no target, as on
+        // LocalBus; peers' sessions carry no mailbox here.
+        routes
+            .iter()
+            .filter(|route| !route.mailbox.as_ref().is_some_and(Mailbox::is_closed))
             .cloned()
-            .unwrap_or_default()
+            .collect()
     }
 
     fn route(&self, jid: &FullJid) -> Option<Arc<Route>> {

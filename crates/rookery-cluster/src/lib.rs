@@ -19,6 +19,7 @@ use minidom::Element;
 use rookery_stream::{SmState, StreamError};
 use tokio::sync::oneshot;
 
+pub mod conformance;
 mod local;
 mod module_state;
 
