@@ -9,7 +9,8 @@
 //!   awaited acknowledgement, so once `deliver` returns they survive any node.
 //!   The receiving node hands each stanza to the session with a receipt; the
 //!   JetStream message is acknowledged when the stanza is safe.
-//! - **Membership**: nodes publish heartbeats. A node silent for
+//! - **Membership** (`membership.rs`, with the failure detector as a type
+//!   without I/O): nodes publish heartbeats. A node silent for
 //!   `failure_timeout`, or replaced by a new process of the same name, is dead:
 //!   one live node (the winner of a KV lock) removes its sessions, tells their
 //!   contacts, and replays its unacknowledged deliveries through the router.
@@ -37,9 +38,11 @@ use rookery_stream::{Condition, StreamError};
 use tokio::task::JoinHandle;
 
 mod codec;
+mod membership;
 pub mod subjects;
 
 use codec::{Control, Heartbeat, ResumeRecord, SessionRecord, WireSnapshot};
+use membership::Member;
 
 /// Settings of the clustered bus.
 #[derive(Debug, Clone)]
@@ -161,13 +164,6 @@ fn is_live_here(route: &Route, node: NodeId, local: &Local) -> bool {
             .is_some_and(|(own, _)| *own == route.session)
 }
 
-/// A live node as known from its heartbeats.
-#[derive(Debug, Clone)]
-struct Member {
-    last_seen: Instant,
-    heartbeat: Heartbeat,
-}
-
 /// The clustered bus.
 pub struct NatsBus {
     node: NodeId,
@@ -188,7 +184,6 @@ pub struct NatsBus {
     members: RwLock<HashMap<NodeId, Member>>,
     recovery: OnceLock<Weak<dyn Recovery>>,
     accepting: AtomicBool,
-    started: Instant,
     /// Since when the NATS connection is up (`None` while it is down).
     connected_since: Arc<Mutex<Option<Instant>>>,
     /// The newest registry revision the view has seen.
@@ -356,7 +351,6 @@ impl NatsBus {
             members: RwLock::new(HashMap::new()),
             recovery: OnceLock::new(),
             accepting: AtomicBool::new(true),
-            started: Instant::now(),
             connected_since,
             applied: AtomicU64::new(0),
             confirmed: Mutex::new(None),
@@ -382,9 +376,9 @@ impl NatsBus {
             .map_err(|_| BusError::Unavailable("the session registry watch ended".into()))?;
         bus.spawn(serve_control(bus.clone()));
         bus.spawn(check_registry(bus.clone()));
-        bus.spawn(publish_heartbeats(bus.clone()));
+        bus.spawn(membership::publish_heartbeats(bus.clone()));
         bus.spawn(keep_held(bus.clone()));
-        bus.spawn(follow_members(bus.clone()));
+        bus.spawn(membership::follow_members(bus.clone()));
         tracing::info!(node = %bus.config.name, incarnation = format!("{node:016x}"), "Joined the cluster.");
         Ok(bus)
     }
@@ -430,7 +424,7 @@ impl NatsBus {
     pub fn start(self: &Arc<Self>, recovery: Weak<dyn Recovery>) {
         let _ = self.recovery.set(recovery);
         self.spawn(consume_deliveries(self.clone()));
-        self.spawn(detect_failures(self.clone()));
+        self.spawn(membership::detect_failures(self.clone()));
     }
 
     /// Stops taking new sessions (announced in heartbeats).
@@ -1579,153 +1573,6 @@ async fn keep_held(bus: Arc<NatsBus>) {
             if let Err(error) = bus.client.publish(reply, Bytes::from_static(b"+WPI")).await {
                 tracing::debug!(%error, "A held delivery could not be signalled in progress.");
             }
-        }
-    }
-}
-
-async fn publish_heartbeats(bus: Arc<NatsBus>) {
-    let mut ticker = tokio::time::interval(bus.config.heartbeat);
-    loop {
-        ticker.tick().await;
-        let heartbeat = bus.heartbeat(false);
-        let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
-        if let Err(error) = bus
-            .client
-            .publish(subjects::heartbeat(bus.node), payload.into())
-            .await
-        {
-            tracing::debug!(%error, "Heartbeat not sent.");
-        }
-    }
-}
-
-async fn follow_members(bus: Arc<NatsBus>) {
-    loop {
-        let mut heartbeats = match bus.client.subscribe(subjects::HEARTBEAT_ALL).await {
-            Ok(subscriber) => subscriber,
-            Err(error) => {
-                tracing::warn!(%error, "Heartbeats cannot be received; retrying.");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(message) = heartbeats.next().await {
-            let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
-                continue;
-            };
-            if heartbeat.node == bus.node {
-                continue;
-            }
-            let back = {
-                let mut cleanups = bus.cleanups.lock().expect("cleanups lock");
-                cleanups.remove(&heartbeat.node).is_some()
-            };
-            if back {
-                tracing::warn!(
-                    node = %heartbeat.name,
-                    incarnation = format!("{:016x}", heartbeat.node),
-                    "A node taken for dead is back (it was frozen or cut off)."
-                );
-            }
-            let mut dead = Vec::new();
-            {
-                let mut members = bus.members.write().expect("members lock");
-                // A new process under the same name means the old one is gone.
-                dead.extend(
-                    members
-                        .iter()
-                        .filter(|(node, member)| {
-                            **node != heartbeat.node && member.heartbeat.name == heartbeat.name
-                        })
-                        .map(|(node, _)| *node),
-                );
-                if heartbeat.leaving {
-                    members.remove(&heartbeat.node);
-                    dead.push(heartbeat.node);
-                } else {
-                    members.insert(
-                        heartbeat.node,
-                        Member {
-                            last_seen: Instant::now(),
-                            heartbeat,
-                        },
-                    );
-                }
-                for node in &dead {
-                    members.remove(node);
-                }
-            }
-            for node in dead {
-                let cleaner = bus.clone();
-                bus.spawn(async move { cleaner.clean_up(node).await });
-            }
-        }
-    }
-}
-
-/// Declares silent nodes dead, and nodes found only in the registry (from
-/// before a restart of the whole cluster) once they stayed silent as long.
-async fn detect_failures(bus: Arc<NatsBus>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
-    // When each dead node was last handed to `clean_up`.
-    let mut cleaned: HashMap<NodeId, Instant> = HashMap::new();
-    let mut last_tick = Instant::now();
-    loop {
-        ticker.tick().await;
-        let timeout = bus.config.failure_timeout;
-        // A tick far later than due: this process was frozen (SIGSTOP, a
-        // paused VM, a stalled host), and heard nothing meanwhile.
-        let frozen = last_tick.elapsed() > timeout / 2;
-        last_tick = Instant::now();
-        if frozen {
-            tracing::warn!("This node was frozen; its peers get a failure timeout to speak again.");
-        }
-        if frozen || !bus.heard_long_enough() {
-            // Our own outage silences everyone: judge nobody until we have
-            // listened for a whole timeout again.
-            if let Some(grace) = Instant::now().checked_sub(timeout / 2) {
-                for member in bus.members.write().expect("members lock").values_mut() {
-                    member.last_seen = member.last_seen.max(grace);
-                }
-            }
-            continue;
-        }
-        let mut dead: Vec<NodeId> = {
-            let mut members = bus.members.write().expect("members lock");
-            let silent: Vec<NodeId> = members
-                .iter()
-                .filter(|(_, member)| member.last_seen.elapsed() > timeout)
-                .map(|(node, _)| *node)
-                .collect();
-            for node in &silent {
-                members.remove(node);
-            }
-            silent
-        };
-        if bus.started.elapsed() > timeout {
-            let members = bus.members.read().expect("members lock");
-            let view = bus.view.read().expect("view lock");
-            let unknown: HashSet<NodeId> = view
-                .users
-                .values()
-                .flatten()
-                .map(|route| route.node)
-                .filter(|node| {
-                    // Still in the registry a while after a cleanup started:
-                    // its cleaner may have died too; try again.
-                    *node != bus.node
-                        && !members.contains_key(node)
-                        && cleaned
-                            .get(node)
-                            .is_none_or(|at| at.elapsed() > timeout * 3)
-                })
-                .collect();
-            dead.extend(unknown);
-        }
-        for node in dead {
-            cleaned.insert(node, Instant::now());
-            let cleaner = bus.clone();
-            bus.spawn(async move { cleaner.clean_up(node).await });
         }
     }
 }
