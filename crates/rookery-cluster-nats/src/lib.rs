@@ -1890,6 +1890,10 @@ impl Bus for NatsBus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    fn registry_can_lag(&self) -> bool {
+        true
+    }
+
     fn registry_confirmed(&self) -> Option<Instant> {
         *self.confirmed.lock().expect("confirmed lock")
     }

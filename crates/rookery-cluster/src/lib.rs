@@ -438,6 +438,12 @@ pub trait Bus: Send + Sync {
     fn ready(&self) -> bool {
         self.healthy()
     }
+    /// True when this node's view of the registry can be behind the truth
+    /// (a cluster: a login on another node a moment ago), so that a message
+    /// may go to offline storage while its recipient is online after all.
+    fn registry_can_lag(&self) -> bool {
+        false
+    }
     /// The latest moment this node's view of the registry was known to hold
     /// every session bound before it (`None`: not known lately). A message
     /// stored offline before that moment went to a user who was offline.

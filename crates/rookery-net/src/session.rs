@@ -958,18 +958,21 @@ async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
             receipts.rerouted.extend(receipt);
         }
     }
+    // Stored messages handed to a stream without stream management are safe
+    // once flushed; these never were: they stay stored (a client that got
+    // them anyway gets them again, as stream management allows).
+    let unflushed = receipts
+        .written
+        .extract_if(.., |receipt| matches!(receipt, Receipt::Stored(_)))
+        .count();
     let mut receipts = receipts.take_all();
-    let kept = keep_stored(&mut receipts, &mut undelivered);
+    let kept = unflushed + keep_stored(&mut receipts, &mut undelivered);
     tracing::info!(
         undelivered = undelivered.len(),
         kept_stored = kept,
         "Session ended."
     );
-    let user = session.user();
     c2s.router.end_session(session, undelivered).await;
-    if kept > 0 {
-        c2s.router.offline_kept(&user);
-    }
     // Rerouted or stored: the original deliveries are safe to forget.
     c2s.router.acknowledge(receipts).await;
 }

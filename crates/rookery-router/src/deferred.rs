@@ -142,7 +142,9 @@ impl Router {
                 rules::message_to_bare(MessageType::Chat, &routes),
                 MessageOutcome::Deliver(_)
             );
-            if pending.messages && deliverable {
+            // On one node the view is never behind: a user who comes
+            // online reads their stored messages at their initial presence.
+            if pending.messages && deliverable && self.bus.registry_can_lag() {
                 if self.deferred.is_paging(&user) {
                     // Its session takes them; looked at again later.
                     self.deferred.stored_message(&user);
@@ -188,6 +190,12 @@ impl Router {
     /// between leaves them stored, to be delivered again. Stops at the first
     /// message no session took, so that the rest keeps its order.
     async fn redeliver_offline(&self, user: &BareJid) -> usize {
+        if !self.bus.healthy() {
+            // Without NATS a delivery would only reach an inbox in memory:
+            // looked at again once it is back.
+            self.deferred.stored_message(user);
+            return 0;
+        }
         let stored = match self.store.read_offline(user, 0, crate::OFFLINE_PAGE).await {
             Ok(stored) => stored,
             Err(error) => {

@@ -397,12 +397,4 @@ impl Router {
             }
         }
     }
-
-    /// A session ended before its client had these stored messages: they
-    /// stay stored, in their place, for the user's other available sessions
-    /// (looked at once the registry is current) or the next login.
-    pub fn offline_kept(&self, user: &BareJid) {
-        self.deferred.paged(user, true);
-        self.deferred.stored_message(user);
-    }
 }
