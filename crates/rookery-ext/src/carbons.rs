@@ -20,11 +20,8 @@ impl Extension for Carbons {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        let enable = match cx.payload.name() {
-            "enable" if cx.payload.has_ns(CARBONS) => true,
-            "disable" if cx.payload.has_ns(CARBONS) => false,
-            _ => return None,
-        };
+        // The iq table gives this module only <enable/> and <disable/>.
+        let enable = cx.payload.name() == "enable";
         if cx.iq_type != IqType::Set || !cx.to_self() {
             return Some(error_reply(cx.iq, ErrorCondition::BAD_REQUEST, None, None));
         }

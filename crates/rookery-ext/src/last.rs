@@ -34,9 +34,6 @@ impl Extension for LastActivity {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.is("query", NS) {
-            return None;
-        }
         if cx.iq_type != IqType::Get {
             return Some(error_reply(cx.iq, ErrorCondition::NOT_ALLOWED, None, None));
         }

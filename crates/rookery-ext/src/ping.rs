@@ -23,6 +23,6 @@ impl Extension for Ping {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        (cx.payload.is("ping", NS) && cx.iq_type == IqType::Get).then(|| iq_result(cx.iq, None))
+        (cx.iq_type == IqType::Get).then(|| iq_result(cx.iq, None))
     }
 }

@@ -180,9 +180,6 @@ impl Extension for Register {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.is("query", NS) {
-            return None;
-        }
         if cx.target != IqTarget::Server && !cx.to_self() {
             return Some(error_reply(cx.iq, ErrorCondition::FORBIDDEN, None, None));
         }

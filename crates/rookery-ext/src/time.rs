@@ -24,7 +24,7 @@ impl Extension for EntityTime {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.is("time", NS) || cx.target != IqTarget::Server {
+        if cx.target != IqTarget::Server {
             return None;
         }
         if cx.iq_type != IqType::Get {

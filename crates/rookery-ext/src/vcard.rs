@@ -32,9 +32,6 @@ impl Extension for VCard {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.is("vCard", NS) {
-            return None;
-        }
         let IqTarget::Account(account) = cx.target.clone() else {
             return Some(error_reply(
                 cx.iq,

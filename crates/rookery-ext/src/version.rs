@@ -26,7 +26,7 @@ impl Extension for Version {
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
-        if !cx.payload.is("query", NS) || cx.target != IqTarget::Server {
+        if cx.target != IqTarget::Server {
             return None;
         }
         if cx.iq_type != IqType::Get {

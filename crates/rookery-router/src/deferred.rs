@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use jid::BareJid;
 use minidom::Element;
-use rookery_store::StoredOffline;
 use rookery_stream::xml::set_attr;
 
 use crate::Router;
@@ -209,15 +208,7 @@ impl Router {
             self.deferred.stored_message(user);
         }
         let mut done = Vec::with_capacity(stored.len());
-        for StoredOffline { id, message } in stored {
-            let message = match message.stanza.parse::<Element>() {
-                Ok(message) => message,
-                Err(error) => {
-                    tracing::error!(%user, %error, "Stored offline message is not valid XML; removed.");
-                    done.push(id);
-                    continue;
-                }
-            };
+        for (id, message) in self.parse_stored(user, stored).await {
             let message_type = MessageType::of(&message);
             let routes = self.bus.routes(user);
             let MessageOutcome::Deliver(targets) = rules::message_to_bare(message_type, &routes)

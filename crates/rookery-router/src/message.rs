@@ -343,27 +343,43 @@ impl Router {
             session.offline_pending = false;
         }
         self.deferred.paged(&user, stored.is_empty());
-        let mut page = Vec::with_capacity(stored.len());
+        if let Some(last) = stored.last() {
+            session.offline_after = last.id;
+        }
+        self.parse_stored(&user, stored)
+            .await
+            .into_iter()
+            .map(|(id, stanza)| {
+                let receipt = Receipt::Stored(StoredReceipt {
+                    user: user.to_string(),
+                    id,
+                    digest: rookery_cluster::stanza_digest(&stanza),
+                });
+                (stanza, receipt)
+            })
+            .collect()
+    }
+
+    /// The stored messages that parse, with their ids; those that do not
+    /// (they never will) are removed from storage.
+    pub(crate) async fn parse_stored(
+        &self,
+        user: &BareJid,
+        stored: Vec<StoredOffline>,
+    ) -> Vec<(i64, Element)> {
+        let mut parsed = Vec::with_capacity(stored.len());
         let mut broken = Vec::new();
         for StoredOffline { id, message } in stored {
-            session.offline_after = id;
             match message.stanza.parse::<Element>() {
-                Ok(stanza) => {
-                    let receipt = Receipt::Stored(StoredReceipt {
-                        user: user.to_string(),
-                        id,
-                        digest: rookery_cluster::stanza_digest(&stanza),
-                    });
-                    page.push((stanza, receipt));
-                }
+                Ok(stanza) => parsed.push((id, stanza)),
                 Err(error) => {
                     tracing::error!(%user, %error, "Stored offline message is not valid XML; removed.");
                     broken.push(id);
                 }
             }
         }
-        self.remove_stored(&user, &broken).await;
-        page
+        self.remove_stored(user, &broken).await;
+        parsed
     }
 
     /// Removes messages from the user's offline storage (they reached the
