@@ -7,13 +7,13 @@ server; writes one result per scenario to --out as JSON.
 
 import argparse
 import asyncio
-import json
 import logging
 import ssl
 import sys
-import traceback
 
 import slixmpp
+
+import scenarios
 
 DOMAIN = "localhost"
 TIMEOUT = 15
@@ -212,17 +212,7 @@ async def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    results = {}
-    for scenario in SCENARIOS:
-        try:
-            await asyncio.wait_for(scenario(args), TIMEOUT * 3)
-            results[scenario.__name__] = {"result": "pass"}
-        except BaseException as error:  # noqa: BLE001 - every failure is a result
-            results[scenario.__name__] = {"result": "fail", "error": f"{type(error).__name__}: {error}"}
-            traceback.print_exc()
-    with open(args.out, "w", encoding="utf-8") as out:
-        json.dump(results, out, indent=2, sort_keys=True)
-    print(json.dumps(results, indent=2, sort_keys=True))
+    await scenarios.run(SCENARIOS, args, TIMEOUT * 3)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The disco module: the server's contact addresses (XEP-0157).
+    pub disco: rookery_ext::disco::DiscoConfig,
+    /// The listener of external components.
+    pub component: ComponentListenerConfig,
+    /// External components (XEP-0114) that may connect: `[[components]]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentEntry>,
 }
 
 /// `[server]`
@@ -283,6 +290,35 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[component]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentListenerConfig {
+    /// Listener for external components (XEP-0114, 5347), opened only when
+    /// `[[components]]` lists some. Components authenticate with a shared
+    /// secret over plain TCP: keep it on loopback or a private network.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for ComponentListenerConfig {
+    fn default() -> Self {
+        ComponentListenerConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 5347))),
+        }
+    }
+}
+
+/// One `[[components]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentEntry {
+    /// The component's domain (`echo.example.org`): every address at it
+    /// reaches the component, on whichever node it is connected.
+    pub domain: String,
+    /// The secret its handshake proves.
+    pub secret: String,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -493,6 +529,30 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1 second"));
+            }
+        }
+        if let Err((key, message)) = self.disco.validate() {
+            return Err(invalid(&format!("disco.{key}"), &message));
+        }
+        let mut component_domains = std::collections::HashSet::new();
+        for (index, component) in self.components.iter().enumerate() {
+            let key = |field: &str| format!("components[{index}].{field}");
+            let domain_ok = jid::BareJid::new(&component.domain)
+                .is_ok_and(|jid| jid.node().is_none() && jid.as_str() == component.domain);
+            if !domain_ok {
+                return Err(invalid(&key("domain"), "not a valid domain name"));
+            }
+            if component.domain == self.server.domain {
+                return Err(invalid(
+                    &key("domain"),
+                    "is the server's own domain; give the component a subdomain",
+                ));
+            }
+            if !component_domains.insert(component.domain.as_str()) {
+                return Err(invalid(&key("domain"), "listed twice"));
+            }
+            if component.secret.is_empty() {
+                return Err(invalid(&key("secret"), "must not be empty"));
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

@@ -19,7 +19,7 @@ use rookery_store::{Quota, Store};
 use rookery_store_postgres::PostgresStore;
 use rookery_store_sqlite::SqliteStore;
 use rookery_stream::sasl::Decoy;
-use rookery_stream::{Limits, StreamConfig, Timeouts, TlsPolicy};
+use rookery_stream::{ComponentConfig, Limits, StreamConfig, Timeouts, TlsPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -237,6 +237,8 @@ pub struct Addresses {
     pub direct_tls: Option<SocketAddr>,
     /// The HTTP listener.
     pub http: Option<SocketAddr>,
+    /// The external component listener.
+    pub component: Option<SocketAddr>,
 }
 
 /// A server with its ports bound, ready to run.
@@ -249,6 +251,7 @@ pub struct App {
     starttls: Option<(TcpListener, Arc<StreamConfig>)>,
     direct_tls: Option<(TcpListener, Arc<StreamConfig>)>,
     http: Option<(TcpListener, Arc<StreamConfig>)>,
+    component: Option<(TcpListener, Arc<ComponentConfig>)>,
 }
 
 impl std::fmt::Debug for App {
@@ -276,6 +279,11 @@ impl App {
             },
             max_roster_items: limits.roster_items,
             inbox_bytes: limits.session_queue_bytes,
+            components: config
+                .components
+                .iter()
+                .map(|component| component.domain.clone())
+                .collect(),
             ..RouterConfig::new(&config.server.domain)
         };
         let ext_config = rookery_ext::ExtConfig {
@@ -286,6 +294,7 @@ impl App {
                 items: limits.private_storage_items,
                 bytes: limits.private_storage_bytes,
             },
+            disco: config.disco.clone(),
         };
         // Unknown users are answered with stand-in SCRAM parameters derived
         // from this secret: the same on every node, and across restarts.
@@ -302,6 +311,10 @@ impl App {
         let direct_tls_listener =
             bind(config.c2s.direct_tls_listen, "c2s.direct_tls_listen").await?;
         let http_listener = bind(config.http.listen, "http.listen").await?;
+        let component_listener = match config.components.is_empty() {
+            true => None,
+            false => bind(config.component.listen, "component.listen").await?,
+        };
         let (bus, nats): (Arc<dyn Bus>, Option<Arc<NatsBus>>) = match &config.cluster {
             None => (Arc::new(LocalBus::new()), None),
             Some(cluster) => {
@@ -328,7 +341,7 @@ impl App {
             router_config,
             store.store(),
             bus,
-            rookery_ext::all(&ext_config),
+            rookery_ext::all(&ext_config, &store.store()),
         ));
         if let Some(nats) = &nats {
             let recovery: Arc<dyn rookery_cluster::Recovery> = router.clone();
@@ -336,7 +349,7 @@ impl App {
         }
 
         let mut session_features = router.stream_features();
-        session_features.push(rookery_ext::disco::caps_element(&router));
+        session_features.push(rookery_ext::disco::caps_element(&router, &config.disco));
         let c2s_config = &config.c2s;
         let base = StreamConfig {
             domain: config.server.domain.clone(),
@@ -409,6 +422,19 @@ impl App {
         let starttls = starttls_listener.map(|l| (l, Arc::new(base.clone())));
         let direct_tls = direct_tls_listener.map(|l| (l, Arc::new(unencrypted_listener.clone())));
         let http = http_listener.map(|l| (l, Arc::new(unencrypted_listener.clone())));
+        let component = component_listener.map(|listener| {
+            let secrets = config
+                .components
+                .iter()
+                .map(|component| (component.domain.clone(), component.secret.clone()))
+                .collect();
+            let component_config = ComponentConfig {
+                secrets,
+                limits: base.limits,
+                timeouts: base.timeouts,
+            };
+            (listener, Arc::new(component_config))
+        });
         Ok(App {
             config,
             store,
@@ -418,6 +444,7 @@ impl App {
             starttls,
             direct_tls,
             http,
+            component,
         })
     }
 
@@ -430,6 +457,10 @@ impl App {
             starttls: address(&self.starttls),
             direct_tls: address(&self.direct_tls),
             http: address(&self.http),
+            component: self
+                .component
+                .as_ref()
+                .and_then(|(listener, _)| listener.local_addr().ok()),
         }
     }
 
@@ -451,6 +482,7 @@ impl App {
             starttls,
             direct_tls,
             http,
+            component,
         } = self;
         let servers = TaskTracker::new();
         if let Some((listener, stream)) = starttls {
@@ -460,6 +492,14 @@ impl App {
         if let Some((listener, stream)) = direct_tls {
             tracing::info!(address = %listener.local_addr()?, "Listening for clients (direct TLS).");
             servers.spawn(rookery_net::serve_direct_tls(listener, c2s.clone(), stream));
+        }
+        if let Some((listener, component)) = component {
+            tracing::info!(address = %listener.local_addr()?, components = component.secrets.len(), "Listening for external components.");
+            servers.spawn(rookery_net::component::serve(
+                listener,
+                c2s.clone(),
+                component,
+            ));
         }
         if let Some((listener, stream)) = http {
             tracing::info!(address = %listener.local_addr()?, "Listening for HTTP (WebSocket at /xmpp-websocket).");

@@ -1,6 +1,8 @@
 //! XEP-0191: Blocking Command: the block list, its pushes, and hiding the user
 //! from newly blocked contacts. Enforcement is part of routing.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use jid::Jid;
 use minidom::Element;
@@ -8,14 +10,17 @@ use rookery_cluster::ModuleState;
 use rookery_router::namespaces::BLOCKING as NS;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, Hooks, IqContext, IqType, Router, Session, is_server_push};
+use rookery_store::BlockingStore;
 use rookery_stream::xml::set_attr;
 
 /// Most entries in one block list.
 const MAX_ITEMS: usize = 1000;
 
 /// XEP-0191 module.
-#[derive(Debug)]
-pub struct Blocking;
+pub struct Blocking {
+    /// Where block lists are kept.
+    pub lists: Arc<dyn BlockingStore>,
+}
 
 /// What a session's client asked of the module.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -98,7 +103,7 @@ impl Extension for Blocking {
             return Some(error_reply(cx.iq, ErrorCondition::FORBIDDEN, None, None));
         }
         let user = cx.session.user();
-        let store = cx.router.store();
+        let store = &self.lists;
         let reply = match (cx.iq_type, cx.payload.name()) {
             (IqType::Get, "blocklist") => match store.blocklist(&user).await {
                 Ok(list) => {

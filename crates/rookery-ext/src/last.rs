@@ -1,18 +1,25 @@
 //! XEP-0012: Last Activity: server uptime, and when a contact was last online.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use jid::Jid;
 use minidom::Element;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, IqContext, IqTarget, IqType};
+use rookery_store::{AccountStore, RosterStore};
 use rookery_stream::xml::set_attr;
 
 /// The last activity namespace.
 pub const NS: &str = "jabber:iq:last";
 
 /// XEP-0012 module.
-#[derive(Debug)]
-pub struct LastActivity;
+pub struct LastActivity {
+    /// Where the last activity of accounts is kept.
+    pub accounts: Arc<dyn AccountStore>,
+    /// Whose presence a requester may see (the roster of the account asked about).
+    pub rosters: Arc<dyn RosterStore>,
+}
 
 fn answer(iq: &Element, seconds: u64, status: Option<String>) -> Element {
     let mut query = Element::bare("query", NS);
@@ -46,9 +53,8 @@ impl Extension for LastActivity {
         let requester = cx.session.user();
         if account != requester {
             // Only those who may see the account's presence may know when it was last seen.
-            let item = cx
-                .router
-                .store()
+            let item = self
+                .rosters
                 .roster_item(&account, &requester)
                 .await
                 .ok()
@@ -66,7 +72,7 @@ impl Extension for LastActivity {
         {
             return Some(answer(cx.iq, 0, None));
         }
-        match cx.router.store().last_activity(&account).await {
+        match self.accounts.last_activity(&account).await {
             Ok(Some(last)) => {
                 let now = rookery_router::unix_millis() / 1000;
                 Some(answer(

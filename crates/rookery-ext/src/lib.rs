@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use rookery_router::Extension;
+use rookery_store::Store;
 
 pub mod blocking;
 pub mod carbons;
@@ -29,6 +30,8 @@ pub struct ExtConfig {
     pub show_os: bool,
     /// What one account may keep in XEP-0049 private storage.
     pub private_quota: rookery_store::Quota,
+    /// The disco module's section.
+    pub disco: disco::DiscoConfig,
 }
 
 impl Default for ExtConfig {
@@ -41,29 +44,42 @@ impl Default for ExtConfig {
                 items: 100,
                 bytes: 1024 * 1024,
             },
+            disco: disco::DiscoConfig::default(),
         }
     }
 }
 
-/// Every module, configured.
-pub fn all(config: &ExtConfig) -> Vec<Arc<dyn Extension>> {
+/// Every module, configured, each with the part of `store` it keeps its
+/// data in (its own store trait: a module sees nothing else of storage).
+pub fn all(config: &ExtConfig, store: &Arc<dyn Store>) -> Vec<Arc<dyn Extension>> {
     vec![
-        Arc::new(disco::Disco),
+        Arc::new(disco::Disco {
+            config: config.disco.clone(),
+        }),
         Arc::new(ping::Ping),
         Arc::new(version::Version {
             show_os: config.show_os,
         }),
         Arc::new(time::EntityTime),
-        Arc::new(last::LastActivity),
-        Arc::new(vcard::VCard),
+        Arc::new(last::LastActivity {
+            accounts: store.clone(),
+            rosters: store.clone(),
+        }),
+        Arc::new(vcard::VCard {
+            documents: store.clone(),
+        }),
         Arc::new(private::Private {
             quota: config.private_quota,
+            documents: store.clone(),
         }),
-        Arc::new(blocking::Blocking),
+        Arc::new(blocking::Blocking {
+            lists: store.clone(),
+        }),
         Arc::new(carbons::Carbons),
         Arc::new(register::Register {
             open: config.registration,
             iterations: config.scram_iterations,
+            accounts: store.clone(),
         }),
     ]
 }

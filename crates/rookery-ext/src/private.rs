@@ -4,7 +4,9 @@ use async_trait::async_trait;
 use minidom::Element;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, IqContext, IqType};
-use rookery_store::{DocumentKind, Quota, StoreError};
+use std::sync::Arc;
+
+use rookery_store::{DocumentKind, DocumentStore, Quota, StoreError};
 
 /// The private storage namespace.
 pub const NS: &str = "jabber:iq:private";
@@ -13,10 +15,11 @@ pub const NS: &str = "jabber:iq:private";
 const RESERVED: [&str; 3] = ["jabber:client", "jabber:server", NS];
 
 /// XEP-0049 module.
-#[derive(Debug)]
 pub struct Private {
     /// What one account may store (`limits.private_storage_items` and `_bytes`).
     pub quota: Quota,
+    /// Where the documents are kept.
+    pub documents: Arc<dyn DocumentStore>,
 }
 
 #[async_trait]
@@ -52,10 +55,10 @@ impl Extension for Private {
             ));
         }
         let user = cx.session.user();
-        let store = cx.router.store();
+        let store = &self.documents;
         let reply = match cx.iq_type {
             IqType::Get => match store
-                .document(&user, DocumentKind::Private, &namespace)
+                .document(&user, DocumentKind::PRIVATE, &namespace)
                 .await
             {
                 Ok(stored) => {
@@ -75,7 +78,7 @@ impl Extension for Private {
             IqType::Set => match store
                 .put_document(
                     &user,
-                    DocumentKind::Private,
+                    DocumentKind::PRIVATE,
                     &namespace,
                     &String::from(child),
                     self.quota,

@@ -7,7 +7,9 @@ use jid::BareJid;
 use minidom::Element;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, IqContext, IqTarget, IqType, Router};
-use rookery_store::{Store, StoreError};
+use std::sync::Arc;
+
+use rookery_store::{AccountStore, StoreError};
 use rookery_stream::{ScramHash, ScramKeys};
 
 /// The registration namespace.
@@ -78,7 +80,7 @@ pub fn derive_keys(password: &str, iterations: u32) -> Result<Vec<ScramKeys>, Ac
 
 /// Creates an account.
 pub async fn create_account(
-    store: &dyn Store,
+    store: &dyn AccountStore,
     jid: &BareJid,
     password: &str,
     iterations: u32,
@@ -92,7 +94,7 @@ pub async fn create_account(
 
 /// Changes an account's password.
 pub async fn set_password(
-    store: &dyn Store,
+    store: &dyn AccountStore,
     jid: &BareJid,
     password: &str,
     iterations: u32,
@@ -102,12 +104,13 @@ pub async fn set_password(
 }
 
 /// XEP-0077 module.
-#[derive(Debug)]
 pub struct Register {
     /// New accounts may register themselves.
     pub open: bool,
     /// PBKDF2 iterations for new keys.
     pub iterations: u32,
+    /// Where accounts are kept.
+    pub accounts: Arc<dyn AccountStore>,
 }
 
 fn field(query: &Element, name: &str) -> Option<String> {
@@ -162,7 +165,7 @@ impl Extension for Register {
                     ));
                 };
                 let created = match account_jid(&username, router.domain()) {
-                    Ok(jid) => create_account(router.store(), &jid, &password, self.iterations)
+                    Ok(jid) => create_account(&*self.accounts, &jid, &password, self.iterations)
                         .await
                         .map(|()| jid),
                     Err(error) => Err(error),
@@ -194,7 +197,7 @@ impl Extension for Register {
                 iq_result(cx.iq, Some(query))
             }
             IqType::Set if cx.payload.has_child("remove", NS) => {
-                match cx.router.store().delete_account(&user).await {
+                match self.accounts.delete_account(&user).await {
                     Ok(_) => {
                         tracing::info!(%user, "Account removed in band.");
                         cx.router
@@ -219,7 +222,7 @@ impl Extension for Register {
                         None,
                     ));
                 }
-                match set_password(cx.router.store(), &user, &password, self.iterations).await {
+                match set_password(&*self.accounts, &user, &password, self.iterations).await {
                     Ok(()) => iq_result(cx.iq, None),
                     Err(error) => account_error(cx.iq, &error),
                 }

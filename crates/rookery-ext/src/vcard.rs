@@ -4,7 +4,9 @@ use async_trait::async_trait;
 use minidom::Element;
 use rookery_router::stanza::{ErrorCondition, error_reply, iq_result};
 use rookery_router::{Extension, IqContext, IqTarget, IqType};
-use rookery_store::DocumentKind;
+use std::sync::Arc;
+
+use rookery_store::{DocumentKind, DocumentStore};
 
 /// The vCard namespace.
 pub const NS: &str = "vcard-temp";
@@ -18,8 +20,10 @@ const VCARD_QUOTA: rookery_store::Quota = rookery_store::Quota {
 };
 
 /// XEP-0054 module.
-#[derive(Debug)]
-pub struct VCard;
+pub struct VCard {
+    /// Where vCards are kept.
+    pub documents: Arc<dyn DocumentStore>,
+}
 
 #[async_trait]
 impl Extension for VCard {
@@ -40,9 +44,9 @@ impl Extension for VCard {
                 None,
             ));
         };
-        let store = cx.router.store();
+        let store = &self.documents;
         let reply = match cx.iq_type {
-            IqType::Get => match store.document(&account, DocumentKind::VCard, "").await {
+            IqType::Get => match store.document(&account, DocumentKind::VCARD, "").await {
                 Ok(stored) => {
                     let vcard = stored
                         .and_then(|xml| xml.parse::<Element>().ok())
@@ -68,7 +72,7 @@ impl Extension for VCard {
                     ));
                 }
                 match store
-                    .put_document(&account, DocumentKind::VCard, "", &xml, VCARD_QUOTA)
+                    .put_document(&account, DocumentKind::VCARD, "", &xml, VCARD_QUOTA)
                     .await
                 {
                     Ok(()) => iq_result(cx.iq, None),

@@ -1,7 +1,8 @@
 //! Client-to-server networking: TCP listeners with STARTTLS (RFC 6120 section 5)
 //! and direct TLS (XEP-0368), and the per-connection session task that drives
 //! the sans-IO stream and the router. `rookery-http` runs the same session task
-//! over WebSocket.
+//! over WebSocket. External components (XEP-0114) have a listener and task
+//! of their own (`component`).
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod component;
 pub mod limit;
 pub mod session;
 pub mod tls;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use jid::Jid;
+use jid::{BareJid, Jid};
 
 use crate::{Extension, Router};
 
@@ -17,6 +17,9 @@ pub enum Destination {
     /// A service a module hosts here (`conference.<domain>` and the entities
     /// at it).
     Service(Arc<dyn Extension>),
+    /// An external component (XEP-0114) configured for this domain (the
+    /// component's domain), connected to any node or to none.
+    Component(BareJid),
     /// Another domain: `remote-server-not-found` until federation plugs in here.
     Remote,
 }
@@ -29,12 +32,26 @@ impl std::fmt::Debug for Destination {
             Destination::Service(module) => {
                 write!(f, "Service({})", module.service().unwrap_or_default())
             }
+            Destination::Component(domain) => write!(f, "Component({domain})"),
             Destination::Remote => f.write_str("Remote"),
         }
     }
 }
 
 impl Router {
+    /// The domains this server hosts beside its own: the services of its
+    /// modules and its external components, sorted.
+    pub fn hosted_domains(&self) -> Vec<&str> {
+        let mut domains: Vec<&str> = self
+            .services
+            .keys()
+            .chain(self.components.keys())
+            .map(String::as_str)
+            .collect();
+        domains.sort_unstable();
+        domains
+    }
+
     /// Where `to` leads.
     pub fn resolve(&self, to: &Jid) -> Destination {
         let domain = to.domain().as_str();
@@ -45,8 +62,11 @@ impl Router {
                 Destination::Server
             };
         }
-        match self.services.get(domain) {
-            Some(module) => Destination::Service(module.clone()),
+        if let Some(module) = self.services.get(domain) {
+            return Destination::Service(module.clone());
+        }
+        match self.components.get(domain) {
+            Some(component) => Destination::Component(component.clone()),
             None => Destination::Remote,
         }
     }

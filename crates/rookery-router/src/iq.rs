@@ -44,6 +44,12 @@ impl Router {
                 return;
             }
             Some(Destination::Service(module)) => return module.handle_service(self, iq).await,
+            Some(Destination::Component(domain)) => {
+                if let Some(error) = self.to_component(&domain, iq).await {
+                    session.outbox.push(error);
+                }
+                return;
+            }
             Some(Destination::Account | Destination::Server) | None => {}
         }
         let target = match &to {

@@ -16,15 +16,14 @@ use std::time::Instant;
 
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use rookery_cluster::{
-    Bus, Durability, Inbox, Mailbox, Route, RouteInfo, SessionId, SessionSnapshot,
-};
+use rookery_cluster::{Bus, Durability, Inbox, Mailbox, Route, SessionId, SessionSnapshot};
 use rookery_store::{LastActivity, OfflineMessage, Quota, Store, StoreError};
 use rookery_stream::ns;
 use rookery_stream::xml::{remove_attr, set_attr};
 
 mod address;
 mod blocking;
+mod component;
 mod deferred;
 mod delivery;
 mod extension;
@@ -83,6 +82,8 @@ pub struct RouterConfig {
     /// Bytes of stanzas a session's inbox holds before it overflows (the
     /// session then ends: its client does not keep up).
     pub inbox_bytes: usize,
+    /// Domains of the external components (XEP-0114) that may connect.
+    pub components: Vec<String>,
 }
 
 impl RouterConfig {
@@ -97,6 +98,7 @@ impl RouterConfig {
             max_roster_items: 2000,
             csi_hold_limit: 200,
             inbox_bytes: rookery_cluster::DEFAULT_INBOX_BYTES,
+            components: Vec::new(),
         }
     }
 }
@@ -146,6 +148,8 @@ pub struct Router {
     iq_table: HashMap<&'static str, HashMap<&'static str, Arc<dyn Extension>>>,
     /// The services modules host, by domain (`conference.<domain>`).
     services: HashMap<String, Arc<dyn Extension>>,
+    /// The external components' domains, by domain.
+    components: HashMap<String, BareJid>,
     /// The modules with [`Hooks::delivery`].
     delivery_hooks: Vec<Arc<dyn Extension>>,
     /// The modules with [`Hooks::session`].
@@ -215,6 +219,11 @@ impl Router {
                 Some((format!("{label}.{}", config.domain), extension.clone()))
             })
             .collect();
+        let components = config
+            .components
+            .iter()
+            .filter_map(|domain| Some((domain.clone(), BareJid::new(domain).ok()?)))
+            .collect();
         let with = |hook: fn(Hooks) -> bool| -> Vec<Arc<dyn Extension>> {
             extensions
                 .iter()
@@ -230,6 +239,7 @@ impl Router {
             session_hooks: with(|hooks| hooks.session),
             iq_table,
             services,
+            components,
             extensions,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -342,13 +352,7 @@ impl Router {
         };
         self.load_blocklist(user).await;
         let session = Session::new(jid, SessionId::next(), mailbox);
-        let route = Route {
-            jid: session.jid.clone(),
-            session: session.id,
-            node: self.bus.node(),
-            info: RouteInfo::default(),
-            mailbox: Some(session.mailbox.clone()),
-        };
+        let route = self.route_of(&session);
         let replaced = self
             .bus
             .bind(route)
@@ -363,6 +367,17 @@ impl Router {
         let mut session = session;
         self.session_event(&mut session, SessionEvent::Bound).await;
         Ok(session)
+    }
+
+    /// The bus entry of a session on this node.
+    fn route_of(&self, session: &Session) -> Route {
+        Route {
+            jid: session.jid.clone(),
+            session: session.id,
+            node: self.bus.node(),
+            info: session.info.clone(),
+            mailbox: Some(session.mailbox.clone()),
+        }
     }
 
     /// Tells the modules with [`Hooks::session`] that the session reached `event`.
@@ -423,14 +438,8 @@ impl Router {
             }
             _ => {
                 let (mailbox, inbox) = Mailbox::bounded(self.config.inbox_bytes);
-                let mut restored = self.session_from_snapshot(snapshot, mailbox.clone());
-                let route = Route {
-                    jid: restored.session.jid.clone(),
-                    session: restored.session.id,
-                    node: self.bus.node(),
-                    info: restored.session.info.clone(),
-                    mailbox: Some(mailbox),
-                };
+                let mut restored = self.session_from_snapshot(snapshot, mailbox);
+                let route = self.route_of(&restored.session);
                 // The previous holder handed the session over: nothing to close there.
                 self.bus
                     .bind(route)
@@ -508,6 +517,13 @@ impl Router {
     /// Handles a stanza that could not reach the session `to`: messages go to
     /// the user's other resources or offline storage, requests get an error.
     async fn reroute_stranded(&self, to: &FullJid, stanza: Element) {
+        if let Destination::Component(domain) = self.resolve(&Jid::from(to.clone())) {
+            // A component that went away: it may be connected again elsewhere.
+            if let Some(error) = self.to_component(&domain, stanza).await {
+                self.route(error).await;
+            }
+            return;
+        }
         match Kind::of(&stanza) {
             Some(Kind::Message) => {
                 if message::is_carbon_copy(&stanza) {
@@ -617,6 +633,12 @@ impl Router {
         match self.resolve(&to) {
             Destination::Account => {}
             Destination::Service(module) => return module.handle_service(self, stanza).await,
+            Destination::Component(domain) => {
+                if let Some(error) = self.to_component(&domain, stanza).await {
+                    Box::pin(self.route(error)).await;
+                }
+                return;
+            }
             Destination::Server | Destination::Remote => return,
         }
         match Kind::of(&stanza) {

@@ -65,6 +65,12 @@ impl Router {
         let error = match self.resolve(&to) {
             Destination::Account => None,
             Destination::Service(module) => return module.handle_service(self, message).await,
+            Destination::Component(domain) => {
+                if let Some(error) = self.to_component(&domain, message).await {
+                    session.outbox.push(error);
+                }
+                return;
+            }
             Destination::Server => Some(ErrorCondition::SERVICE_UNAVAILABLE),
             Destination::Remote => Some(ErrorCondition::REMOTE_SERVER_NOT_FOUND),
         };

@@ -80,6 +80,13 @@ impl Router {
                 {
                     return module.handle_service(self, presence).await;
                 }
+                // A component answers its probes itself; subscriptions go
+                // through the user's roster below and reach it in
+                // `subscription_inbound`.
+                Destination::Component(domain) if kind == PresenceType::Probe => {
+                    let _ = self.send_to_component(&domain, presence).await;
+                    return;
+                }
                 _ => {}
             }
         }
@@ -246,6 +253,13 @@ impl Router {
 
     /// Sends the current presence of `contact`'s available sessions to the session.
     async fn answer_probe_for(&self, session: &mut Session, contact: &BareJid) {
+        if let Destination::Component(domain) = self.resolve(&Jid::from(contact.clone())) {
+            // A component knows its own presence: it is asked (section 4.3.1).
+            let mut probe = stanza::stanza("presence", session.account.as_str(), contact.as_str());
+            set_attr(&mut probe, "type", "probe");
+            let _ = self.send_to_component(&domain, probe).await;
+            return;
+        }
         if !self.is_local(&Jid::from(contact.clone()))
             || self
                 .blocks(&session.user(), &Jid::from(contact.clone()))
@@ -289,6 +303,11 @@ impl Router {
             Destination::Service(module) => {
                 set_attr(&mut presence, "to", to.to_string());
                 return module.handle_service(self, presence).await;
+            }
+            Destination::Component(domain) => {
+                set_attr(&mut presence, "to", to.to_string());
+                let _ = self.send_to_component(&domain, presence).await;
+                return;
             }
             Destination::Server | Destination::Remote => return,
         }
@@ -455,8 +474,13 @@ impl Router {
         sender: &BareJid,
         kind: PresenceType,
     ) {
-        if !self.is_local(&Jid::from(recipient.clone())) {
-            return;
+        match self.resolve(&Jid::from(recipient.clone())) {
+            Destination::Account => {}
+            Destination::Component(domain) => {
+                let _ = self.send_to_component(&domain, presence).await;
+                return;
+            }
+            _ => return,
         }
         let exists = self.account_exists(recipient).await;
         if exists.is_none() {
@@ -534,7 +558,7 @@ impl Router {
     }
 
     /// Sends the presence of every available session of `user` to `contact`.
-    async fn send_current_presence(&self, user: &BareJid, contact: &BareJid) {
+    pub(crate) async fn send_current_presence(&self, user: &BareJid, contact: &BareJid) {
         for route in self.bus.routes(user) {
             if let Some(presence) = &route.info.presence {
                 let mut presence = Element::clone(presence);
@@ -559,7 +583,7 @@ impl Router {
     }
 
     /// True if `contact` receives `user`'s presence by subscription.
-    async fn sees_presence(&self, user: &BareJid, contact: &Jid) -> bool {
+    pub(crate) async fn sees_presence(&self, user: &BareJid, contact: &Jid) -> bool {
         matches!(
             self.store.roster_item(user, &contact.to_bare()).await,
             Ok(Some(item)) if item.subscription.has_from()

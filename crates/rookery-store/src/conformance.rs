@@ -121,7 +121,7 @@ pub async fn account_deletion_cascades(store: &dyn Store) {
         store
             .put_document(
                 user,
-                DocumentKind::VCard,
+                DocumentKind::VCARD,
                 "",
                 "<vCard xmlns='vcard-temp'/>",
                 Quota::UNLIMITED,
@@ -157,7 +157,7 @@ pub async fn account_deletion_cascades(store: &dyn Store) {
     assert_eq!(store.count_offline(&alice).await.unwrap(), 0);
     assert!(
         store
-            .document(&alice, DocumentKind::VCard, "")
+            .document(&alice, DocumentKind::VCARD, "")
             .await
             .unwrap()
             .is_none()
@@ -449,33 +449,33 @@ pub async fn documents_within_quota(store: &dyn Store) {
     };
     let doc = |size: usize| "d".repeat(size);
     store
-        .put_document(&alice, DocumentKind::Private, "urn:a", &doc(60), quota)
+        .put_document(&alice, DocumentKind::PRIVATE, "urn:a", &doc(60), quota)
         .await
         .unwrap();
     assert!(matches!(
         store
-            .put_document(&alice, DocumentKind::Private, "urn:b", &doc(41), quota)
+            .put_document(&alice, DocumentKind::PRIVATE, "urn:b", &doc(41), quota)
             .await,
         Err(StoreError::QuotaExceeded)
     ));
     store
-        .put_document(&alice, DocumentKind::Private, "urn:b", &doc(40), quota)
+        .put_document(&alice, DocumentKind::PRIVATE, "urn:b", &doc(40), quota)
         .await
         .unwrap();
     // Replacing urn:a with 60 bytes fits (40 + 60), with 61 does not.
     store
-        .put_document(&alice, DocumentKind::Private, "urn:a", &doc(60), quota)
+        .put_document(&alice, DocumentKind::PRIVATE, "urn:a", &doc(60), quota)
         .await
         .unwrap();
     assert!(matches!(
         store
-            .put_document(&alice, DocumentKind::Private, "urn:a", &doc(61), quota)
+            .put_document(&alice, DocumentKind::PRIVATE, "urn:a", &doc(61), quota)
             .await,
         Err(StoreError::QuotaExceeded)
     ));
     assert_eq!(
         store
-            .document(&alice, DocumentKind::Private, "urn:a")
+            .document(&alice, DocumentKind::PRIVATE, "urn:a")
             .await
             .unwrap(),
         Some(doc(60)),
@@ -484,12 +484,12 @@ pub async fn documents_within_quota(store: &dyn Store) {
     // A third document is one too many; another kind has its own quota.
     assert!(matches!(
         store
-            .put_document(&alice, DocumentKind::Private, "urn:c", "c", quota)
+            .put_document(&alice, DocumentKind::PRIVATE, "urn:c", "c", quota)
             .await,
         Err(StoreError::QuotaExceeded)
     ));
     store
-        .put_document(&alice, DocumentKind::VCard, "", &doc(100), quota)
+        .put_document(&alice, DocumentKind::VCARD, "", &doc(100), quota)
         .await
         .unwrap();
 }
@@ -631,7 +631,7 @@ pub async fn documents(store: &dyn Store) {
     let alice = jid("alice@localhost");
     assert!(
         store
-            .document(&alice, DocumentKind::Private, "urn:a")
+            .document(&alice, DocumentKind::PRIVATE, "urn:a")
             .await
             .unwrap()
             .is_none()
@@ -639,7 +639,7 @@ pub async fn documents(store: &dyn Store) {
     store
         .put_document(
             &alice,
-            DocumentKind::Private,
+            DocumentKind::PRIVATE,
             "urn:a",
             "<a xmlns='urn:a'>1</a>",
             Quota::UNLIMITED,
@@ -649,7 +649,7 @@ pub async fn documents(store: &dyn Store) {
     store
         .put_document(
             &alice,
-            DocumentKind::Private,
+            DocumentKind::PRIVATE,
             "urn:b",
             "<b xmlns='urn:b'/>",
             Quota::UNLIMITED,
@@ -659,7 +659,7 @@ pub async fn documents(store: &dyn Store) {
     store
         .put_document(
             &alice,
-            DocumentKind::Private,
+            DocumentKind::PRIVATE,
             "urn:a",
             "<a xmlns='urn:a'>2</a>",
             Quota::UNLIMITED,
@@ -669,7 +669,7 @@ pub async fn documents(store: &dyn Store) {
     store
         .put_document(
             &alice,
-            DocumentKind::VCard,
+            DocumentKind::VCARD,
             "",
             "<vCard xmlns='vcard-temp'><FN>A</FN></vCard>",
             Quota::UNLIMITED,
@@ -678,7 +678,7 @@ pub async fn documents(store: &dyn Store) {
         .unwrap();
     assert_eq!(
         store
-            .document(&alice, DocumentKind::Private, "urn:a")
+            .document(&alice, DocumentKind::PRIVATE, "urn:a")
             .await
             .unwrap()
             .as_deref(),
@@ -686,7 +686,7 @@ pub async fn documents(store: &dyn Store) {
     );
     assert_eq!(
         store
-            .document(&alice, DocumentKind::Private, "urn:b")
+            .document(&alice, DocumentKind::PRIVATE, "urn:b")
             .await
             .unwrap()
             .as_deref(),
@@ -694,7 +694,7 @@ pub async fn documents(store: &dyn Store) {
     );
     assert!(
         store
-            .document(&alice, DocumentKind::VCard, "")
+            .document(&alice, DocumentKind::VCARD, "")
             .await
             .unwrap()
             .unwrap()
@@ -702,22 +702,55 @@ pub async fn documents(store: &dyn Store) {
     );
     assert!(
         store
-            .document(&jid("bob@localhost"), DocumentKind::VCard, "")
+            .document(&jid("bob@localhost"), DocumentKind::VCARD, "")
             .await
             .unwrap()
             .is_none()
     );
     store
-        .put_document(&alice, DocumentKind::Private, "urn:a", "", Quota::UNLIMITED)
+        .put_document(&alice, DocumentKind::PRIVATE, "urn:a", "", Quota::UNLIMITED)
         .await
         .unwrap();
     assert!(
         store
-            .document(&alice, DocumentKind::Private, "urn:a")
+            .document(&alice, DocumentKind::PRIVATE, "urn:a")
             .await
             .unwrap()
             .is_none()
     );
+    // A module's own kind needs nothing of the backend: same key, apart
+    // from the other kinds, with a quota of its own.
+    const BOOKMARKS: DocumentKind = DocumentKind::new("test-bookmarks");
+    let one = Quota {
+        items: 1,
+        bytes: 1000,
+    };
+    store
+        .put_document(&alice, BOOKMARKS, "urn:b", "<x/>", one)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .document(&alice, BOOKMARKS, "urn:b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("<x/>")
+    );
+    assert_eq!(
+        store
+            .document(&alice, DocumentKind::PRIVATE, "urn:b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("<b xmlns='urn:b'/>")
+    );
+    assert!(matches!(
+        store
+            .put_document(&alice, BOOKMARKS, "urn:c", "<y/>", one)
+            .await,
+        Err(StoreError::QuotaExceeded)
+    ));
 }
 
 /// Block lists add and remove JIDs of any form, reporting what changed.

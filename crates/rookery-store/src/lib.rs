@@ -305,22 +305,41 @@ pub trait DocumentStore: Send + Sync {
     ) -> StoreResult<Option<String>>;
 }
 
-/// What a document is.
+/// What a document is: a name a module picks for its documents (stored as
+/// is, so it never changes once used). A module that keeps per-user XML
+/// needs no table of its own: a kind of its own is enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DocumentKind {
-    /// XEP-0049 private XML storage, keyed by namespace.
-    Private,
-    /// XEP-0054 vcard-temp, key `""`.
-    VCard,
-}
+pub struct DocumentKind(&'static str);
 
 impl DocumentKind {
+    /// XEP-0049 private XML storage, keyed by namespace.
+    pub const PRIVATE: DocumentKind = DocumentKind("private");
+    /// XEP-0054 vcard-temp, key `""`.
+    pub const VCARD: DocumentKind = DocumentKind("vcard");
+
+    /// A kind named `name` (lower-case ASCII letters, digits and `-`).
+    ///
+    /// # Panics
+    /// At compile time in a `const`, else at once, on another character or
+    /// an empty name.
+    pub const fn new(name: &'static str) -> DocumentKind {
+        let bytes = name.as_bytes();
+        assert!(!bytes.is_empty(), "a document kind needs a name");
+        let mut index = 0;
+        while index < bytes.len() {
+            let b = bytes[index];
+            assert!(
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-',
+                "document kinds are lower-case letters, digits and '-'"
+            );
+            index += 1;
+        }
+        DocumentKind(name)
+    }
+
     /// The stored name of the kind.
     pub fn as_str(self) -> &'static str {
-        match self {
-            DocumentKind::Private => "private",
-            DocumentKind::VCard => "vcard",
-        }
+        self.0
     }
 }
 

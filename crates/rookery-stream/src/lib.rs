@@ -1,5 +1,6 @@
 //! Sans-IO XMPP client-to-server stream (RFC 6120): framing, stream features,
-//! STARTTLS, SASL, resource binding and stream management (XEP-0198).
+//! STARTTLS, SASL, resource binding and stream management (XEP-0198); and
+//! the external component stream (XEP-0114).
 //!
 //! [`ServerStream`] does no I/O and reads no clock. The session task feeds it
 //! bytes (`handle_input`) and the current time (`handle_timeout`), and takes
@@ -10,12 +11,14 @@
 
 #![forbid(unsafe_code)]
 
+mod component;
 pub mod ns;
 pub mod sasl;
 pub mod sm;
 mod stream;
 pub mod xml;
 
+pub use component::{ComponentConfig, ComponentEvent, ComponentStream, handshake_digest};
 pub use sasl::{ScramHash, ScramKeys};
 pub use sm::SmState;
 pub use stream::{

@@ -2,6 +2,9 @@
 
 /// `jabber:client`, the content namespace of client streams.
 pub const CLIENT: &str = "jabber:client";
+/// `jabber:component:accept`, the content namespace of external component
+/// streams (XEP-0114).
+pub const COMPONENT: &str = "jabber:component:accept";
 /// The stream namespace (RFC 6120 section 4.8.1).
 pub const STREAM: &str = "http://etherx.jabber.org/streams";
 /// Stream error conditions.

@@ -384,19 +384,9 @@ impl ServerStream {
             return;
         }
         let t = self.config.timeouts;
-        if !self.is_bound() && now >= self.opened_at + t.negotiation {
-            return self.fail(StreamError::new(
-                Condition::ConnectionTimeout,
-                "Stream negotiation took too long.",
-            ));
-        }
-        if let Some(started) = self.element_started
-            && now >= started + t.stanza
-        {
-            return self.fail(StreamError::new(
-                Condition::ConnectionTimeout,
-                "Element not completed in time.",
-            ));
+        let negotiating = (!self.is_bound()).then_some(self.opened_at);
+        if let Some(error) = expired(now, &t, negotiating, self.element_started) {
+            return self.fail(error);
         }
         if self.is_bound() {
             if self
@@ -626,12 +616,7 @@ impl ServerStream {
             if self.framing == Framing::WebSocket {
                 return None;
             }
-            let mut input = &self.input[..];
-            let before = input.len();
-            let result = self.reader.read(&mut input);
-            let consumed = before - input.len();
-            let _ = self.input.split_to(consumed);
-            match result {
+            match self.reader.read_buffered(&mut self.input) {
                 Ok(Some(event)) => {
                     self.element_started = None;
                     self.handle_xml(event);
@@ -774,14 +759,8 @@ impl ServerStream {
                 if !matches!(self.state, State::Header) {
                     return self.fail(Condition::NotWellFormed.into());
                 }
-                if name.0.as_str() != ns::STREAM {
-                    return self.fail(Condition::InvalidNamespace.into());
-                }
-                if name.1.as_str() != "stream" {
-                    return self.fail(StreamError::new(
-                        Condition::BadFormat,
-                        "The root element must be <stream/>.",
-                    ));
+                if let Err(error) = check_root(&name) {
+                    return self.fail(error);
                 }
                 self.handle_header(&attrs);
             }
@@ -862,12 +841,7 @@ impl ServerStream {
     }
 
     fn handle_element(&mut self, element: Element) {
-        if element.is("error", ns::STREAM) {
-            let condition = element
-                .children()
-                .find(|c| c.has_ns(ns::STREAM_ERRORS) && c.name() != "text")
-                .map(|c| c.name().to_owned())
-                .unwrap_or_default();
+        if let Some(condition) = peer_error(&element) {
             self.state = State::Closed;
             self.write_footer();
             return self.report_closed(CloseReason::PeerError(condition));
@@ -1227,41 +1201,7 @@ impl ServerStream {
         if !self.header_sent {
             self.write_header();
         }
-        let mut xml = String::with_capacity(160);
-        match self.framing {
-            Framing::Tcp => xml.push_str("<stream:error>"),
-            Framing::WebSocket => {
-                let _ = write!(xml, "<stream:error xmlns:stream='{}'>", ns::STREAM);
-            }
-        }
-        match &error.content {
-            Some(content) => {
-                let _ = write!(
-                    xml,
-                    "<{0} xmlns='{1}'>{2}</{0}>",
-                    error.condition.as_str(),
-                    ns::STREAM_ERRORS,
-                    escape_text(content)
-                );
-            }
-            None => {
-                let _ = write!(
-                    xml,
-                    "<{} xmlns='{}'/>",
-                    error.condition.as_str(),
-                    ns::STREAM_ERRORS
-                );
-            }
-        }
-        if let Some(text) = &error.text {
-            let _ = write!(
-                xml,
-                "<text xmlns='{}' xml:lang='en'>{}</text>",
-                ns::STREAM_ERRORS,
-                escape_text(text)
-            );
-        }
-        xml.push_str("</stream:error>");
+        let xml = stream_error_xml(&error, self.framing == Framing::WebSocket);
         self.out.extend_from_slice(xml.as_bytes());
         self.finish_unit();
         self.write_footer();
@@ -1426,6 +1366,96 @@ fn decode_sasl_payload(text: &str) -> Result<Option<Vec<u8>>, ()> {
         "=" => Ok(Some(Vec::new())),
         text => BASE64.decode(text).map(Some).map_err(|_| ()),
     }
+}
+
+/// The stream error a timer ends the stream with: negotiation that began
+/// at `negotiating` (while it goes on) took too long, or an element begun
+/// at `element_started` did not finish in time.
+pub(crate) fn expired(
+    now: Instant,
+    timeouts: &Timeouts,
+    negotiating: Option<Instant>,
+    element_started: Option<Instant>,
+) -> Option<StreamError> {
+    if negotiating.is_some_and(|opened| now >= opened + timeouts.negotiation) {
+        return Some(StreamError::new(
+            Condition::ConnectionTimeout,
+            "Stream negotiation took too long.",
+        ));
+    }
+    if element_started.is_some_and(|started| now >= started + timeouts.stanza) {
+        return Some(StreamError::new(
+            Condition::ConnectionTimeout,
+            "Element not completed in time.",
+        ));
+    }
+    None
+}
+
+/// Refuses a stream whose root is not `<stream:stream/>`.
+pub(crate) fn check_root(name: &rxml::QName) -> Result<(), StreamError> {
+    if name.0.as_str() != ns::STREAM {
+        return Err(Condition::InvalidNamespace.into());
+    }
+    if name.1.as_str() != "stream" {
+        return Err(StreamError::new(
+            Condition::BadFormat,
+            "The root element must be <stream/>.",
+        ));
+    }
+    Ok(())
+}
+
+/// The condition of a stream error the peer sent, if `element` is one.
+pub(crate) fn peer_error(element: &Element) -> Option<String> {
+    element.is("error", ns::STREAM).then(|| {
+        element
+            .children()
+            .find(|c| c.has_ns(ns::STREAM_ERRORS) && c.name() != "text")
+            .map(|c| c.name().to_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// The `<stream:error/>` of `error`; `standalone` declares the stream
+/// prefix on the element itself (a WebSocket message).
+pub(crate) fn stream_error_xml(error: &StreamError, standalone: bool) -> String {
+    let mut xml = String::with_capacity(160);
+    match standalone {
+        false => xml.push_str("<stream:error>"),
+        true => {
+            let _ = write!(xml, "<stream:error xmlns:stream='{}'>", ns::STREAM);
+        }
+    }
+    match &error.content {
+        Some(content) => {
+            let _ = write!(
+                xml,
+                "<{0} xmlns='{1}'>{2}</{0}>",
+                error.condition.as_str(),
+                ns::STREAM_ERRORS,
+                escape_text(content)
+            );
+        }
+        None => {
+            let _ = write!(
+                xml,
+                "<{} xmlns='{}'/>",
+                error.condition.as_str(),
+                ns::STREAM_ERRORS
+            );
+        }
+    }
+    if let Some(text) = &error.text {
+        let _ = write!(
+            xml,
+            "<text xmlns='{}' xml:lang='en'>{}</text>",
+            ns::STREAM_ERRORS,
+            escape_text(text)
+        );
+    }
+    xml.push_str("</stream:error>");
+    xml
 }
 
 fn escape_text(text: &str) -> String {

@@ -114,6 +114,10 @@ fn charge(event: &Event) -> Result<usize, Condition> {
 struct TreeBuilder {
     /// Elements under construction, outermost first; empty between top-level elements.
     open: Vec<Element>,
+    /// Elements in this namespace are built in `jabber:client` instead: a
+    /// component's `jabber:component:accept` (XEP-0114), so that the router
+    /// sees one content namespace whatever stream a stanza came on.
+    alias: Option<&'static str>,
 }
 
 enum Built {
@@ -133,7 +137,11 @@ impl TreeBuilder {
                 if self.open.len() >= limits.max_depth {
                     return Err(Condition::PolicyViolation);
                 }
-                let mut element = Element::bare(name.as_str(), namespace.as_str());
+                let namespace = match self.alias {
+                    Some(alias) if namespace.as_str() == alias => ns::CLIENT,
+                    _ => namespace.as_str(),
+                };
+                let mut element = Element::bare(name.as_str(), namespace);
                 *element.attrs_mut() = attrs;
                 self.open.push(element);
                 Ok(Built::Pending)
@@ -322,6 +330,27 @@ impl StreamReader {
         }
     }
 
+    /// A reader for an external component's stream (XEP-0114): elements in
+    /// `jabber:component:accept` come out in `jabber:client`. (Written back
+    /// with [`StreamWriter::new`] inside a header that declares
+    /// `jabber:component:accept`, they are in the component's namespace again.)
+    ///
+    /// A component stream is not restarted after its handshake: the reader
+    /// starts with the unauthenticated budgets of `limits` and takes the
+    /// full ones from [`authenticated`](Self::authenticated).
+    pub fn component(limits: Limits) -> Self {
+        let mut reader = StreamReader::new(limits);
+        reader.tree.alias = Some(ns::COMPONENT);
+        reader.limits = limits.unauthenticated();
+        reader
+    }
+
+    /// The peer authenticated without a stream restart: the budgets of
+    /// `limits` apply from now on (its parser was sized for them already).
+    pub fn authenticated(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// True from the first byte of a top-level element (its `<`) until it is complete.
     pub fn in_element(&self) -> bool {
         self.root_open && (self.tree.in_element() || self.scanner.in_markup())
@@ -333,6 +362,16 @@ impl StreamReader {
         if self.tree.open.is_empty() {
             self.tree.open = Vec::new();
         }
+    }
+
+    /// Like [`read`](Self::read), on a buffer: what was consumed is split off it.
+    pub fn read_buffered(&mut self, buffer: &mut BytesMut) -> Result<Option<XmlEvent>, Condition> {
+        let mut input = &buffer[..];
+        let before = input.len();
+        let result = self.read(&mut input);
+        let consumed = before - input.len();
+        let _ = buffer.split_to(consumed);
+        result
     }
 
     /// Consumes bytes from `input` until one event is recognised.

@@ -52,6 +52,8 @@ pub struct TestClient {
     pub jid: Option<FullJid>,
     /// The stream features of the latest stream (re)start.
     pub features: Option<Element>,
+    /// The id of the server's latest stream header.
+    pub stream_id: Option<String>,
     counter: u64,
 }
 
@@ -98,6 +100,51 @@ impl TestClient {
         TestClient::new(Io::Tls(Box::new(tls)))
     }
 
+    /// Connects to a component listener as the external component of
+    /// `domain` (XEP-0114) and shakes hands with `secret`. Stanzas are read
+    /// and written in `jabber:client`, as for a client. `Err` is the stream
+    /// error condition the server answered with.
+    pub async fn component(
+        address: SocketAddr,
+        domain: &str,
+        secret: &str,
+    ) -> Result<TestClient, String> {
+        let tcp = TcpStream::connect(address).await.expect("connect");
+        let mut client = TestClient::new(Io::Plain(tcp));
+        client.reader = StreamReader::component(limits());
+        client
+            .send(&format!(
+                "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' \
+                 xmlns:stream='{STREAMS}' to='{domain}'>"
+            ))
+            .await;
+        let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+        while client.stream_id.is_none() && client.closed.is_none() {
+            if tokio::time::timeout_at(deadline, client.fill())
+                .await
+                .is_err()
+            {
+                panic!("no component stream header within {RECV_TIMEOUT:?}");
+            }
+        }
+        if client.pending.iter().any(|e| e.is("error", STREAMS)) {
+            return Err(client.expect_stream_error().await);
+        }
+        let id = client.stream_id.clone().expect("a header");
+        let digest = rookery_stream::handshake_digest(&id, secret);
+        client
+            .send(&format!("<handshake>{digest}</handshake>"))
+            .await;
+        let answer = client
+            .expect(|e| e.is("handshake", "jabber:client") || e.is("error", STREAMS))
+            .await;
+        if answer.is("error", STREAMS) {
+            client.pending.push_front(answer);
+            return Err(client.expect_stream_error().await);
+        }
+        Ok(client)
+    }
+
     /// The client's end of the connection, while it is open.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.io {
@@ -115,6 +162,7 @@ impl TestClient {
             closed: None,
             jid: None,
             features: None,
+            stream_id: None,
             counter: 0,
         }
     }
@@ -573,6 +621,9 @@ impl TestClient {
                 Ok(Some(XmlEvent::Element(element))) => self.pending.push_back(element),
                 Ok(Some(XmlEvent::StreamClose)) => {
                     self.closed.get_or_insert(Closed::StreamEnd);
+                }
+                Ok(Some(XmlEvent::StreamOpen { attrs, .. })) => {
+                    self.stream_id = attrs.get(&rxml::Namespace::NONE, "id").cloned();
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,

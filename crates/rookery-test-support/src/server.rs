@@ -21,6 +21,7 @@ pub fn test_config(dir: &Path) -> Config {
     config.c2s.starttls_listen = loopback(0);
     config.c2s.direct_tls_listen = loopback(0);
     config.http.listen = loopback(0);
+    config.component.listen = loopback(0);
     config.tls.cert = Some(pki().cert_path.clone());
     config.tls.key = Some(pki().key_path.clone());
     // Tests hammer one address; the limits are tested on their own.
@@ -111,6 +112,11 @@ impl TestServer {
     /// The HTTP listener.
     pub fn http(&self) -> SocketAddr {
         self.addresses.http.expect("HTTP listener")
+    }
+
+    /// The external component listener (when components are configured).
+    pub fn component(&self) -> SocketAddr {
+        self.addresses.component.expect("component listener")
     }
 
     /// Creates an account `name@localhost` (with `accounts.scram_iterations`).

@@ -654,6 +654,66 @@ async fn iq_routing_and_errors() {
 }
 
 #[tokio::test]
+async fn contact_addresses_are_in_the_server_s_disco_and_its_caps() {
+    let server = TestServer::start_with(|config| {
+        config.disco.abuse_addresses = vec![
+            "mailto:abuse@example.org".into(),
+            "xmpp:abuse@localhost".into(),
+        ];
+        config.disco.support_addresses = vec!["https://example.org/help".into()];
+    })
+    .await;
+    server.create_user("alice", "secret").await;
+    let mut alice = TestClient::login(server.starttls(), "alice", "secret", "a").await;
+    let caps = alice
+        .features
+        .clone()
+        .and_then(|f| f.get_child("c", "http://jabber.org/protocol/caps").cloned())
+        .expect("caps in the features");
+    let info = alice
+        .iq("<iq type='get' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        .await;
+    let disco = xmpp_parsers::disco::DiscoInfoResult::try_from(
+        info.get_child("query", "http://jabber.org/protocol/disco#info")
+            .unwrap()
+            .clone(),
+    )
+    .expect("a valid disco#info result");
+    let [form] = &disco.extensions[..] else {
+        panic!("one form: {:?}", disco.extensions)
+    };
+    assert_eq!(
+        form.form_type(),
+        Some("http://jabber.org/network/serverinfo")
+    );
+    let values = |var: &str| {
+        form.fields
+            .iter()
+            .find(|field| field.var.as_deref() == Some(var))
+            .map(|field| field.values.clone())
+    };
+    assert_eq!(
+        values("abuse-addresses").unwrap(),
+        ["mailto:abuse@example.org", "xmpp:abuse@localhost"]
+    );
+    assert_eq!(
+        values("support-addresses").unwrap(),
+        ["https://example.org/help"]
+    );
+    assert_eq!(values("admin-addresses"), None, "empty lists are left out");
+    let hash = xmpp_parsers::caps::hash_caps(
+        &xmpp_parsers::caps::compute_disco(&disco),
+        xmpp_parsers::hashes::Algo::Sha_1,
+    )
+    .unwrap();
+    assert_eq!(
+        Some(hash.to_base64().as_str()),
+        caps.attr("ver"),
+        "the caps hash covers the form"
+    );
+}
+
+#[tokio::test]
 async fn server_services_disco_version_ping_last_and_caps() {
     let server = server_with(&["alice", "bob"]).await;
     let mut alice = TestClient::connect(server.starttls()).await;

@@ -1,6 +1,8 @@
 //! Interop with slixmpp (Python, from PyPI): runs `interop/slixmpp/interop.py`
-//! against a test server and compares its results with the committed baseline
-//! `interop/slixmpp/baseline.json`, where every known failure has its reason.
+//! (clients) against a test server, and `interop/slixmpp/component.py`
+//! (slixmpp's ComponentXMPP, XEP-0114) against one node and across two, and
+//! compares the results with the committed baselines (`baseline.json`,
+//! `component_baseline.json`), where every known failure has its reason.
 //!
 //! The test installs slixmpp (pinned in `requirements.txt`) into a virtual
 //! environment under `target/interop/` the first time it runs.
@@ -8,7 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rookery_test_support::TestServer;
+use rookery_app::Config;
+use rookery_app::config::ComponentEntry;
+use rookery_test_support::{TestCluster, TestServer};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,18 +53,64 @@ fn python() -> PathBuf {
 
 #[tokio::test]
 async fn slixmpp_scenarios_match_the_baseline() {
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
     let server = TestServer::start_with(|c| c.accounts.registration = true).await;
+    let ports = [
+        ("--port", server.starttls().port()),
+        ("--direct-port", server.direct_tls().port()),
+    ];
+    run_and_compare("interop.py", &ports, "baseline.json").await;
+}
+
+const SECRET: &str = "s3cret-for-slixmpp";
+
+fn with_echo(config: &mut Config) {
+    config.components = vec![ComponentEntry {
+        domain: "echo.localhost".into(),
+        secret: SECRET.into(),
+    }];
+}
+
+#[tokio::test]
+async fn slixmpp_s_component_on_one_node_matches_the_baseline() {
+    let server = TestServer::start_with(with_echo).await;
+    server.create_user("alice", "secret").await;
+    server.create_user("bob", "secret").await;
+    let ports = [
+        ("--component-port", server.component().port()),
+        ("--client-port", server.starttls().port()),
+    ];
+    run_and_compare("component.py", &ports, "component_baseline.json").await;
+}
+
+#[tokio::test]
+async fn slixmpp_s_component_on_one_node_of_two_matches_the_baseline() {
+    let cluster = TestCluster::start_with(2, |_, config| with_echo(config)).await;
+    cluster.create_user("alice", "secret").await;
+    cluster.create_user("bob", "secret").await;
+    // The component connects to node 0, the users to node 1.
+    let ports = [
+        ("--component-port", cluster.node(0).component().port()),
+        ("--client-port", cluster.node(1).starttls().port()),
+    ];
+    run_and_compare("component.py", &ports, "component_baseline.json").await;
+}
+
+/// Runs `interop/slixmpp/<script>` with the test CA and `ports`, and
+/// compares its results with `interop/slixmpp/<baseline>`: a scenario that
+/// passes there must pass; a known failure carries its reason and must
+/// still fail.
+async fn run_and_compare(script: &str, ports: &[(&str, u16)], baseline: &str) {
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &rookery_test_support::certs::pki().ca_pem).unwrap();
     let out = dir.path().join("results.json");
-    let script = workspace().join("interop/slixmpp/interop.py");
     let mut command = tokio::process::Command::new(&python);
+    command.arg(workspace().join("interop/slixmpp").join(script));
+    for (flag, port) in ports {
+        command.args([*flag, &port.to_string()]);
+    }
     command
-        .arg(&script)
-        .args(["--port", &server.starttls().port().to_string()])
-        .args(["--direct-port", &server.direct_tls().port().to_string()])
         .arg("--ca")
         .arg(&ca)
         .arg("--out")
@@ -80,7 +130,7 @@ async fn slixmpp_scenarios_match_the_baseline() {
     )
     .unwrap();
     let baseline: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(workspace().join("interop/slixmpp/baseline.json")).unwrap(),
+        &std::fs::read_to_string(workspace().join("interop/slixmpp").join(baseline)).unwrap(),
     )
     .unwrap();
     let results = results.as_object().unwrap();

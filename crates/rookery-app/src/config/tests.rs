@@ -86,10 +86,68 @@ fn errors_name_the_key_and_the_source() {
         .to_string();
     assert!(error.contains("ROOKERY_NOSECTION"), "{error}");
 
+    let error = Config::load(
+        None,
+        env(&[(
+            "ROOKERY_DISCO__ABUSE_ADDRESSES",
+            "[\"mailto:abuse@example.org\", \"call us\"]",
+        )]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("disco.abuse_addresses[1]"), "{error}");
+
     let error = Config::load(None, env(&[("ROOKERY_ACCOUNTS__SCRAM_ITERATIONS", "10")]))
         .unwrap_err()
         .to_string();
     assert!(error.contains("accounts.scram_iterations"), "{error}");
+}
+
+#[test]
+fn components_are_checked_entry_by_entry() {
+    let file = write(
+        "[[components]]\ndomain = \"echo.localhost\"\nsecret = \"s\"\n\
+         [[components]]\ndomain = \"gw.localhost\"\nsecret = \"t\"\n",
+    );
+    let config = Config::load(Some(file.path()), []).unwrap();
+    assert_eq!(config.components.len(), 2);
+    assert_eq!(config.components[1].domain, "gw.localhost");
+    for (entries, key, says) in [
+        (
+            "domain = \"echo.localhost\"\nsecret = \"\"",
+            "components[1].secret",
+            "empty",
+        ),
+        (
+            "domain = \"localhost\"\nsecret = \"s\"",
+            "components[1].domain",
+            "own domain",
+        ),
+        (
+            "domain = \"a@b\"\nsecret = \"s\"",
+            "components[1].domain",
+            "domain name",
+        ),
+        (
+            "domain = \"gw.localhost\"\nsecret = \"s\"",
+            "components[1].domain",
+            "twice",
+        ),
+    ] {
+        let file = write(&format!(
+            "[[components]]\ndomain = \"gw.localhost\"\nsecret = \"t\"\n[[components]]\n{entries}\n"
+        ));
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(
+            error.contains(&file.path().display().to_string())
+                && error.contains(key)
+                && error.contains(says),
+            "{error}"
+        );
+    }
+    let file = write("[[components]]\ndomain = \"gw.localhost\"\n");
+    let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+    assert!(error.contains("secret"), "{error}");
 }
 
 #[test]
