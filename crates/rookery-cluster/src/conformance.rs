@@ -14,7 +14,9 @@ use std::time::Duration;
 use jid::{BareJid, FullJid};
 use minidom::Element;
 
-use crate::{Bus, Durability, Inbox, Mail, Mailbox, Receipt, Route, RouteInfo, SessionId};
+use crate::{
+    Bus, Durability, Inbox, Mail, Mailbox, Receipt, Route, RouteInfo, SessionId, SessionSnapshot,
+};
 
 /// How long a check waits for the bus's view to show a change.
 pub const SETTLE: Duration = Duration::from_secs(5);
@@ -161,6 +163,51 @@ pub async fn mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone(bus:
     );
 }
 
+/// A resuming connection takes a session over: the session's task hands
+/// over its state (through its inbox, as the session task does); a session
+/// whose task is gone hands over nothing.
+pub async fn a_session_is_taken_over_with_its_state(bus: &dyn Bus) {
+    let (phone, mut inbox) = session(bus, "takeover@localhost/phone", 0);
+    bus.bind(phone.clone()).await.unwrap();
+    settled("bound", || current(bus, &phone.jid).is_some()).await;
+    let (jid, id) = (phone.jid.clone(), phone.session);
+    let holder = tokio::spawn(async move {
+        match next_mail(&mut inbox).await {
+            Mail::Takeover(answer) => {
+                let snapshot = SessionSnapshot {
+                    jid,
+                    session: id,
+                    info: RouteInfo::default(),
+                    sm: rookery_stream::SmState::new(Some("resume-me".into())),
+                    receipts: Vec::new(),
+                    directed: Vec::new(),
+                    inactive: true,
+                    held: Vec::new(),
+                    offline_after: 42,
+                    modules: Default::default(),
+                    inbox: Some(inbox),
+                };
+                let _ = answer.send(snapshot);
+            }
+            other => panic!("a take-over, not {other:?}"),
+        }
+    });
+    let snapshot = bus
+        .take_over(&phone)
+        .await
+        .expect("the session hands itself over");
+    holder.await.unwrap();
+    assert_eq!(snapshot.jid, phone.jid);
+    assert_eq!(snapshot.session, phone.session);
+    assert_eq!((snapshot.offline_after, snapshot.inactive), (42, true));
+
+    let (gone, inbox) = session(bus, "takeover@localhost/gone", 0);
+    bus.bind(gone.clone()).await.unwrap();
+    settled("bound", || current(bus, &gone.jid).is_some()).await;
+    drop(inbox);
+    assert!(bus.take_over(&gone).await.is_none());
+}
+
 /// A resumption id leads to its session while that session is the one
 /// bound; not once a newer session took the JID, nor once unregistered.
 pub async fn resumption_ids_point_at_the_live_session_only(bus: &dyn Bus) {
@@ -215,7 +262,8 @@ macro_rules! bus_conformance_tests {
             updates_apply_only_to_the_current_session,
             mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone,
             resumption_ids_point_at_the_live_session_only,
-            sessions_whose_inbox_is_gone_are_not_routed_to);
+            sessions_whose_inbox_is_gone_are_not_routed_to,
+            a_session_is_taken_over_with_its_state);
     };
     (@each $make:expr; $($check:ident),*) => {
         $(
