@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let config = ComponentConfig {
+        server: "localhost".into(),
         secrets: HashMap::from([(DOMAIN.to_owned(), SECRET.to_owned())]),
         limits: common::small_limits(),
         timeouts: Timeouts::default(),

@@ -429,6 +429,7 @@ impl App {
                 .map(|component| (component.domain.clone(), component.secret.clone()))
                 .collect();
             let component_config = ComponentConfig {
+                server: config.server.domain.clone(),
                 secrets,
                 limits: base.limits,
                 timeouts: base.timeouts,

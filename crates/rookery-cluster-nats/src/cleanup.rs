@@ -285,7 +285,12 @@ impl NatsBus {
     }
 
     /// Routes again every delivery a dead node did not acknowledge.
-    pub(crate) async fn replay(&self, dead: NodeId, attempt: u64, recovery: &dyn Recovery) -> usize {
+    pub(crate) async fn replay(
+        &self,
+        dead: NodeId,
+        attempt: u64,
+        recovery: &dyn Recovery,
+    ) -> usize {
         let _ = self
             .deliveries
             .delete_consumer(&subjects::deliver_consumer(dead))

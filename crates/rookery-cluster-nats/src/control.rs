@@ -50,7 +50,11 @@ pub(crate) async fn serve_control(bus: Arc<NatsBus>) {
 }
 
 /// Takes a local session over for a node that resumes it, with what waited in its inbox.
-pub(crate) async fn take_over_here(bus: &NatsBus, jid: &str, session: SessionId) -> Option<WireSnapshot> {
+pub(crate) async fn take_over_here(
+    bus: &NatsBus,
+    jid: &str,
+    session: SessionId,
+) -> Option<WireSnapshot> {
     let jid = FullJid::new(jid).ok()?;
     let (own, mailbox) = bus.local.read().expect("local lock").get(&jid).cloned()?;
     if own != session {

@@ -456,7 +456,6 @@ impl NatsBus {
             .expect("readiness lock")
             .get_or_insert_with(Instant::now);
     }
-
 }
 
 #[async_trait]

@@ -33,7 +33,12 @@ impl View {
     /// it holds), except this node's live sessions (`local`): a registry
     /// made again by a peer after NATS lost its store lacks them until this
     /// node registers them anew, from this view (`restore_state`).
-    pub(crate) fn forget_unregistered(&mut self, registered: &HashSet<FullJid>, node: NodeId, local: &Local) {
+    pub(crate) fn forget_unregistered(
+        &mut self,
+        registered: &HashSet<FullJid>,
+        node: NodeId,
+        local: &Local,
+    ) {
         let stale: Vec<FullJid> = self
             .users
             .values()
@@ -71,7 +76,10 @@ pub(crate) fn is_live_here(route: &Route, node: NodeId, local: &Local) -> bool {
 }
 
 /// Keeps the view in step with the registry; `loaded` fires once it caught up.
-pub(crate) async fn watch_sessions(bus: Arc<NatsBus>, mut loaded: Option<tokio::sync::oneshot::Sender<()>>) {
+pub(crate) async fn watch_sessions(
+    bus: Arc<NatsBus>,
+    mut loaded: Option<tokio::sync::oneshot::Sender<()>>,
+) {
     loop {
         // JetStream requests may go unanswered while NATS servers fail over.
         let watch = tokio::time::timeout(PUBLISH_TIMEOUT, bus.sessions.watch_with_history(">"))
@@ -369,7 +377,12 @@ impl NatsBus {
     /// Removes the registry entry of a session of this node that ended. When
     /// NATS cannot take it now, it is tried again once NATS is back (the
     /// registry check), so that no contact sees a session that is gone.
-    pub(crate) async fn remove_registration(&self, jid: &FullJid, session: SessionId, revision: Option<u64>) {
+    pub(crate) async fn remove_registration(
+        &self,
+        jid: &FullJid,
+        session: SessionId,
+        revision: Option<u64>,
+    ) {
         if !self.healthy() {
             self.unregistered
                 .lock()

@@ -50,7 +50,7 @@ impl Extension for LastActivity {
             }
             IqTarget::Account(account) => account.clone(),
         };
-        let requester = cx.session.user();
+        let requester = cx.requester();
         if account != requester {
             // Only those who may see the account's presence may know when it was last seen.
             let item = self

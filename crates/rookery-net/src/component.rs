@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use minidom::Element;
 use rookery_cluster::{InboxEvent, Mail, Mailbox, Receipt};
-use rookery_router::Session;
+use rookery_router::ComponentSession;
 use rookery_stream::{
     CloseReason, ComponentConfig, ComponentEvent, ComponentStream, Condition, StreamError,
 };
@@ -45,7 +45,7 @@ pub async fn serve(listener: TcpListener, c2s: Arc<C2s>, config: Arc<ComponentCo
 
 /// The registered component: its router session and inbox.
 struct Registered {
-    session: Session,
+    session: ComponentSession,
     inbox: rookery_cluster::Inbox,
 }
 
@@ -56,9 +56,10 @@ async fn run(c2s: Arc<C2s>, config: Arc<ComponentConfig>, socket: TcpStream, pee
     let mut stream = ComponentStream::new(config, Instant::now().into_std());
     let mut buffer = BytesMut::new();
     let mut registered: Option<Registered> = None;
-    // Deliveries written out: safe once flushed (a component has no
-    // stream management).
-    let mut written: Vec<Receipt> = Vec::new();
+    // Durable deliveries written out, with a copy of their stanza: safe
+    // once flushed (a component has no stream management); when the flush
+    // fails, the copies go back to the router.
+    let mut written: Vec<(Element, Receipt)> = Vec::new();
     // Stanzas the stream could not take (it closed), and their receipts:
     // the router has them at the end.
     let mut undelivered: Vec<Element> = Vec::new();
@@ -98,7 +99,7 @@ async fn run(c2s: Arc<C2s>, config: Arc<ComponentConfig>, socket: TcpStream, pee
                     router
                         .handle_component_stanza(&mut registered.session, stanza)
                         .await;
-                    for reply in registered.session.take_outbox() {
+                    for reply in registered.session.session.take_outbox() {
                         let _ = stream.send_stanza(reply);
                     }
                 }
@@ -113,8 +114,13 @@ async fn run(c2s: Arc<C2s>, config: Arc<ComponentConfig>, socket: TcpStream, pee
         }
         if flush(&mut transport, &mut stream).await.is_err() {
             stream.handle_eof(Instant::now().into_std());
+            for (stanza, receipt) in written.drain(..) {
+                undelivered.push(stanza);
+                rerouted.push(receipt);
+            }
         } else if !written.is_empty() {
-            router.acknowledge(std::mem::take(&mut written)).await;
+            let safe = written.drain(..).map(|(_, receipt)| receipt).collect();
+            router.acknowledge(safe).await;
         }
         if stream.is_closed() {
             break;
@@ -139,8 +145,11 @@ async fn run(c2s: Arc<C2s>, config: Arc<ComponentConfig>, socket: TcpStream, pee
             event = async { inbox.expect("guarded").recv_watching(true).await }, if listening => {
                 match event {
                     InboxEvent::Mail(Mail::Stanza { stanza, receipt }) => {
+                        // Only a durable delivery (a message in a cluster)
+                        // costs the copy.
+                        let copy = receipt.as_ref().map(|_| Element::clone(&stanza));
                         match stream.send_stanza(*stanza) {
-                            Ok(()) => written.extend(receipt),
+                            Ok(()) => written.extend(copy.zip(receipt)),
                             Err(stanza) => {
                                 undelivered.push(stanza);
                                 rerouted.extend(receipt);
@@ -174,9 +183,6 @@ async fn run(c2s: Arc<C2s>, config: Arc<ComponentConfig>, socket: TcpStream, pee
         }
         tracing::info!(undelivered = undelivered.len(), "Component disconnected.");
         router.end_component(session, undelivered).await;
-        // Written but never confirmed flushed count as delivered, as for a
-        // client without stream management.
-        rerouted.append(&mut written);
         router.acknowledge(rerouted).await;
     }
 }

@@ -4,6 +4,8 @@
 //! server's stanzas would: the recipient's side of the rules only (a
 //! component has no roster, no carbons, no offline storage of its own).
 
+use std::collections::HashSet;
+
 use jid::{BareJid, Jid};
 use minidom::Element;
 use rookery_cluster::{Mailbox, SessionId};
@@ -25,51 +27,77 @@ fn unreachable_reply(stanza: &Element) -> Option<Element> {
     answer.then(|| error_reply(stanza, ErrorCondition::SERVICE_UNAVAILABLE, None, None))
 }
 
+/// The resource every component is bound at: one connection per domain in
+/// the whole cluster (a newer one replaces an older one it raced with).
+pub const COMPONENT_RESOURCE: &str = "rookery-component";
+
+/// Most (sender, recipient) pairs of directed presence one component keeps
+/// (each gets unavailable presence when it disconnects).
+pub const MAX_COMPONENT_DIRECTED: usize = 10_000;
+
+/// A connected component as the router sees it: its session in the bus,
+/// and which of its addresses sent directed presence to whom.
+pub struct ComponentSession {
+    /// Its session: the bus entry, the mailbox, errors to send back (`outbox`).
+    pub session: Session,
+    /// (from, to) of available presence sent and not yet made unavailable.
+    directed: HashSet<(Jid, Jid)>,
+}
+
 impl Router {
     /// True if a component of `domain` is connected to some node.
     pub fn component_connected(&self, domain: &BareJid) -> bool {
         !self.bus.routes(domain).is_empty()
     }
 
-    /// Registers the component of `domain` on this node, as a session whose
-    /// full JID is the domain with a resource of its own.
+    /// Registers the component of `domain` on this node, at
+    /// `<domain>/rookery-component`. The caller refuses a second connection
+    /// while one shows in the registry; one that raced past (two nodes whose
+    /// views were a moment behind) replaces the older, which is told to end
+    /// with `conflict`, as a client resource is.
     pub async fn bind_component(
         &self,
         domain: &BareJid,
         mailbox: Mailbox,
-    ) -> Result<Session, BindError> {
-        let resource = format!("rookery-component-{}", rookery_stream::random_id());
+    ) -> Result<ComponentSession, BindError> {
         let jid = domain
-            .with_resource_str(&resource)
-            .expect("generated resources are valid");
+            .with_resource_str(COMPONENT_RESOURCE)
+            .expect("a valid resource");
         let session = Session::new(jid, SessionId::next(), mailbox);
-        let route = self.route_of(&session);
-        self.bus
-            .bind(route)
+        let replaced = self
+            .bus
+            .bind(self.route_of(&session))
             .await
             .map_err(|_| BindError::Unavailable)?;
-        Ok(session)
+        if let Some(replaced) = replaced {
+            tracing::info!(component = %domain, "Replacing an older connection of the component.");
+            self.bus
+                .close(&replaced, rookery_stream::Condition::Conflict.into())
+                .await;
+        }
+        Ok(ComponentSession {
+            session,
+            directed: HashSet::new(),
+        })
     }
 
-    /// Ends a component's registration: those it sent directed presence to
-    /// see it go, and what it did not take gets its error.
-    pub async fn end_component(&self, mut session: Session, undelivered: Vec<Element>) {
+    /// Ends a component's registration: those its addresses sent directed
+    /// presence to see them go, and what it did not take is rerouted (to the
+    /// component if it is connected again, on any node, else answered with
+    /// an error).
+    pub async fn end_component(&self, component: ComponentSession, undelivered: Vec<Element>) {
+        let ComponentSession { session, directed } = component;
         if let Err(error) = self.bus.unbind(&session.jid, session.id).await {
             tracing::warn!(jid = %session.jid, %error, "Component could not be unbound.");
         }
-        for jid in std::mem::take(&mut session.directed) {
-            let mut unavailable = stanza::stanza(
-                "presence",
-                session.account.as_str(),
-                jid.to_string().as_str(),
-            );
+        for (from, to) in directed {
+            let mut unavailable =
+                stanza::stanza("presence", from.as_str(), to.to_string().as_str());
             rookery_stream::xml::set_attr(&mut unavailable, "type", "unavailable");
-            self.deliver_presence(unavailable, &jid).await;
+            self.deliver_presence(unavailable, &to).await;
         }
         for stanza in undelivered {
-            if let Some(error) = unreachable_reply(&stanza) {
-                self.route(error).await;
-            }
+            self.reroute_stranded(&session.jid, stanza).await;
         }
     }
 
@@ -97,12 +125,12 @@ impl Router {
     /// A stanza the component sent (`from` at its domain, `to` present; see
     /// `rookery_stream::ComponentStream`). Errors for it go back through
     /// the session's outbox or the bus.
-    pub async fn handle_component_stanza(&self, component: &mut Session, stanza: Element) {
+    pub async fn handle_component_stanza(&self, component: &mut ComponentSession, stanza: Element) {
         let to = match stanza::to(&stanza) {
             Ok(Some(to)) => to,
             _ => {
                 if !stanza::is_error_or_result(&stanza) {
-                    component.outbox.push(error_reply(
+                    component.session.outbox.push(error_reply(
                         &stanza,
                         ErrorCondition::JID_MALFORMED,
                         None,
@@ -116,8 +144,13 @@ impl Router {
             // The client paths serve: a component has no carbons-enabled
             // sessions, and its iqs to the server or an account are
             // answered as any entity's.
-            Some(Kind::Message) => self.handle_message(component, stanza, Some(to)).await,
-            Some(Kind::Iq) => Box::pin(self.handle_iq(component, stanza, Some(to))).await,
+            Some(Kind::Message) => {
+                self.handle_message(&mut component.session, stanza, Some(to))
+                    .await
+            }
+            Some(Kind::Iq) => {
+                Box::pin(self.handle_iq(&mut component.session, stanza, Some(to))).await
+            }
             Some(Kind::Presence) => {
                 Box::pin(self.handle_component_presence(component, stanza, to)).await
             }
@@ -128,9 +161,14 @@ impl Router {
     /// Presence from a component: directed presence as from a client;
     /// subscriptions on the recipient's side only (the component keeps
     /// its own rosters, if any).
-    async fn handle_component_presence(&self, component: &mut Session, presence: Element, to: Jid) {
+    async fn handle_component_presence(
+        &self,
+        component: &mut ComponentSession,
+        presence: Element,
+        to: Jid,
+    ) {
         let Some(kind) = PresenceType::of(&presence) else {
-            return component.outbox.push(error_reply(
+            return component.session.outbox.push(error_reply(
                 &presence,
                 ErrorCondition::BAD_REQUEST,
                 Some("Unknown presence type."),
@@ -155,11 +193,23 @@ impl Router {
                     .await
             }
             (_, PresenceType::Available) => {
-                component.directed.insert(to.clone());
+                let pair = (from, to.clone());
+                if !component.directed.contains(&pair)
+                    && component.directed.len() >= MAX_COMPONENT_DIRECTED
+                {
+                    let text = Some("Too many entities got directed presence from you.");
+                    return component.session.outbox.push(error_reply(
+                        &presence,
+                        ErrorCondition::RESOURCE_CONSTRAINT,
+                        text,
+                        None,
+                    ));
+                }
+                component.directed.insert(pair);
                 self.deliver_presence(presence, &to).await
             }
             (_, PresenceType::Unavailable) => {
-                component.directed.remove(&to);
+                component.directed.remove(&(from, to.clone()));
                 self.deliver_presence(presence, &to).await
             }
             _ => self.deliver_presence(presence, &to).await,
@@ -170,11 +220,12 @@ impl Router {
     /// lets `from` see it (subscription `from` on the contact's roster),
     /// else `unsubscribed` (RFC 6121 4.3.2).
     async fn answer_component_probe(&self, from: &Jid, contact: &BareJid) {
+        if self.blocks(contact, from).await {
+            // XEP-0191 3.5: a blocked entity learns nothing.
+            return;
+        }
         if self.sees_presence(contact, from).await {
             return self.send_current_presence(contact, &from.to_bare()).await;
-        }
-        if self.blocks(contact, from).await {
-            return;
         }
         let mut answer = stanza::stanza("presence", contact.as_str(), from.as_str());
         rookery_stream::xml::set_attr(&mut answer, "type", "unsubscribed");

@@ -49,6 +49,13 @@ impl IqContext<'_> {
     pub fn to_self(&self) -> bool {
         self.target == IqTarget::Account(self.session.user())
     }
+
+    /// Who asks: the iq's (stamped) `from` as a bare JID. For a client that
+    /// is its account; for an external component, the address at it that
+    /// sent the iq (`user@gateway.example`), not the component itself.
+    pub fn requester(&self) -> BareJid {
+        crate::stanza::from(self.iq).map_or_else(|| self.session.user(), |from| from.to_bare())
+    }
 }
 
 /// A moment in a session's life.

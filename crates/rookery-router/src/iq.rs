@@ -5,7 +5,7 @@ use jid::Jid;
 use minidom::Element;
 use rookery_stream::ns;
 
-use crate::stanza::{ErrorCondition, error_reply, iq_result};
+use crate::stanza::{self, ErrorCondition, error_reply, iq_result};
 use crate::{Destination, IqContext, IqTarget, IqType, Router, Session, namespaces};
 
 impl Router {
@@ -79,7 +79,10 @@ impl Router {
         if let IqTarget::Account(account) = &target
             && *account != session.user()
         {
-            let blocked = self.blocks(account, &Jid::from(session.jid.clone())).await;
+            // The stamped `from`: a client's own JID, or the address at a
+            // component that sent it.
+            let requester = stanza::from(&iq).unwrap_or_else(|| Jid::from(session.jid.clone()));
+            let blocked = self.blocks(account, &requester).await;
             let condition = if blocked {
                 Some(ErrorCondition::SERVICE_UNAVAILABLE)
             } else {
@@ -161,11 +164,8 @@ impl Router {
         is_request: bool,
     ) {
         let recipient = to.to_bare();
-        if recipient != session.user()
-            && self
-                .blocks(&recipient, &Jid::from(session.jid.clone()))
-                .await
-        {
+        let requester = stanza::from(&iq).unwrap_or_else(|| Jid::from(session.jid.clone()));
+        if recipient != session.user() && self.blocks(&recipient, &requester).await {
             if is_request {
                 session.outbox.push(error_reply(
                     &iq,

@@ -39,6 +39,7 @@ pub mod subscription;
 
 pub use address::Destination;
 pub use blocking::is_blocked;
+pub use component::{COMPONENT_RESOURCE, ComponentSession, MAX_COMPONENT_DIRECTED};
 pub use delivery::is_server_push;
 pub use extension::{Extension, Hooks, IqContext, IqTarget, IqType, SessionEvent};
 pub use session::Session;

@@ -253,6 +253,12 @@ impl Router {
 
     /// Sends the current presence of `contact`'s available sessions to the session.
     async fn answer_probe_for(&self, session: &mut Session, contact: &BareJid) {
+        if self
+            .blocks(&session.user(), &Jid::from(contact.clone()))
+            .await
+        {
+            return;
+        }
         if let Destination::Component(domain) = self.resolve(&Jid::from(contact.clone())) {
             // A component knows its own presence: it is asked (section 4.3.1).
             let mut probe = stanza::stanza("presence", session.account.as_str(), contact.as_str());
@@ -260,11 +266,7 @@ impl Router {
             let _ = self.send_to_component(&domain, probe).await;
             return;
         }
-        if !self.is_local(&Jid::from(contact.clone()))
-            || self
-                .blocks(&session.user(), &Jid::from(contact.clone()))
-                .await
-        {
+        if !self.is_local(&Jid::from(contact.clone())) {
             return;
         }
         for route in self.bus.routes(contact) {

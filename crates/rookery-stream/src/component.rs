@@ -27,13 +27,17 @@ use crate::{CloseReason, Condition, StreamError, Timeouts, ns};
 /// Settings shared by every component stream of a listener.
 #[derive(Debug, Clone)]
 pub struct ComponentConfig {
+    /// The server's domain (the `from` of its pings).
+    pub server: String,
     /// The secret of each component domain that may connect.
     pub secrets: HashMap<String, String>,
     /// Input limits (the authenticated ones apply after the handshake).
     pub limits: Limits,
-    /// Timers: `negotiation` until the handshake is done, `stanza`, and
-    /// `keepalive` (idle and ping are not used: a component is a trusted
-    /// peer, and a dead one shows at the next write).
+    /// Timers: `negotiation` until the handshake is done, `stanza`,
+    /// `keepalive`, and `idle` and `ping`: a component silent for `idle` is
+    /// pinged (XEP-0199; any answer, an error too, or any other input shows
+    /// it alive), and one silent `ping` longer is gone, so that a dead link
+    /// does not keep its domain taken.
     pub timeouts: Timeouts,
 }
 
@@ -81,8 +85,11 @@ pub struct ComponentStream {
     domain: Option<BareJid>,
     now: Instant,
     opened_at: Instant,
+    last_rx: Instant,
     last_tx: Instant,
     element_started: Option<Instant>,
+    /// The ping under way: its id and when it was sent.
+    ping: Option<(String, Instant)>,
     close_reported: bool,
 }
 
@@ -101,8 +108,10 @@ impl ComponentStream {
             domain: None,
             now,
             opened_at: now,
+            last_rx: now,
             last_tx: now,
             element_started: None,
+            ping: None,
             close_reported: false,
         }
     }
@@ -125,6 +134,7 @@ impl ComponentStream {
     /// Feeds bytes received.
     pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
         self.now = now;
+        self.last_rx = now;
         if !self.is_closed() {
             self.input.extend_from_slice(bytes);
         }
@@ -150,7 +160,42 @@ impl ComponentStream {
         if let Some(error) = expired(now, &t, negotiating, self.element_started) {
             return self.fail(error);
         }
-        if self.is_ready() && now >= self.last_tx + t.keepalive {
+        if !self.is_ready() {
+            return;
+        }
+        if self
+            .ping
+            .as_ref()
+            .is_some_and(|(_, sent)| self.last_rx > *sent)
+        {
+            self.ping = None;
+        }
+        match &self.ping {
+            Some((_, sent)) if now >= *sent + t.ping => {
+                return self.fail(StreamError::new(
+                    Condition::ConnectionTimeout,
+                    "No answer to ping.",
+                ));
+            }
+            None if now >= self.last_rx + t.idle => {
+                let id = format!("ping-{}", random_id());
+                let mut ping = Element::builder("iq", ns::CLIENT)
+                    .append(Element::bare("ping", ns::PING))
+                    .build();
+                for (name, value) in [
+                    ("type", "get"),
+                    ("id", id.as_str()),
+                    ("from", self.config.server.as_str()),
+                    ("to", self.domain.as_ref().map_or("", |d| d.as_str())),
+                ] {
+                    crate::xml::set_attr(&mut ping, name, value);
+                }
+                self.write_element(&ping);
+                self.ping = Some((id, now));
+            }
+            _ => {}
+        }
+        if now >= self.last_tx + t.keepalive {
             self.out.extend_from_slice(b" ");
             self.last_tx = now;
         }
@@ -229,9 +274,10 @@ impl ComponentStream {
             return None;
         }
         let t = self.config.timeouts;
-        let mut next = match self.is_ready() {
-            true => self.last_tx + t.keepalive,
-            false => self.opened_at + t.negotiation,
+        let mut next = match (self.is_ready(), &self.ping) {
+            (false, _) => self.opened_at + t.negotiation,
+            (true, Some((_, sent))) => (self.last_tx + t.keepalive).min(*sent + t.ping),
+            (true, None) => (self.last_tx + t.keepalive).min(self.last_rx + t.idle),
         };
         if let Some(started) = self.element_started {
             next = next.min(started + t.stanza);
@@ -347,6 +393,15 @@ impl ComponentStream {
                 Condition::ImproperAddressing,
                 "A component's stanza needs a 'to'.",
             ));
+        }
+        if element.name() == "iq"
+            && matches!(element.attr("type"), Some("result" | "error"))
+            && let (Some((ping, _)), Some(id)) = (&self.ping, element.attr("id"))
+            && ping == id
+        {
+            // The answer to our ping (an error means alive too).
+            self.ping = None;
+            return;
         }
         self.events.push_back(ComponentEvent::Stanza(element));
     }

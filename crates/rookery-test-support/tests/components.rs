@@ -223,3 +223,39 @@ async fn a_component_on_one_node_is_reached_from_another() {
         );
     }
 }
+
+#[tokio::test]
+async fn users_see_and_block_the_component_s_addresses_one_by_one() {
+    let server = TestServer::start_with(with_echo).await;
+    server.create_user("alice", "pw").await;
+    let mut alice = TestClient::online(server.starttls(), "alice", "pw", "a").await;
+    let mut echo = TestClient::component(server.component(), ECHO, SECRET)
+        .await
+        .expect("the handshake succeeds");
+
+    // Blocking one address at the component leaves the others through.
+    let blocked = alice
+        .iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='spammer@echo.localhost'/></block></iq>")
+        .await;
+    assert_eq!(blocked.attr("type"), Some("result"));
+    for (from, id) in [("spammer@echo.localhost/x", "s1"), ("friend@echo.localhost/x", "f1")] {
+        echo.send(&format!(
+            "<iq from='{from}' to='alice@localhost/a' type='get' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ))
+        .await;
+    }
+    let refused = echo.expect(|e| e.attr("id") == Some("s1")).await;
+    assert_eq!(refused.attr("type"), Some("error"));
+    let ping = alice.expect(|e| e.name() == "iq").await;
+    assert_eq!(ping.attr("id"), Some("f1"), "only the friend's iq arrives");
+
+    // Directed presence from an address at the component: when the
+    // component goes, that address is seen going.
+    echo.send("<presence from='friend@echo.localhost/x' to='alice@localhost/a'/>")
+        .await;
+    let available = alice.expect_presence_from("friend@echo.localhost/x").await;
+    assert_eq!(available.attr("type"), None);
+    echo.close().await;
+    let unavailable = alice.expect_presence_from("friend@echo.localhost/x").await;
+    assert_eq!(unavailable.attr("type"), Some("unavailable"));
+}

@@ -12,6 +12,7 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         let config = ComponentConfig {
+            server: "localhost".into(),
             secrets: HashMap::from([("echo.localhost".to_owned(), "s3cret".to_owned())]),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
@@ -170,6 +171,56 @@ fn a_stanza_from_another_domain_is_invalid_from() {
     let mut h = Harness::ready();
     let events = h.send("<message from='mallory@localhost' to='alice@localhost'/>");
     h.closed_with(&events, Condition::InvalidFrom);
+}
+
+#[test]
+fn look_alike_domains_are_invalid_from() {
+    for from in [
+        "bot@echo.localhost.evil",
+        "evil.localhost",
+        "bot@a.echo.localhost",
+        "echo.localhostx",
+    ] {
+        let mut h = Harness::ready();
+        let events = h.send(&format!("<message from='{from}' to='alice@localhost'/>"));
+        h.closed_with(&events, Condition::InvalidFrom);
+    }
+    let mut h = Harness::ready();
+    let events = h.send("<message from='Bot@ECHO.localhost/Res' to='alice@localhost'/>");
+    assert!(
+        matches!(&events[..], [ComponentEvent::Stanza(_)]),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_silent_component_is_pinged_and_ended_when_it_does_not_answer() {
+    let t = Timeouts::default();
+    let mut h = Harness::ready();
+    let idle = h.now + t.idle;
+    assert_eq!(h.stream.poll_timeout(), Some(h.now + t.keepalive));
+    h.stream.handle_timeout(idle);
+    let ping = h.output();
+    assert!(
+        ping.contains("<ping xmlns='urn:xmpp:ping'/>") && ping.contains("to='echo.localhost'"),
+        "{ping}"
+    );
+    let id = ping.split("id='").nth(1).unwrap();
+    let id = &id[..id.find('\'').unwrap()];
+    // The answer (an error will do) is taken by the stream, not handed on.
+    h.now = idle;
+    let events = h.send(&format!(
+        "<iq type='error' id='{id}' from='echo.localhost' to='localhost'/>"
+    ));
+    assert!(events.is_empty(), "{events:?}");
+    h.stream.handle_timeout(idle + t.ping);
+    assert!(!h.stream.is_closed());
+
+    let mut h = Harness::ready();
+    h.stream.handle_timeout(h.now + t.idle);
+    h.stream.handle_timeout(h.now + t.idle + t.ping);
+    let events: Vec<_> = std::iter::from_fn(|| h.stream.poll_event()).collect();
+    h.closed_with(&events, Condition::ConnectionTimeout);
 }
 
 #[test]
