@@ -74,6 +74,8 @@ pub enum SessionEvent {
 /// that asked for it, so a hook costs nothing while no module uses it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hooks {
+    /// [`Extension::on_stanza`].
+    pub stanza: bool,
     /// [`Extension::on_delivery`].
     pub delivery: bool,
     /// [`Extension::on_session`].
@@ -121,6 +123,19 @@ pub trait Extension: Send + Sync {
     /// to the server or to an account; `None` answers `service-unavailable`
     /// (the module does not serve that target or type).
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element>;
+
+    /// A stanza from the session's client (`from` stamped), before it is
+    /// routed (with [`Hooks::stanza`]): the module gives it back, changed or
+    /// not, to let it go on, or keeps it (it handled or dropped it; it
+    /// answers through `session.outbox` or [`Router::route`]).
+    async fn on_stanza(
+        &self,
+        _router: &Router,
+        _session: &mut Session,
+        stanza: Element,
+    ) -> Option<Element> {
+        Some(stanza)
+    }
 
     /// A stanza is about to reach the session's client (with
     /// [`Hooks::delivery`]): the module gives it back to let it through, or

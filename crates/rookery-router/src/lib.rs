@@ -151,6 +151,8 @@ pub struct Router {
     services: HashMap<String, Arc<dyn Extension>>,
     /// The external components' domains, by domain.
     components: HashMap<String, BareJid>,
+    /// The modules with [`Hooks::stanza`].
+    stanza_hooks: Vec<Arc<dyn Extension>>,
     /// The modules with [`Hooks::delivery`].
     delivery_hooks: Vec<Arc<dyn Extension>>,
     /// The modules with [`Hooks::session`].
@@ -236,6 +238,7 @@ impl Router {
             config,
             store,
             bus,
+            stanza_hooks: with(|hooks| hooks.stanza),
             delivery_hooks: with(|hooks| hooks.delivery),
             session_hooks: with(|hooks| hooks.session),
             iq_table,
@@ -573,7 +576,13 @@ impl Router {
     // ---- stanzas from a client ----------------------------------------------------------
 
     /// Handles a stanza the session's client sent (`from` already stamped).
-    pub async fn handle_stanza(&self, session: &mut Session, stanza: Element) {
+    pub async fn handle_stanza(&self, session: &mut Session, mut stanza: Element) {
+        for module in &self.stanza_hooks {
+            match module.on_stanza(self, session, stanza).await {
+                Some(passed) => stanza = passed,
+                None => return,
+            }
+        }
         let to = match stanza::to(&stanza) {
             Ok(to) => to,
             Err(_) => {

@@ -30,6 +30,8 @@ struct Counter {
     events: Mutex<Vec<(String, SessionEvent)>>,
     /// What reached its service (`counter.localhost`): name, type, to.
     served: Mutex<Vec<(String, String, String)>>,
+    /// What it kept from clients before routing (`<drop/>`).
+    dropped: Mutex<Vec<Element>>,
 }
 
 #[async_trait]
@@ -40,9 +42,18 @@ impl Extension for Counter {
 
     fn hooks(&self) -> Hooks {
         Hooks {
+            stanza: true,
             delivery: true,
             session: true,
         }
+    }
+
+    async fn on_stanza(&self, _: &Router, _: &mut Session, stanza: Element) -> Option<Element> {
+        if stanza.has_child("drop", NS) {
+            self.dropped.lock().unwrap().push(stanza);
+            return None;
+        }
+        Some(stanza)
     }
 
     async fn handle_iq(&self, cx: &mut IqContext<'_>) -> Option<Element> {
@@ -128,10 +139,8 @@ async fn a_module_answers_its_payloads_keeps_state_per_session_and_hears_of_sess
     let (router, _dir) = router(vec![counter.clone()]).await;
     let alice = BareJid::new("alice@localhost").unwrap();
     let requested = alice.with_resource_str("phone").unwrap();
-    let mut session = router
-        .bind(&alice, Some(requested), Mailbox::new().0)
-        .await
-        .unwrap();
+    let (mailbox, mut inbox) = Mailbox::new();
+    let mut session = router.bind(&alice, Some(requested), mailbox).await.unwrap();
 
     for (id, asked) in [("a", "1"), ("b", "2")] {
         router.handle_stanza(&mut session, count_iq(id)).await;
@@ -154,6 +163,23 @@ async fn a_module_answers_its_payloads_keeps_state_per_session_and_hears_of_sess
     router.handle_stanza(&mut session, other).await;
     let reply = session.take_outbox().pop().unwrap();
     assert!(String::from(&reply).contains("service-unavailable"));
+
+    // The stanza hook sees a client's stanza before routing: it keeps one,
+    // the other goes on (to an account that does not exist: an error).
+    for payload in [format!("<drop xmlns='{NS}'/>"), "<body>hi</body>".into()] {
+        let message = stanza(&format!(
+            "<message xmlns='jabber:client' from='alice@localhost/phone' to='nobody@localhost' type='chat'>{payload}</message>"
+        ));
+        router.handle_stanza(&mut session, message).await;
+    }
+    assert_eq!(counter.dropped.lock().unwrap().len(), 1);
+    let mut bounced = Vec::new();
+    while let Some(rookery_cluster::Mail::Stanza { stanza, .. }) = inbox.try_recv() {
+        bounced.push(stanza);
+    }
+    assert_eq!(bounced.len(), 1, "only the passed message was routed");
+    assert_eq!(bounced[0].attr("type"), Some("error"));
+    assert!(bounced[0].has_child("body", "jabber:client"));
 
     // The delivery hook keeps what the module wants kept.
     let secret = stanza(&format!(

@@ -20,7 +20,7 @@ use minidom::Element;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
-use crate::stream::{check_root, expired, peer_error, random_id, stream_error_xml};
+use crate::stream::{check_root, expired, liveness, peer_error, random_id, stream_error_xml};
 use crate::xml::{Limits, StreamReader, StreamWriter, XmlEvent, escape_attr};
 use crate::{CloseReason, Condition, StreamError, Timeouts, ns};
 
@@ -163,37 +163,18 @@ impl ComponentStream {
         if !self.is_ready() {
             return;
         }
-        if self
-            .ping
-            .as_ref()
-            .is_some_and(|(_, sent)| self.last_rx > *sent)
-        {
-            self.ping = None;
-        }
-        match &self.ping {
-            Some((_, sent)) if now >= *sent + t.ping => {
-                return self.fail(StreamError::new(
-                    Condition::ConnectionTimeout,
-                    "No answer to ping.",
-                ));
-            }
-            None if now >= self.last_rx + t.idle => {
-                let id = format!("ping-{}", random_id());
-                let mut ping = Element::builder("iq", ns::CLIENT)
-                    .append(Element::bare("ping", ns::PING))
-                    .build();
-                for (name, value) in [
-                    ("type", "get"),
-                    ("id", id.as_str()),
-                    ("from", self.config.server.as_str()),
-                    ("to", self.domain.as_ref().map_or("", |d| d.as_str())),
-                ] {
-                    crate::xml::set_attr(&mut ping, name, value);
-                }
-                self.write_element(&ping);
-                self.ping = Some((id, now));
-            }
-            _ => {}
+        let to = self.domain.as_ref().map_or("", |d| d.as_str()).to_owned();
+        match liveness(
+            now,
+            &t,
+            self.last_rx,
+            &mut self.ping,
+            &self.config.server,
+            &to,
+        ) {
+            Err(error) => return self.fail(error),
+            Ok(Some(ping)) => self.write_element(&ping),
+            Ok(None) => {}
         }
         if now >= self.last_tx + t.keepalive {
             self.out.extend_from_slice(b" ");

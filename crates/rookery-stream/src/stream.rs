@@ -389,40 +389,16 @@ impl ServerStream {
             return self.fail(error);
         }
         if self.is_bound() {
-            if self
-                .ping
+            let to = self
+                .bound
                 .as_ref()
-                .is_some_and(|(_, sent)| self.last_rx > *sent)
-            {
-                // The client showed life since the ping: it need not answer it any more.
-                self.ping = None;
-            }
-            match &self.ping {
-                Some((_, sent)) if now >= *sent + t.ping => {
-                    return self.fail(StreamError::new(
-                        Condition::ConnectionTimeout,
-                        "No answer to ping.",
-                    ));
-                }
-                None if now >= self.last_rx + t.idle => {
-                    let id = format!("ping-{}", random_id());
-                    let ping = Element::builder("iq", ns::CLIENT)
-                        .attr(name("type"), "get")
-                        .attr(name("id"), id.as_str())
-                        .attr(name("from"), self.config.domain.as_str())
-                        .attr(
-                            name("to"),
-                            self.bound
-                                .as_ref()
-                                .map(|j| j.to_string())
-                                .unwrap_or_default(),
-                        )
-                        .append(Element::bare("ping", ns::PING))
-                        .build();
-                    self.write_element(&ping);
-                    self.ping = Some((id, now));
-                }
-                _ => {}
+                .map(|j| j.to_string())
+                .unwrap_or_default();
+            let from = &self.config.domain;
+            match liveness(now, &t, self.last_rx, &mut self.ping, from, &to) {
+                Err(error) => return self.fail(error),
+                Ok(Some(ping)) => self.write_element(&ping),
+                Ok(None) => {}
             }
             if self.framing == Framing::Tcp && now >= self.last_tx + t.keepalive {
                 self.out.extend_from_slice(b" ");
@@ -1390,6 +1366,42 @@ pub(crate) fn expired(
         ));
     }
     None
+}
+
+/// The XEP-0199 liveness check both streams run on their timer: a peer
+/// silent for `idle` gets a ping (returned, to write; `ping` remembers it),
+/// and one still silent `ping` later is gone (`Err`). Any input after the
+/// ping shows it alive.
+pub(crate) fn liveness(
+    now: Instant,
+    timeouts: &Timeouts,
+    last_rx: Instant,
+    ping: &mut Option<(String, Instant)>,
+    from: &str,
+    to: &str,
+) -> Result<Option<Element>, StreamError> {
+    if ping.as_ref().is_some_and(|(_, sent)| last_rx > *sent) {
+        *ping = None;
+    }
+    match ping {
+        Some((_, sent)) if now >= *sent + timeouts.ping => Err(StreamError::new(
+            Condition::ConnectionTimeout,
+            "No answer to ping.",
+        )),
+        None if now >= last_rx + timeouts.idle => {
+            let id = format!("ping-{}", random_id());
+            let request = Element::builder("iq", ns::CLIENT)
+                .attr(name("type"), "get")
+                .attr(name("id"), id.as_str())
+                .attr(name("from"), from)
+                .attr(name("to"), to)
+                .append(Element::bare("ping", ns::PING))
+                .build();
+            *ping = Some((id, now));
+            Ok(Some(request))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Refuses a stream whose root is not `<stream:stream/>`.

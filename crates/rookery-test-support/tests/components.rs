@@ -238,7 +238,10 @@ async fn users_see_and_block_the_component_s_addresses_one_by_one() {
         .iq("<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='spammer@echo.localhost'/></block></iq>")
         .await;
     assert_eq!(blocked.attr("type"), Some("result"));
-    for (from, id) in [("spammer@echo.localhost/x", "s1"), ("friend@echo.localhost/x", "f1")] {
+    for (from, id) in [
+        ("spammer@echo.localhost/x", "s1"),
+        ("friend@echo.localhost/x", "f1"),
+    ] {
         echo.send(&format!(
             "<iq from='{from}' to='alice@localhost/a' type='get' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
         ))
