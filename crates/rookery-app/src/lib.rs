@@ -284,7 +284,6 @@ impl App {
                 .iter()
                 .map(|component| component.domain.clone())
                 .collect(),
-            ..RouterConfig::new(&config.server.domain)
         };
         let ext_config = rookery_ext::ExtConfig {
             registration: config.accounts.registration,
@@ -295,6 +294,7 @@ impl App {
                 bytes: limits.private_storage_bytes,
             },
             disco: config.disco.clone(),
+            ..rookery_ext::ExtConfig::default()
         };
         // Unknown users are answered with stand-in SCRAM parameters derived
         // from this secret: the same on every node, and across restarts.

@@ -139,10 +139,6 @@ pub struct WireSnapshot {
     pub receipts: Vec<(u32, Receipt)>,
     /// Directed presence recipients.
     pub directed: Vec<String>,
-    /// CSI inactive.
-    pub inactive: bool,
-    /// Held stanzas, as XML.
-    pub held: Vec<String>,
     /// The id of the last offline message handed out.
     #[serde(default)]
     pub offline_after: i64,
@@ -164,8 +160,6 @@ impl WireSnapshot {
             sm_unacked: snapshot.sm.unacked().iter().map(String::from).collect(),
             receipts: snapshot.receipts.clone(),
             directed: snapshot.directed.iter().map(|j| j.to_string()).collect(),
-            inactive: snapshot.inactive,
-            held: snapshot.held.iter().map(String::from).collect(),
             offline_after: snapshot.offline_after,
             modules: snapshot.modules.to_wire(),
         }
@@ -197,8 +191,6 @@ impl WireSnapshot {
                 .iter()
                 .filter_map(|j| Jid::new(j).ok())
                 .collect(),
-            inactive: self.inactive,
-            held: self.held.into_iter().filter_map(parse).collect(),
             offline_after: self.offline_after,
             modules: rookery_cluster::ModuleStates::from_wire(self.modules),
             inbox: None,

@@ -351,10 +351,6 @@ pub struct SessionSnapshot {
     pub receipts: Vec<(u32, Receipt)>,
     /// Entities that received directed presence from the session.
     pub directed: Vec<Jid>,
-    /// Client state indication: the client is inactive.
-    pub inactive: bool,
-    /// Stanzas held back while inactive.
-    pub held: Vec<Element>,
     /// The id of the last offline message handed to the session (its
     /// messages above it are still to be read).
     pub offline_after: i64,

@@ -63,6 +63,17 @@ impl ModuleStates {
         self.typed::<T>().expect("just made")
     }
 
+    /// The module's state to change, if the session has one (nothing made:
+    /// for a hook that runs on every session and acts only on some).
+    pub fn existing_mut<T: ModuleState>(&mut self) -> Option<&mut T> {
+        self.typed::<T>()
+    }
+
+    /// Drops the module's state (the session is back to asking nothing of it).
+    pub fn remove<T: ModuleState>(&mut self) {
+        self.slots.remove(T::KEY);
+    }
+
     fn typed<T: ModuleState>(&mut self) -> Option<&mut T> {
         let slot = self.slots.get_mut(T::KEY)?;
         if let Slot::Json(json) = slot {

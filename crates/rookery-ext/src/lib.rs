@@ -10,6 +10,7 @@ use rookery_store::Store;
 
 pub mod blocking;
 pub mod carbons;
+pub mod csi;
 pub mod disco;
 pub mod last;
 pub mod ping;
@@ -32,6 +33,8 @@ pub struct ExtConfig {
     pub private_quota: rookery_store::Quota,
     /// The disco module's section.
     pub disco: disco::DiscoConfig,
+    /// Presence stanzas held for an inactive client (XEP-0352) before all are sent.
+    pub csi_hold_limit: usize,
 }
 
 impl Default for ExtConfig {
@@ -45,6 +48,7 @@ impl Default for ExtConfig {
                 bytes: 1024 * 1024,
             },
             disco: disco::DiscoConfig::default(),
+            csi_hold_limit: 200,
         }
     }
 }
@@ -80,6 +84,10 @@ pub fn all(config: &ExtConfig, store: &Arc<dyn Store>) -> Vec<Arc<dyn Extension>
             open: config.registration,
             iterations: config.scram_iterations,
             accounts: store.clone(),
+        }),
+        // Last among the delivery hooks: what it holds, the others let through.
+        Arc::new(csi::Csi {
+            hold_limit: config.csi_hold_limit,
         }),
     ]
 }

@@ -478,7 +478,8 @@ impl<T: Transport> Connection<T> {
                     if let Some(bound) = &mut self.bound {
                         self.c2s
                             .router
-                            .set_client_state(&mut bound.session, inactive);
+                            .set_client_state(&mut bound.session, inactive)
+                            .await;
                         self.drain_outbox();
                     }
                 }
@@ -817,8 +818,6 @@ async fn hand_over(
         sm,
         receipts: tracked,
         directed: session.directed.drain().collect(),
-        inactive: session.inactive,
-        held: std::mem::take(&mut session.held),
         offline_after: session.offline_after,
         modules: std::mem::take(&mut session.modules),
         inbox: Some(inbox),

@@ -1,11 +1,11 @@
-//! The recipient side: what a session does with a stanza delivered to it,
-//! including client state indication (XEP-0352).
+//! The recipient side: what a session does with a stanza delivered to it
+//! (the modules' delivery hooks first: client state indication, XEP-0352,
+//! is one, in rookery-ext).
 
 use minidom::Element;
 use rookery_stream::ns;
 
-use crate::stanza::PresenceType;
-use crate::{Router, Session};
+use crate::{Router, Session, SessionEvent};
 
 /// A push the server generated (an iq with no `from`; a client's iq always
 /// carries the `from` the server stamped on it) with a payload in `namespace`.
@@ -15,17 +15,9 @@ pub fn is_server_push(stanza: &Element, namespace: &str) -> bool {
         && stanza.children().any(|child| child.has_ns(namespace))
 }
 
-/// True for presence an inactive client can do without for a while.
-fn holdable(stanza: &Element) -> bool {
-    stanza.is("presence", ns::CLIENT)
-        && matches!(
-            PresenceType::of(stanza),
-            Some(PresenceType::Available | PresenceType::Unavailable)
-        )
-}
-
 impl Router {
-    /// Takes a stanza delivered to the session into its outbox, or holds it while inactive.
+    /// Takes a stanza delivered to the session into its outbox, after the
+    /// modules' delivery hooks (which may keep it).
     pub fn accept_delivery(&self, session: &mut Session, mut stanza: Element) {
         for module in &self.delivery_hooks {
             match module.on_delivery(self, session, stanza) {
@@ -40,40 +32,16 @@ impl Router {
                 return;
             }
         }
-        if session.inactive && holdable(&stanza) {
-            // Only the latest presence of each sender matters.
-            let from = stanza.attr("from").map(str::to_owned);
-            session
-                .held
-                .retain(|held| held.attr("from").map(str::to_owned) != from);
-            session.held.push(stanza);
-            let held_bytes: usize = session
-                .held
-                .iter()
-                .map(rookery_stream::xml::approximate_size)
-                .sum();
-            if session.held.len() > self.config.csi_hold_limit || held_bytes > crate::CSI_HOLD_BYTES
-            {
-                self.flush_held(session);
-            }
-            return;
-        }
-        self.flush_held(session);
         session.outbox.push(stanza);
     }
 
-    /// XEP-0352: the client became active or inactive.
-    pub fn set_client_state(&self, session: &mut Session, inactive: bool) {
-        session.inactive = inactive;
-        if !inactive {
-            self.flush_held(session);
-        }
-    }
-
-    fn flush_held(&self, session: &mut Session) {
-        if !session.held.is_empty() {
-            let held = std::mem::take(&mut session.held);
-            session.outbox.extend(held);
-        }
+    /// XEP-0352: the client said it became inactive, or active again; the
+    /// modules with [`Hooks::session`](crate::Hooks) hear it.
+    pub async fn set_client_state(&self, session: &mut Session, inactive: bool) {
+        let event = match inactive {
+            true => SessionEvent::Inactive,
+            false => SessionEvent::Active,
+        };
+        self.session_event(session, event).await;
     }
 }

@@ -68,6 +68,10 @@ pub enum SessionEvent {
     Resumed,
     /// The session ended.
     Ended,
+    /// The client said it is inactive (XEP-0352).
+    Inactive,
+    /// The client said it is active again (XEP-0352).
+    Active,
 }
 
 /// The hooks a module uses: the router calls a hook only on the modules
@@ -112,6 +116,11 @@ pub trait Extension: Send + Sync {
     /// Disco features (XEP-0030) the module adds to the server.
     fn server_features(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// Stream features the module offers once a client authenticated.
+    fn stream_features(&self) -> Vec<Element> {
+        Vec::new()
     }
 
     /// Disco features the module adds to accounts.

@@ -78,8 +78,6 @@ pub struct RouterConfig {
     pub offline_quota: Quota,
     /// Most roster items per account.
     pub max_roster_items: usize,
-    /// Most presence stanzas held for an inactive client before they are flushed.
-    pub csi_hold_limit: usize,
     /// Bytes of stanzas a session's inbox holds before it overflows (the
     /// session then ends: its client does not keep up).
     pub inbox_bytes: usize,
@@ -97,7 +95,6 @@ impl RouterConfig {
                 bytes: 8 * 1024 * 1024,
             },
             max_roster_items: 2000,
-            csi_hold_limit: 200,
             inbox_bytes: rookery_cluster::DEFAULT_INBOX_BYTES,
             components: Vec::new(),
         }
@@ -114,9 +111,6 @@ pub const OFFLINE_PAGE: Quota = Quota {
 /// Most entities one session may send directed presence to (RFC 6121
 /// section 4.6: each gets unavailable presence when the session ends).
 pub const MAX_DIRECTED_PRESENCE: usize = 1000;
-
-/// Bytes of presence held for an inactive client before it is all sent.
-pub const CSI_HOLD_BYTES: usize = 256 * 1024;
 
 /// A session rebuilt from a snapshot.
 #[derive(Debug)]
@@ -287,7 +281,6 @@ impl Router {
             "msgoffline",
             "jabber:iq:roster",
             "urn:xmpp:sm:3",
-            namespaces::CSI,
         ];
         for extension in &self.extensions {
             features.extend_from_slice(extension.server_features());
@@ -308,13 +301,17 @@ impl Router {
         features
     }
 
-    /// Stream features the router contributes after authentication.
+    /// Stream features offered after authentication: the router's own and
+    /// every module's.
     pub fn stream_features(&self) -> Vec<Element> {
-        vec![
+        let mut features = vec![
             Element::bare("ver", namespaces::ROSTER_VERSIONING),
             Element::bare("sub", namespaces::PRE_APPROVAL),
-            Element::bare("csi", namespaces::CSI),
-        ]
+        ];
+        for extension in &self.extensions {
+            features.extend(extension.stream_features());
+        }
+        features
     }
 
     /// True if `jid` is an account of this domain (syntactically).
@@ -400,8 +397,6 @@ impl Router {
             sm,
             receipts,
             directed,
-            inactive,
-            held,
             offline_after,
             modules,
             inbox,
@@ -409,8 +404,6 @@ impl Router {
         let mut session = Session::new(jid, id, mailbox);
         session.info = info;
         session.directed = directed.into_iter().collect();
-        session.inactive = inactive;
-        session.held = held;
         session.offline_after = offline_after;
         session.modules = modules;
         // Offline messages may still wait (the paging stopped with the
@@ -496,8 +489,7 @@ impl Router {
             self.blocklists.forget(&session.user());
         }
         self.session_event(&mut session, SessionEvent::Ended).await;
-        let held = std::mem::take(&mut session.held);
-        for stanza in undelivered.into_iter().chain(held) {
+        for stanza in undelivered {
             self.reroute_undelivered(&session, stanza).await;
         }
     }

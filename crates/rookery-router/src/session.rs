@@ -23,10 +23,6 @@ pub struct Session {
     pub info: RouteInfo,
     /// Entities that got directed presence and must get unavailable at the end (RFC 6121 4.6).
     pub directed: HashSet<Jid>,
-    /// XEP-0352: the client said it is inactive.
-    pub inactive: bool,
-    /// Presence held back while inactive, oldest first, one per sender.
-    pub held: Vec<Element>,
     /// Offline messages wait for this session, a page at a time
     /// ([`Router::next_offline_page`](crate::Router::next_offline_page)).
     pub offline_pending: bool,
@@ -59,8 +55,6 @@ impl Session {
             id,
             info: RouteInfo::default(),
             directed: HashSet::new(),
-            inactive: false,
-            held: Vec::new(),
             offline_pending: false,
             offline_after: 0,
             modules: ModuleStates::default(),

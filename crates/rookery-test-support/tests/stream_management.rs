@@ -239,3 +239,32 @@ async fn a_resumed_session_keeps_what_its_client_asked_for() {
         .expect(|e| e.has_child("block", "urn:xmpp:blocking"))
         .await;
 }
+
+#[tokio::test]
+async fn a_resumed_session_is_still_inactive() {
+    // XEP-0352 state is the csi module's per-session state: it moves with
+    // the session to the resuming connection.
+    let server = server(60).await;
+    let mut bob = TestClient::online(server.starttls(), "bob", "secret", "desk").await;
+    let (mut alice, id) = resumable_alice(&server).await;
+    alice.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    alice.send("<r xmlns='urn:xmpp:sm:3'/>").await;
+    alice.expect(|e| e.name() == "a").await;
+    alice.kill();
+    let (mut alice, resumed) = resume(&server, &id, 1).await;
+    resumed.expect("resumed");
+    for status in ["one", "two"] {
+        bob.send(&format!(
+            "<presence to='alice@localhost/phone'><status>{status}</status></presence>"
+        ))
+        .await;
+    }
+    alice.assert_none(SHORT, |e| e.name() == "presence").await;
+    alice.send("<active xmlns='urn:xmpp:csi:0'/>").await;
+    let held = alice.expect(|e| e.name() == "presence").await;
+    assert_eq!(
+        held.get_child("status", "jabber:client").map(|s| s.text()),
+        Some("two".into()),
+        "the latest, held until the client was active again"
+    );
+}
