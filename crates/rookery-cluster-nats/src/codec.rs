@@ -145,6 +145,24 @@ pub struct WireSnapshot {
     /// The modules' state of the session, as JSON by module.
     #[serde(default)]
     pub modules: std::collections::BTreeMap<String, String>,
+    /// Client state indication, as nodes before the csi module kept it:
+    /// still written (a node of the previous version requires these two)
+    /// and read (from such a node) for one release, so that a rolling
+    /// upgrade's take-overs keep an inactive session's held presence.
+    #[serde(default)]
+    pub inactive: bool,
+    /// Held presence, as XML (see `inactive`).
+    #[serde(default)]
+    pub held: Vec<String>,
+}
+
+/// The csi module's key in `modules` (rookery_ext::csi::CsiSession).
+const CSI_KEY: &str = "csi";
+
+/// The csi module's state as the previous version's two fields.
+#[derive(Default, Serialize, Deserialize)]
+struct CsiWire {
+    held: Vec<String>,
 }
 
 impl WireSnapshot {
@@ -161,8 +179,22 @@ impl WireSnapshot {
             receipts: snapshot.receipts.clone(),
             directed: snapshot.directed.iter().map(|j| j.to_string()).collect(),
             offline_after: snapshot.offline_after,
+            inactive: false,
+            held: Vec::new(),
             modules: snapshot.modules.to_wire(),
         }
+        .with_legacy_csi()
+    }
+
+    /// Fills the previous version's CSI fields from the csi module's state.
+    fn with_legacy_csi(mut self) -> Self {
+        if let Some(json) = self.modules.get(CSI_KEY) {
+            self.inactive = true;
+            self.held = serde_json::from_str::<CsiWire>(json)
+                .map(|csi| csi.held)
+                .unwrap_or_default();
+        }
+        self
     }
 
     /// Back to a snapshot; stanzas that no longer parse are dropped with a log line.
@@ -174,6 +206,14 @@ impl WireSnapshot {
                 None
             }
         };
+        let mut modules = self.modules;
+        if self.inactive && !modules.contains_key(CSI_KEY) {
+            // From a node of the previous version.
+            let csi = CsiWire { held: self.held };
+            if let Ok(json) = serde_json::to_string(&csi) {
+                modules.insert(CSI_KEY.to_owned(), json);
+            }
+        }
         let mut sm = SmState::new(self.sm_id);
         sm.inbound = self.sm_inbound;
         sm.acked = self.sm_acked;
@@ -192,7 +232,7 @@ impl WireSnapshot {
                 .filter_map(|j| Jid::new(j).ok())
                 .collect(),
             offline_after: self.offline_after,
-            modules: rookery_cluster::ModuleStates::from_wire(self.modules),
+            modules: rookery_cluster::ModuleStates::from_wire(modules),
             inbox: None,
         })
     }
@@ -204,5 +244,55 @@ pub fn stream_error(condition: &str, content: Option<String>) -> StreamError {
         condition: condition_from_name(condition),
         text: None,
         content,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rookery_cluster::{ModuleStates, RouteInfo};
+
+    use super::*;
+
+    const HELD: &str = "<presence xmlns='jabber:client' from='bob@localhost/desk'/>";
+
+    #[test]
+    fn the_previous_version_s_csi_fields_are_written_and_read_for_a_rolling_upgrade() {
+        let csi = serde_json::to_string(&CsiWire {
+            held: vec![HELD.into()],
+        })
+        .unwrap();
+        let snapshot = SessionSnapshot {
+            jid: FullJid::new("alice@localhost/phone").unwrap(),
+            session: SessionId(7),
+            info: RouteInfo::default(),
+            sm: SmState::new(Some("r".into())),
+            receipts: Vec::new(),
+            directed: Vec::new(),
+            offline_after: 0,
+            modules: ModuleStates::from_wire(BTreeMap::from([(CSI_KEY.into(), csi)])),
+            inbox: None,
+        };
+        // Written for an old node, which requires both fields.
+        let wire = WireSnapshot::from_snapshot(&snapshot, 1);
+        assert!(wire.inactive);
+        assert_eq!(wire.held, [HELD]);
+
+        // Read from an old node: no modules, the two fields.
+        let mut json: serde_json::Value = serde_json::to_value(&wire).unwrap();
+        json.as_object_mut().unwrap().remove("modules");
+        let old: WireSnapshot = serde_json::from_value(json).unwrap();
+        let restored = old.into_snapshot().unwrap();
+        let modules = restored.modules.to_wire();
+        let csi: CsiWire = serde_json::from_str(&modules[CSI_KEY]).unwrap();
+        assert_eq!(csi.held, [HELD]);
+
+        // An active session has neither.
+        let mut active = snapshot;
+        active.modules = ModuleStates::default();
+        let wire = WireSnapshot::from_snapshot(&active, 1);
+        assert!(!wire.inactive && wire.held.is_empty());
+        assert!(wire.into_snapshot().unwrap().modules.is_empty());
     }
 }

@@ -7,9 +7,9 @@
 use async_trait::async_trait;
 use minidom::Element;
 use rookery_cluster::ModuleState;
-use rookery_router::namespaces::{CSI as NS, ROSTER};
+use rookery_router::namespaces::CSI as NS;
 use rookery_router::stanza::PresenceType;
-use rookery_router::{Extension, Hooks, IqContext, Router, Session, SessionEvent, is_server_push};
+use rookery_router::{Extension, Hooks, IqContext, Router, Session, SessionEvent};
 use rookery_stream::ns;
 
 /// Bytes of presence held for an inactive client before all of it is sent.
@@ -47,7 +47,14 @@ mod as_xml {
         deserializer: D,
     ) -> Result<Vec<Element>, D::Error> {
         let texts = Vec::<String>::deserialize(deserializer)?;
-        Ok(texts.iter().filter_map(|text| text.parse().ok()).collect())
+        let parse = |text: &String| match text.parse() {
+            Ok(element) => Some(element),
+            Err(error) => {
+                tracing::error!(%error, "A held presence from another node does not parse.");
+                None
+            }
+        };
+        Ok(texts.iter().filter_map(parse).collect())
     }
 }
 
@@ -112,10 +119,7 @@ impl Extension for Csi {
             }
             return None;
         }
-        // A roster push to a client that never fetched the roster is dropped
-        // after this hook: it does not count as something sent.
-        let dropped = is_server_push(&stanza, ROSTER) && !session.info.interested;
-        if !dropped && !state.held.is_empty() {
+        if !state.held.is_empty() {
             let held = std::mem::take(&mut state.held);
             session.outbox.extend(held);
         }

@@ -85,9 +85,30 @@ pub fn all(config: &ExtConfig, store: &Arc<dyn Store>) -> Vec<Arc<dyn Extension>
             iterations: config.scram_iterations,
             accounts: store.clone(),
         }),
-        // Last among the delivery hooks: what it holds, the others let through.
+        // Last among the delivery hooks: a stanza it lets through flushes
+        // what it held, so no hook after it may keep one (a test holds this).
         Arc::new(csi::Csi {
             hold_limit: config.csi_hold_limit,
         }),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn client_state_indication_is_the_last_delivery_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = rookery_store_sqlite::SqliteStore::open(&dir.path().join("test.db"))
+            .await
+            .unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let modules = all(&ExtConfig::default(), &store);
+        let last = modules
+            .iter()
+            .rfind(|module| module.hooks().delivery)
+            .expect("delivery hooks");
+        assert_eq!(last.server_features(), [rookery_router::namespaces::CSI]);
+    }
 }

@@ -17,19 +17,21 @@ pub fn is_server_push(stanza: &Element, namespace: &str) -> bool {
 
 impl Router {
     /// Takes a stanza delivered to the session into its outbox, after the
-    /// modules' delivery hooks (which may keep it).
+    /// modules' delivery hooks (which may keep it). What the router itself
+    /// drops never reaches the hooks: a hook sees only what will be sent
+    /// unless it keeps it.
     pub fn accept_delivery(&self, session: &mut Session, mut stanza: Element) {
-        for module in &self.delivery_hooks {
-            match module.on_delivery(self, session, stanza) {
-                Some(passed) => stanza = passed,
-                None => return,
-            }
-        }
         if is_server_push(&stanza, crate::namespaces::ROSTER) {
             // A roster push (RFC 6121 2.1.6): the roster changed.
             session.subscribers = None;
             if !session.info.interested {
                 return;
+            }
+        }
+        for module in &self.delivery_hooks {
+            match module.on_delivery(self, session, stanza) {
+                Some(passed) => stanza = passed,
+                None => return,
             }
         }
         session.outbox.push(stanza);

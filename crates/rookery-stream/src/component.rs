@@ -163,14 +163,14 @@ impl ComponentStream {
         if !self.is_ready() {
             return;
         }
-        let to = self.domain.as_ref().map_or("", |d| d.as_str()).to_owned();
+        let to = || self.domain.as_ref().map_or("", |d| d.as_str()).to_owned();
         match liveness(
             now,
             &t,
             self.last_rx,
             &mut self.ping,
             &self.config.server,
-            &to,
+            to,
         ) {
             Err(error) => return self.fail(error),
             Ok(Some(ping)) => self.write_element(&ping),

@@ -389,13 +389,14 @@ impl ServerStream {
             return self.fail(error);
         }
         if self.is_bound() {
-            let to = self
-                .bound
-                .as_ref()
-                .map(|j| j.to_string())
-                .unwrap_or_default();
+            let to = || {
+                self.bound
+                    .as_ref()
+                    .map(|j| j.to_string())
+                    .unwrap_or_default()
+            };
             let from = &self.config.domain;
-            match liveness(now, &t, self.last_rx, &mut self.ping, from, &to) {
+            match liveness(now, &t, self.last_rx, &mut self.ping, from, to) {
                 Err(error) => return self.fail(error),
                 Ok(Some(ping)) => self.write_element(&ping),
                 Ok(None) => {}
@@ -1378,7 +1379,7 @@ pub(crate) fn liveness(
     last_rx: Instant,
     ping: &mut Option<(String, Instant)>,
     from: &str,
-    to: &str,
+    to: impl FnOnce() -> String,
 ) -> Result<Option<Element>, StreamError> {
     if ping.as_ref().is_some_and(|(_, sent)| last_rx > *sent) {
         *ping = None;
@@ -1394,7 +1395,7 @@ pub(crate) fn liveness(
                 .attr(name("type"), "get")
                 .attr(name("id"), id.as_str())
                 .attr(name("from"), from)
-                .attr(name("to"), to)
+                .attr(name("to"), to())
                 .append(Element::bare("ping", ns::PING))
                 .build();
             *ping = Some((id, now));
