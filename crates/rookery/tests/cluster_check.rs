@@ -32,7 +32,9 @@ fn settings(nats: usize) -> CheckSettings {
     CheckSettings {
         rookery: Path::new(env!("CARGO_BIN_EXE_rookery")).to_owned(),
         folder,
-        keep: false,
+        // Removed below when the round is clean; a failing one keeps its
+        // node logs and stores for a look afterwards.
+        keep: true,
         seed,
         nodes: 3,
         nats,
@@ -58,6 +60,18 @@ async fn check(nats: usize) {
     let settings = settings(nats);
     let report = run(&settings).await.expect("the checker runs");
     println!("{report:#?}");
+    let clean = report.chat.lost == report.lost_with_nats_store
+        && report.repeated_cleanups.is_empty()
+        && report.problems.is_empty()
+        && report.inversions_away_from_faults == 0;
+    if clean {
+        let _ = std::fs::remove_dir_all(&settings.folder);
+    } else {
+        println!(
+            "check: the run's folder (node logs, stores) is kept in {}",
+            settings.folder.display()
+        );
+    }
     assert_eq!(report.faults.len(), FaultKind::ALL.len(), "one round");
     assert!(report.chat.sent > 0, "nothing was sent");
     assert_eq!(
