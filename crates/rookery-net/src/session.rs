@@ -971,7 +971,11 @@ async fn finish(c2s: &C2s, bound: Bound, mut undelivered: Vec<Element>) {
         kept_stored = kept,
         "Session ended."
     );
+    let user = session.user();
     c2s.router.end_session(session, undelivered).await;
+    if kept > 0 {
+        c2s.router.kept_stored(&user);
+    }
     // Rerouted or stored: the original deliveries are safe to forget.
     c2s.router.acknowledge(receipts).await;
 }

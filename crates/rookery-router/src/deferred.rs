@@ -124,6 +124,14 @@ impl Router {
         users.len()
     }
 
+    /// A session of `user` ended holding stored messages its client never
+    /// took (left stored in their place): another session of the user that
+    /// is past its initial presence would never read them, so they are
+    /// looked at again like any message stored while its user was online.
+    pub fn kept_stored(&self, user: &BareJid) {
+        self.deferred.stored_message(user);
+    }
+
     /// Gives stored messages and pending subscription requests to users who
     /// turn out to have available sessions (see the module documentation).
     /// Returns how many stanzas went out.
