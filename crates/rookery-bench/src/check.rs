@@ -13,6 +13,7 @@
 //! messages that arrived after a later one of the same sender are counted,
 //! apart for those sent and delivered away from any fault.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -118,12 +119,17 @@ pub struct CheckReport {
     pub faults: Vec<Fault>,
     /// What the clients saw.
     pub chat: Report,
-    /// Of `chat.lost`, those a lone NATS server took with its store: acknowledged
-    /// in the [`STORE_WINDOW`] before it was killed and restarted empty, and
-    /// never delivered. A lone server's store is the only copy of the
+    /// Of `chat.lost`, those a lone NATS server took with its store:
+    /// acknowledged from [`STORE_WINDOW`] before it was killed until it was
+    /// restarted empty, found in the store it lost (the run's folder keeps
+    /// it), and never delivered. A lone server's store is the only copy of the
     /// deliveries it holds (three servers and three replicas keep them), so
     /// these are counted apart; none may be lost otherwise.
     pub lost_with_nats_store: u64,
+    /// The first lost messages not counted in `lost_with_nats_store` (what
+    /// the check fails on), described with when each was sent and
+    /// acknowledged, to look for in the kept node logs.
+    pub lost_unexcused: Vec<String>,
     /// Inversions of messages sent and delivered away from any fault (from
     /// a fault's start to some seconds after the cluster recovered).
     pub inversions_away_from_faults: u64,
@@ -314,21 +320,42 @@ pub async fn run(settings: &CheckSettings) -> anyhow::Result<CheckReport> {
     let ledger_inversions = chat.ledger().inversions();
     let ledger = chat.shared_ledger();
     let report = chat.finish(settings.settle).await;
-    let store_losses: Vec<f64> = faults
+    // From STORE_WINDOW before a lone server was killed to its restart on an
+    // empty store: a message acknowledged to its client then (the client
+    // hears of it a moment after JetStream acknowledged it to the node) may
+    // have been in the store, and is excused when the lost store holds it.
+    let store_losses: Vec<(f64, f64)> = faults
         .iter()
         .filter(|fault| settings.nats == 1 && fault.kind == FaultKind::NatsEmpty)
-        .map(|fault| fault.started_s)
+        .map(|fault| (fault.started_s - STORE_WINDOW.as_secs_f64(), fault.undone_s))
         .collect();
-    let lost_with_nats_store = ledger
-        .lost_acknowledged_at()
-        .iter()
-        .filter(|at| {
-            let at = at.as_secs_f64();
-            store_losses
+    let in_lost_stores = if store_losses.is_empty() {
+        HashSet::new()
+    } else {
+        message_numbers_in(
+            &cluster
+                .nats
                 .iter()
-                .any(|lost| at <= *lost && at >= lost - STORE_WINDOW.as_secs_f64())
-        })
-        .count() as u64;
+                .flat_map(Nats::lost_stores)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (with_store, unexcused): (Vec<_>, Vec<_>) = ledger
+        .lost_acknowledged_at()
+        .into_iter()
+        .partition(|(seq, at)| {
+            let at = at.as_secs_f64();
+            in_lost_stores.contains(seq)
+                && store_losses
+                    .iter()
+                    .any(|(from, until)| (*from..=*until).contains(&at))
+        });
+    let lost_with_nats_store = with_store.len() as u64;
+    let lost_unexcused = unexcused
+        .iter()
+        .take(20)
+        .map(|(seq, _)| ledger.describe(*seq))
+        .collect();
     let windows: Vec<(f64, f64)> = faults
         .iter()
         .map(|fault| (fault.started_s, fault.recovered_s + AFTERMATH.as_secs_f64()))
@@ -352,6 +379,7 @@ pub async fn run(settings: &CheckSettings) -> anyhow::Result<CheckReport> {
         faults,
         chat: report,
         lost_with_nats_store,
+        lost_unexcused,
         inversions_away_from_faults,
         repeated_cleanups: repeated_cleanups(&cluster.nodes),
         problems,
@@ -421,6 +449,40 @@ async fn inject(
             "postgres".to_owned()
         }
     })
+}
+
+/// The numbers of the checker's messages (`id='m<n>'`) found anywhere in the
+/// files under `folders`: JetStream keeps a stream's messages as written, so
+/// these reached the store. A removed message may still be in the bytes, so
+/// this says a message was in a store, not that it was still waiting there.
+fn message_numbers_in(folders: &[PathBuf]) -> HashSet<u64> {
+    const MARK: &[u8] = b"id='m";
+    let mut numbers = HashSet::new();
+    let mut pending: Vec<PathBuf> = folders.to_vec();
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|entry| entry.path()));
+            }
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut rest = bytes.as_slice();
+        while let Some(at) = rest.windows(MARK.len()).position(|window| window == MARK) {
+            rest = &rest[at + MARK.len()..];
+            let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+            if rest.get(digits) == Some(&b'\'')
+                && let Some(number) = std::str::from_utf8(&rest[..digits])
+                    .ok()
+                    .and_then(|digits| digits.parse().ok())
+            {
+                numbers.insert(number);
+            }
+        }
+    }
+    numbers
 }
 
 /// Dead incarnations whose cleanup the nodes' logs report more than once for

@@ -273,6 +273,14 @@ impl Nats {
         }
     }
 
+    /// The store folders it lost (one per start with an empty store), kept
+    /// in the run's folder.
+    pub fn lost_stores(&self) -> Vec<PathBuf> {
+        (0..self.stores)
+            .map(|store| self.dir.join(format!("store{store}")))
+            .collect()
+    }
+
     /// Starts it again, with its store or an empty one (a lost disk).
     pub fn start(&mut self, keep_store: bool) -> anyhow::Result<()> {
         self.kill();

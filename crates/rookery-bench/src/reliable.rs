@@ -85,7 +85,9 @@ pub struct Report {
     pub latency_ms_p99: f64,
     /// Maximum.
     pub latency_ms_max: f64,
-    /// The first lost messages, as `id -> recipient`, to look for in logs and storage.
+    /// The first lost messages, as `id -> recipient` with when each was sent
+    /// and acknowledged (since the start of the run), to look for in logs
+    /// and storage.
     pub lost_examples: Vec<String>,
 }
 
@@ -246,10 +248,29 @@ impl Ledger {
         }
     }
 
-    /// When each lost message (acknowledged, never delivered) was
-    /// acknowledged, since the start of the run.
-    pub fn lost_acknowledged_at(&self) -> Vec<Duration> {
-        self.book().lost().map(|(_, at)| at).collect()
+    /// The lost messages (acknowledged, never delivered), each with when it
+    /// was acknowledged since the start of the run, in order of number.
+    pub fn lost_acknowledged_at(&self) -> Vec<(u64, Duration)> {
+        let mut lost: Vec<_> = self.book().lost().collect();
+        lost.sort_unstable();
+        lost
+    }
+
+    /// Message `seq` as `m<seq> -> recipient (sent .. s, acknowledged .. s)`.
+    pub fn describe(&self, seq: u64) -> String {
+        let book = self.book();
+        let Some(sent) = book.sent.get(&seq) else {
+            return format!("m{seq} (never sent)");
+        };
+        let acknowledged = book.acknowledged.get(&seq).map_or_else(
+            || "never".to_owned(),
+            |at| format!("{:.2} s", at.as_secs_f64()),
+        );
+        format!(
+            "m{seq} -> {} (sent {:.2} s, acknowledged {acknowledged})",
+            sent.to,
+            sent.at.as_secs_f64()
+        )
     }
 
     /// When the run started (message times count from here).
@@ -324,7 +345,15 @@ impl Ledger {
             lost_examples: lost
                 .iter()
                 .take(10)
-                .map(|seq| format!("m{seq} -> {}", book.sent[seq].to))
+                .map(|seq| {
+                    let sent = &book.sent[seq];
+                    format!(
+                        "m{seq} -> {} (sent {:.2} s, acknowledged {:.2} s)",
+                        sent.to,
+                        sent.at.as_secs_f64(),
+                        book.acknowledged[seq].as_secs_f64()
+                    )
+                })
                 .collect(),
         }
     }
