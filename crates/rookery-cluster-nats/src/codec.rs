@@ -20,11 +20,18 @@ pub struct SessionRecord {
     pub presence: Option<String>,
     /// Presence priority.
     pub priority: i8,
-    /// Carbons enabled.
+    /// Carbons enabled: the previous version's form of the `carbons` mark,
+    /// still written and read for a rolling upgrade (drop a release later).
     pub carbons: bool,
     /// Roster requested.
     pub interested: bool,
+    /// The modules' marks ([`rookery_cluster::Marks`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub marks: Vec<String>,
 }
+
+/// The mark the previous version wrote as `carbons`.
+const CARBONS_MARK: &str = "carbons";
 
 impl SessionRecord {
     /// The record of a session.
@@ -34,8 +41,9 @@ impl SessionRecord {
             session: session.0,
             presence: info.presence.as_deref().map(String::from),
             priority: info.priority,
-            carbons: info.carbons,
+            carbons: info.marks.contains(CARBONS_MARK),
             interested: info.interested,
+            marks: info.marks.iter().map(String::from).collect(),
         }
     }
 
@@ -48,7 +56,12 @@ impl SessionRecord {
                 .and_then(|xml| xml.parse::<Element>().ok())
                 .map(Arc::new),
             priority: self.priority,
-            carbons: self.carbons,
+            marks: self
+                .marks
+                .iter()
+                .map(String::as_str)
+                .chain(self.carbons.then_some(CARBONS_MARK))
+                .collect(),
             interested: self.interested,
         }
     }
@@ -256,6 +269,30 @@ mod tests {
     use super::*;
 
     const HELD: &str = "<presence xmlns='jabber:client' from='bob@localhost/desk'/>";
+
+    #[test]
+    fn the_carbons_mark_is_also_the_previous_version_s_carbons_flag() {
+        let info = RouteInfo {
+            marks: ["carbons", "other"].into_iter().collect(),
+            ..RouteInfo::default()
+        };
+        let record = SessionRecord::new(1, SessionId(2), &info);
+        // An old node reads the flag.
+        assert!(record.carbons);
+        assert_eq!(record.info().marks, info.marks);
+
+        // From an old node: the flag, no marks.
+        let mut json = serde_json::to_value(&record).unwrap();
+        json.as_object_mut().unwrap().remove("marks");
+        let old: SessionRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.info().marks, ["carbons"].into_iter().collect());
+
+        // No marks: none written, none read.
+        let plain = SessionRecord::new(1, SessionId(2), &RouteInfo::default());
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("marks") && !plain.carbons, "{json}");
+        assert!(plain.info().marks.is_empty());
+    }
 
     #[test]
     fn the_previous_version_s_csi_fields_are_written_and_read_for_a_rolling_upgrade() {

@@ -96,7 +96,7 @@ pub async fn updates_apply_only_to_the_current_session(bus: &dyn Bus) {
     settled("bound", || current(bus, &phone.jid).is_some()).await;
     let info = RouteInfo {
         priority: 7,
-        carbons: true,
+        marks: ["carbons"].into_iter().collect(),
         ..RouteInfo::default()
     };
     // Refused or ignored, but never applied to another session.
@@ -108,7 +108,7 @@ pub async fn updates_apply_only_to_the_current_session(bus: &dyn Bus) {
     bus.update(&phone.jid, phone.session, info).await.unwrap();
     settled("the update seen", || {
         bus.route(&phone.jid)
-            .is_some_and(|route| route.info.priority == 7 && route.info.carbons)
+            .is_some_and(|route| route.info.priority == 7 && route.info.marks.contains("carbons"))
     })
     .await;
 }

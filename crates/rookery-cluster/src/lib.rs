@@ -51,10 +51,59 @@ pub struct RouteInfo {
     pub presence: Option<Arc<Element>>,
     /// Presence priority (-128..=127); meaningful while available.
     pub priority: i8,
-    /// The session enabled message carbons (XEP-0280).
-    pub carbons: bool,
+    /// What modules set on the session for routing to read on every node
+    /// (`carbons`: the session enabled message carbons, XEP-0280).
+    pub marks: Marks,
     /// The session requested the roster (an "interested resource").
     pub interested: bool,
+}
+
+/// Named flags a module sets on a session, published with its routing state
+/// so that routing on every node sees them (the carbons module marks the
+/// sessions that want copies). Few per session, most sessions none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Marks(Vec<String>);
+
+impl Marks {
+    /// True when the session carries `mark`.
+    pub fn contains(&self, mark: &str) -> bool {
+        self.0.iter().any(|set| set == mark)
+    }
+
+    /// Sets or clears `mark`; true when that changed something.
+    pub fn set(&mut self, mark: &str, on: bool) -> bool {
+        match (self.contains(mark), on) {
+            (false, true) => {
+                self.0.push(mark.to_owned());
+                self.0.sort_unstable();
+                true
+            }
+            (true, false) => {
+                self.0.retain(|set| set != mark);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The marks, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// True when the session carries none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for Marks {
+    fn from_iter<I: IntoIterator<Item = S>>(marks: I) -> Self {
+        let mut marks: Vec<String> = marks.into_iter().map(Into::into).collect();
+        marks.sort_unstable();
+        marks.dedup();
+        Marks(marks)
+    }
 }
 
 impl RouteInfo {

@@ -4,10 +4,14 @@
 //! per session ([`ModuleStates`](rookery_cluster::ModuleStates)), which moves
 //! with stream-management resumption and take-over to another node.
 
-use async_trait::async_trait;
-use jid::BareJid;
-use minidom::Element;
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use jid::{BareJid, FullJid};
+use minidom::Element;
+use rookery_cluster::Route;
+
+use crate::stanza::MessageType;
 use crate::{Router, Session};
 
 /// Where an iq to be handled by the server is addressed.
@@ -74,6 +78,34 @@ pub enum SessionEvent {
     Active,
 }
 
+/// Whose side of a routed message a module looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The sender's: it left one of the user's sessions.
+    Sent,
+    /// The recipient's: it reached sessions of the user.
+    Received,
+}
+
+/// A message between users the router routed, as a module that copies it
+/// to some of a user's sessions sees it ([`Extension::on_routed`]).
+#[derive(Debug)]
+pub struct Routed<'a> {
+    /// The sender's side or the recipient's.
+    pub side: Side,
+    /// The user whose sessions may get copies (the sender or the recipient).
+    pub user: &'a BareJid,
+    /// The message as the client sent it, `from` stamped.
+    pub message: &'a Element,
+    /// Its type.
+    pub message_type: MessageType,
+    /// The user's sessions as routing saw them.
+    pub routes: &'a [Arc<Route>],
+    /// Sessions that have the message already: the sending session, and
+    /// those it was delivered to.
+    pub have_it: &'a [&'a FullJid],
+}
+
 /// The hooks a module uses: the router calls a hook only on the modules
 /// that asked for it, so a hook costs nothing while no module uses it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +116,10 @@ pub struct Hooks {
     pub delivery: bool,
     /// [`Extension::on_session`].
     pub session: bool,
+    /// [`Extension::on_routed`], for messages to or from a user with a
+    /// session that carries this mark ([`rookery_cluster::Marks`], set by
+    /// the module on the sessions that asked for copies).
+    pub routed: Option<&'static str>,
 }
 
 /// One XEP module.
@@ -156,6 +192,21 @@ pub trait Extension: Send + Sync {
         stanza: Element,
     ) -> Option<Element> {
         Some(stanza)
+    }
+
+    /// A message was routed between users, and a session of the sender or
+    /// the recipient carries the module's mark (with [`Hooks::routed`]):
+    /// the copies to send, each with the session it is for. The router
+    /// sends them as it sends messages (durably in a cluster).
+    fn on_routed(&self, _routed: &Routed<'_>) -> Vec<(Arc<Route>, Element)> {
+        Vec::new()
+    }
+
+    /// True for a copy this module made in [`on_routed`](Self::on_routed):
+    /// one that cannot reach its session is dropped, not routed again (the
+    /// message itself went elsewhere).
+    fn is_copy(&self, _message: &Element) -> bool {
+        false
     }
 
     /// The session reached `event` (with [`Hooks::session`]).

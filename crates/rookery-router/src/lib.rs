@@ -1,7 +1,9 @@
 //! Routing of stanzas between the sessions of one domain: RFC 6120 section 10
 //! and RFC 6121 (rosters, subscriptions, presence, delivery rules), plus the
-//! routing parts of message carbons (XEP-0280), blocking (XEP-0191), client
-//! state indication (XEP-0352) and offline storage (XEP-0160).
+//! routing parts of blocking (XEP-0191) and offline storage (XEP-0160). XEP
+//! modules (rookery-ext) act through [`Extension`]: its iq table and hooks
+//! (message carbons copy routed messages, client state indication holds
+//! deliveries).
 //!
 //! The router never names a socket, SQL or NATS: it talks to storage through
 //! `rookery_store::Store` and to other sessions through `rookery_cluster::Bus`.
@@ -41,7 +43,7 @@ pub use address::Destination;
 pub use blocking::is_blocked;
 pub use component::{COMPONENT_RESOURCE, ComponentSession, MAX_COMPONENT_DIRECTED};
 pub use delivery::is_server_push;
-pub use extension::{Extension, Hooks, IqContext, IqTarget, IqType, SessionEvent};
+pub use extension::{Extension, Hooks, IqContext, IqTarget, IqType, Routed, SessionEvent, Side};
 pub use session::Session;
 use stanza::{ErrorCondition, Kind, error_reply};
 
@@ -151,6 +153,8 @@ pub struct Router {
     delivery_hooks: Vec<Arc<dyn Extension>>,
     /// The modules with [`Hooks::session`].
     session_hooks: Vec<Arc<dyn Extension>>,
+    /// The modules with [`Hooks::routed`], with their marks.
+    routed_hooks: Vec<(&'static str, Arc<dyn Extension>)>,
     started: Instant,
     shutting_down: AtomicBool,
     /// XEP-0191 block lists of the accounts with sessions on this node.
@@ -235,6 +239,10 @@ impl Router {
             stanza_hooks: with(|hooks| hooks.stanza),
             delivery_hooks: with(|hooks| hooks.delivery),
             session_hooks: with(|hooks| hooks.session),
+            routed_hooks: extensions
+                .iter()
+                .filter_map(|extension| Some((extension.hooks().routed?, extension.clone())))
+                .collect(),
             iq_table,
             services,
             components,
@@ -522,9 +530,13 @@ impl Router {
         }
         match Kind::of(&stanza) {
             Some(Kind::Message) => {
-                if message::is_carbon_copy(&stanza) {
+                if self
+                    .routed_hooks
+                    .iter()
+                    .any(|(_, module)| module.is_copy(&stanza))
+                {
                     // The original went to another resource of the same account.
-                    tracing::debug!(jid = %to, "Dropping an undelivered carbon copy; its original was delivered elsewhere.");
+                    tracing::debug!(jid = %to, "Dropping an undelivered copy (carbons); its original was delivered elsewhere.");
                     return;
                 }
                 if stanza::MessageType::of(&stanza) == stanza::MessageType::Error {

@@ -1,5 +1,6 @@
-//! Message routing (RFC 6121 section 8.5) with message carbons (XEP-0280) and
-//! offline storage (XEP-0160).
+//! Message routing (RFC 6121 section 8.5) with offline storage (XEP-0160);
+//! modules with [`Hooks::routed`](crate::Hooks) (message carbons, XEP-0280)
+//! copy routed messages to a user's other sessions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,48 +9,10 @@ use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 use rookery_cluster::{Receipt, Route, StoredReceipt};
 use rookery_store::{StoreError, StoredOffline};
-use rookery_stream::ns;
-use rookery_stream::xml::set_attr;
 
 use crate::rules::{self, MessageOutcome};
 use crate::stanza::{ErrorCondition, MessageType, error_reply};
-use crate::{Destination, Router, Session, namespaces};
-
-/// True for a carbon copy (a `<sent/>` or `<received/>` wrapper).
-pub(crate) fn is_carbon_copy(message: &Element) -> bool {
-    message.has_child("sent", namespaces::CARBONS)
-        || message.has_child("received", namespaces::CARBONS)
-}
-
-/// XEP-0280 section 6: which messages are copied.
-fn carbons_eligible(message: &Element, message_type: MessageType) -> bool {
-    let eligible_type = match message_type {
-        MessageType::Chat => true,
-        MessageType::Normal => message.has_child("body", ns::CLIENT),
-        _ => false,
-    };
-    eligible_type
-        && !is_carbon_copy(message)
-        && !message.has_child("private", namespaces::CARBONS)
-        && !message.has_child("no-copy", namespaces::HINTS)
-}
-
-/// Wraps a message for a carbons-enabled resource of `user`.
-fn carbon(direction: &str, user: &BareJid, to: &FullJid, message: &Element) -> Element {
-    let mut wrapper = crate::stanza::stanza("message", user.as_str(), to.as_str());
-    if let Some(message_type) = message.attr("type") {
-        set_attr(&mut wrapper, "type", message_type);
-    }
-    let forwarded = Element::builder("forwarded", namespaces::FORWARD)
-        .append(message.clone())
-        .build();
-    wrapper.append_child(
-        Element::builder(direction, namespaces::CARBONS)
-            .append(forwarded)
-            .build(),
-    );
-    wrapper
-}
+use crate::{Destination, Routed, Router, Session, Side};
 
 impl Router {
     /// A message from the session's client.
@@ -82,30 +45,60 @@ impl Router {
             }
             return;
         }
-        // Sent carbons go to the sender's other carbons-enabled resources, except
-        // one that receives the message itself; the copy is only made when needed.
+        // The sender's other sessions may get copies (sent carbons), except
+        // one that receives the message itself; kept only when needed.
         let user = &session.account;
-        let copies: Vec<_> = if carbons_eligible(&message, message_type) {
-            self.bus
-                .routes(user)
-                .into_iter()
-                .filter(|route| {
-                    route.info.carbons
-                        && route.jid != session.jid
-                        && to.try_as_full().map_or(true, |full| *full != route.jid)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let original = (!copies.is_empty()).then(|| message.clone());
+        let copying = self.copying(self.bus.routes(user));
+        let original = copying.as_ref().map(|_| message.clone());
         self.route_message_to(message, message_type, &to, Some(session))
             .await;
-        if let Some(original) = original {
-            for route in copies {
-                let _ = self
-                    .send_to(&route, carbon("sent", user, &route.jid, &original))
-                    .await;
+        if let (Some(routes), Some(original)) = (copying, original) {
+            let mut have_it = vec![&session.jid];
+            have_it.extend(to.try_as_full().ok());
+            self.send_copies(&Routed {
+                side: Side::Sent,
+                user,
+                message: &original,
+                message_type,
+                routes: &routes,
+                have_it: &have_it,
+            })
+            .await;
+        }
+    }
+
+    /// `routes` when one of them carries a mark of a module that copies
+    /// routed messages ([`Hooks::routed`](crate::Hooks)).
+    fn copying(&self, routes: Vec<Arc<Route>>) -> Option<Vec<Arc<Route>>> {
+        self.wants_copies(&routes).then_some(routes)
+    }
+
+    /// True when a session in `routes` carries a copying module's mark.
+    fn wants_copies(&self, routes: &[Arc<Route>]) -> bool {
+        !self.routed_hooks.is_empty()
+            && routes.iter().any(|route| {
+                !route.info.marks.is_empty()
+                    && self
+                        .routed_hooks
+                        .iter()
+                        .any(|(mark, _)| route.info.marks.contains(mark))
+            })
+    }
+
+    /// Sends the copies the modules make of a routed message.
+    async fn send_copies(&self, routed: &Routed<'_>) {
+        for (mark, module) in &self.routed_hooks {
+            if !routed
+                .routes
+                .iter()
+                .any(|route| route.info.marks.contains(mark))
+            {
+                continue;
+            }
+            for (route, copy) in module.on_routed(routed) {
+                if self.send_to(&route, copy).await.is_err() {
+                    tracing::debug!(jid = %route.jid, "Session went away before its copy.");
+                }
             }
         }
     }
@@ -189,9 +182,9 @@ impl Router {
         }
     }
 
-    /// Delivers a message to the chosen sessions of `user`, with carbon
-    /// copies to the other sessions that enabled them; gives it back when no
-    /// target took it (they all went away meanwhile).
+    /// Delivers a message to the chosen sessions of `user`, with the copies
+    /// modules make for its other sessions (received carbons); gives it back
+    /// when no target took it (they all went away meanwhile).
     pub(crate) async fn deliver_to_targets(
         &self,
         message: Element,
@@ -201,8 +194,7 @@ impl Router {
         routes: &[Arc<Route>],
         sender: Option<&FullJid>,
     ) -> Result<(), Element> {
-        let wants_copies = routes.iter().any(|route| route.info.carbons)
-            && carbons_eligible(&message, message_type);
+        let wants_copies = self.wants_copies(routes);
         let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
         let mut last_failed = None;
         // The last target gets the message itself, unless carbons still need it.
@@ -222,16 +214,16 @@ impl Router {
             return last_failed.map_or(Ok(()), Err);
         }
         if let (true, Some(message)) = (wants_copies, message) {
-            for route in routes {
-                if route.info.carbons
-                    && !delivered.contains(&&route.jid)
-                    && sender != Some(&route.jid)
-                {
-                    let _ = self
-                        .send_to(route, carbon("received", user, &route.jid, &message))
-                        .await;
-                }
-            }
+            delivered.extend(sender);
+            self.send_copies(&Routed {
+                side: Side::Received,
+                user,
+                message: &message,
+                message_type,
+                routes,
+                have_it: &delivered,
+            })
+            .await;
         }
         Ok(())
     }

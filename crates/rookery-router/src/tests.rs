@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use jid::BareJid;
+use jid::{BareJid, FullJid};
 use minidom::Element;
 use rookery_cluster::{LocalBus, Mailbox, ModuleState};
 use rookery_store::Store;
@@ -45,6 +45,7 @@ impl Extension for Counter {
             stanza: true,
             delivery: true,
             session: true,
+            routed: None,
         }
     }
 
@@ -212,6 +213,164 @@ async fn a_module_answers_its_payloads_keeps_state_per_session_and_hears_of_sess
             ("phone".to_owned(), SessionEvent::Ended)
         ]
     );
+}
+
+/// A module that copies routed messages to the sessions marked `copy-me`,
+/// and records what it was shown.
+#[derive(Default)]
+struct Copier {
+    /// Side, user, and the sessions that had the message, per call.
+    seen: Mutex<Vec<(Side, String, Vec<String>)>>,
+}
+
+const COPY_MARK: &str = "copy-me";
+
+#[async_trait]
+impl Extension for Copier {
+    fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            routed: Some(COPY_MARK),
+            ..Hooks::default()
+        }
+    }
+
+    async fn handle_iq(&self, _: &mut IqContext<'_>) -> Option<Element> {
+        None
+    }
+
+    fn on_routed(&self, routed: &Routed<'_>) -> Vec<(Arc<Route>, Element)> {
+        let have_it: Vec<String> = routed.have_it.iter().map(|j| j.to_string()).collect();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((routed.side, routed.user.to_string(), have_it));
+        routed
+            .routes
+            .iter()
+            .filter(|route| {
+                route.info.marks.contains(COPY_MARK) && !routed.have_it.contains(&&route.jid)
+            })
+            .map(|route| {
+                let side = format!("{:?}", routed.side);
+                let copy = stanza(&format!(
+                    "<message xmlns='jabber:client' to='{}'><copy xmlns='{NS}' side='{side}'/></message>",
+                    route.jid
+                ));
+                (route.clone(), copy)
+            })
+            .collect()
+    }
+
+    fn is_copy(&self, message: &Element) -> bool {
+        message.has_child("copy", NS)
+    }
+}
+
+/// Binds `jid` available at `priority`, marked `copy-me` when `marked`.
+async fn online(
+    router: &Router,
+    jid: &str,
+    priority: i8,
+    marked: bool,
+) -> (Session, rookery_cluster::Inbox) {
+    let full = FullJid::new(jid).unwrap();
+    let (mailbox, inbox) = Mailbox::new();
+    let mut session = router
+        .bind(&full.to_bare(), Some(full.clone()), mailbox)
+        .await
+        .unwrap();
+    session.info.presence = Some(Arc::new(stanza(&format!(
+        "<presence xmlns='jabber:client' from='{jid}'/>"
+    ))));
+    session.info.priority = priority;
+    session.info.marks.set(COPY_MARK, marked);
+    router.publish_route_info(&session).await;
+    (session, inbox)
+}
+
+/// What reached an inbox: (has the message body, the copy's side).
+fn received(inbox: &mut rookery_cluster::Inbox) -> Vec<(bool, Option<String>)> {
+    let mut got = Vec::new();
+    while let Some(rookery_cluster::Mail::Stanza { stanza, .. }) = inbox.try_recv() {
+        let copy = stanza
+            .get_child("copy", NS)
+            .and_then(|copy| copy.attr("side"))
+            .map(str::to_owned);
+        got.push((stanza.has_child("body", "jabber:client"), copy));
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_copying_module_copies_routed_messages_to_marked_sessions_only() {
+    let copier = Arc::new(Copier::default());
+    let (router, _dir) = router(vec![copier.clone()]).await;
+    let (mut phone, mut phone_inbox) = online(&router, "alice@localhost/phone", 0, false).await;
+    let (_laptop, mut laptop_inbox) = online(&router, "alice@localhost/laptop", 0, true).await;
+    let (_desk, mut desk_inbox) = online(&router, "bob@localhost/desk", 1, false).await;
+    let (_tablet, mut tablet_inbox) = online(&router, "bob@localhost/tablet", 0, true).await;
+    let (_carol, mut carol_inbox) = online(&router, "carol@localhost/pc", 0, false).await;
+
+    let message = |to: &str| {
+        stanza(&format!(
+            "<message xmlns='jabber:client' from='alice@localhost/phone' to='{to}' type='chat'><body>hi</body></message>"
+        ))
+    };
+    router
+        .handle_stanza(&mut phone, message("bob@localhost"))
+        .await;
+    // The highest priority gets the message; the marked sessions of both
+    // sides get copies; the sending session gets nothing.
+    assert_eq!(received(&mut desk_inbox), [(true, None)]);
+    assert_eq!(
+        received(&mut tablet_inbox),
+        [(false, Some("Received".into()))]
+    );
+    assert_eq!(received(&mut laptop_inbox), [(false, Some("Sent".into()))]);
+    assert!(received(&mut phone_inbox).is_empty());
+    let seen = std::mem::take(&mut *copier.seen.lock().unwrap());
+    assert_eq!(
+        seen,
+        [
+            (
+                Side::Received,
+                "bob@localhost".into(),
+                vec!["bob@localhost/desk".into(), "alice@localhost/phone".into()]
+            ),
+            (
+                Side::Sent,
+                "alice@localhost".into(),
+                vec!["alice@localhost/phone".into()]
+            ),
+        ]
+    );
+
+    // Carol has no marked session: the module is asked on the sender's
+    // side only (the laptop is marked).
+    router
+        .handle_stanza(&mut phone, message("carol@localhost"))
+        .await;
+    assert_eq!(received(&mut carol_inbox), [(true, None)]);
+    assert_eq!(received(&mut laptop_inbox), [(false, Some("Sent".into()))]);
+    let seen = std::mem::take(&mut *copier.seen.lock().unwrap());
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, Side::Sent);
+
+    // A copy that cannot reach its session is dropped, not routed again.
+    router
+        .reroute_stranded(
+            &FullJid::new("bob@localhost/tablet").unwrap(),
+            stanza(&format!(
+                "<message xmlns='jabber:client' to='bob@localhost/tablet' type='chat'><copy xmlns='{NS}' side='Received'/></message>"
+            )),
+        )
+        .await;
+    assert!(received(&mut desk_inbox).is_empty());
+    assert!(received(&mut tablet_inbox).is_empty());
 }
 
 #[tokio::test]

@@ -148,7 +148,9 @@ async fn carbons_blocking_and_offline_across_nodes() {
         .iq("<iq type='set'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
         .await;
     cluster
-        .wait_until_every_node_sees("alice@localhost/laptop", |info| info.carbons)
+        .wait_until_every_node_sees("alice@localhost/laptop", |info| {
+            info.marks.contains("carbons")
+        })
         .await;
     bob.send("<message to='alice@localhost/phone' type='chat'><body>carbon me</body></message>")
         .await;
