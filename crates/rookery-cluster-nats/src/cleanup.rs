@@ -3,7 +3,7 @@
 //! deliveries through the router; each dead incarnation once.
 
 use super::*;
-use crate::delivery::decode_delivery;
+use crate::delivery::{decode_delivery, each_copy};
 
 /// The cleanup lock's value once the cleanup is done.
 pub(crate) const CLEANUP_DONE: &[u8] = b"done";
@@ -152,6 +152,15 @@ impl NatsBus {
             "Cleaned up after a dead node."
         );
         true
+    }
+
+    /// True when the live node `node` reads batched deliveries.
+    pub(crate) fn batches_to(&self, node: NodeId) -> bool {
+        self.members
+            .read()
+            .expect("members lock")
+            .get(&node)
+            .is_some_and(|member| member.heartbeat.batches)
     }
 
     pub(crate) fn is_member(&self, node: NodeId) -> bool {
@@ -332,8 +341,10 @@ impl NatsBus {
             let mut count = 0;
             while let Some(Ok(message)) = batch.next().await {
                 count += 1;
-                if let Some((to, stanza, _)) = decode_delivery(&message) {
-                    recovery.reroute(to, stanza).await;
+                if let Some((recipients, stanza, _)) = decode_delivery(&message) {
+                    for (to, stanza) in each_copy(recipients, stanza) {
+                        recovery.reroute(to, stanza).await;
+                    }
                     replayed += 1;
                 }
                 let _ = message.ack().await;

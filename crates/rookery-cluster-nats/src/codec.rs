@@ -91,6 +91,11 @@ pub struct Heartbeat {
     pub accepting: bool,
     /// The node is shutting down cleanly.
     pub leaving: bool,
+    /// The node reads deliveries to several of its sessions in one message
+    /// (`Rookery-To-Each`): peers batch best-effort deliveries to it only
+    /// then (a node of an earlier version does not, and gets one each).
+    #[serde(default)]
+    pub batches: bool,
 }
 
 /// A request to another node.
@@ -269,6 +274,14 @@ mod tests {
     use super::*;
 
     const HELD: &str = "<presence xmlns='jabber:client' from='bob@localhost/desk'/>";
+
+    #[test]
+    fn a_heartbeat_of_the_previous_version_says_it_reads_no_batches() {
+        let old =
+            r#"{"name":"n","node":1,"sessions":0,"address":null,"accepting":true,"leaving":false}"#;
+        let heartbeat: Heartbeat = serde_json::from_str(old).unwrap();
+        assert!(!heartbeat.batches);
+    }
 
     #[test]
     fn the_carbons_mark_is_also_the_previous_version_s_carbons_flag() {

@@ -4,10 +4,20 @@
 
 use super::*;
 
-/// Reads a delivery: recipient, stanza, durability.
-pub(crate) fn decode_delivery(message: &jetstream::Message) -> Option<(FullJid, Element, bool)> {
+/// Reads a delivery: recipients (one, or several for a batch), stanza,
+/// durability.
+pub(crate) fn decode_delivery(
+    message: &jetstream::Message,
+) -> Option<(Vec<FullJid>, Element, bool)> {
     let headers = message.headers.as_ref()?;
-    let to = FullJid::new(headers.get(HEADER_TO)?.as_str()).ok()?;
+    let to = match headers.get(HEADER_TO) {
+        Some(to) => vec![FullJid::new(to.as_str()).ok()?],
+        None => serde_json::from_str::<Vec<String>>(headers.get(HEADER_TO_EACH)?.as_str())
+            .ok()?
+            .iter()
+            .map(|jid| FullJid::new(jid).ok())
+            .collect::<Option<_>>()?,
+    };
     let durable = headers
         .get(HEADER_DURABLE)
         .is_some_and(|value| value.as_str() == "1");
@@ -16,6 +26,22 @@ pub(crate) fn decode_delivery(message: &jetstream::Message) -> Option<(FullJid, 
         .parse::<Element>()
         .ok()?;
     Some((to, stanza, durable))
+}
+
+/// A batch's copies, one per recipient with its `to` (a single delivery's
+/// stanza has its `to` already, and comes back as is).
+pub(crate) fn each_copy(
+    recipients: Vec<FullJid>,
+    stanza: Element,
+) -> impl Iterator<Item = (FullJid, Element)> {
+    let single = recipients.len() == 1;
+    recipients.into_iter().map(move |to| {
+        let mut copy = stanza.clone();
+        if !single {
+            rookery_stream::xml::set_attr(&mut copy, "to", to.as_str());
+        }
+        (to, copy)
+    })
 }
 
 /// Hands deliveries for this node to local sessions; reroutes the others.
@@ -95,10 +121,27 @@ pub(crate) async fn consume_deliveries(bus: Arc<NatsBus>) {
                 }
             };
             let Some(Ok(message)) = message else { break };
-            let Some((to, stanza, durable)) = decode_delivery(&message) else {
+            let Some((recipients, stanza, durable)) = decode_delivery(&message) else {
                 tracing::error!("A delivery could not be decoded; dropping it.");
                 let _ = message.ack().await;
                 continue;
+            };
+            let to = match <[FullJid; 1]>::try_from(recipients) {
+                Ok([to]) => to,
+                Err(recipients) => {
+                    // A batch: best effort, one copy each.
+                    for (to, copy) in each_copy(recipients, stanza) {
+                        let stranded = match bus.local_mailbox(&to) {
+                            Some(mailbox) => mailbox.send_stanza(copy).err(),
+                            None => Some(copy),
+                        };
+                        if let (Some(stanza), Some(recovery)) = (stranded, bus.recovery()) {
+                            recovery.reroute(to, stanza).await;
+                        }
+                    }
+                    let _ = message.ack().await;
+                    continue;
+                }
             };
             tracing::debug!(%to, durable, "Delivery received.");
             let stranded = match bus.local_mailbox(&to) {
@@ -209,6 +252,31 @@ impl NatsBus {
         .await
         .map(|_| ())
         .map_err(|error| error.map_or_else(|bus| bus, unavailable))
+    }
+
+    /// Publishes one best-effort delivery of `stanza` to the sessions `to`
+    /// of node `node` (its `to` is set for each on arrival).
+    pub(crate) async fn publish_batch(
+        &self,
+        node: NodeId,
+        to: &[&FullJid],
+        stanza: &Element,
+    ) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let to: Vec<&str> = to.iter().map(|jid| jid.as_str()).collect();
+        let to = serde_json::to_string(&to).map_err(unavailable)?;
+        headers.insert(HEADER_TO_EACH, to.as_str());
+        headers.insert(HEADER_DURABLE, "0");
+        let mut stanza = stanza.clone();
+        rookery_stream::xml::remove_attr(&mut stanza, "to");
+        self.client
+            .publish_with_headers(
+                subjects::deliver(node),
+                headers,
+                Bytes::from(String::from(&stanza)),
+            )
+            .await
+            .map_err(unavailable)
     }
 
     /// Notes a delivery handed to a session, to signal it in progress until

@@ -79,6 +79,10 @@ pub struct NatsConfig {
 
 const HEADER_TO: &str = "Rookery-To";
 const HEADER_DURABLE: &str = "Rookery-Durable";
+/// The recipients of a best-effort delivery to several sessions of one node,
+/// as a JSON array of full JIDs (instead of [`HEADER_TO`]); the stanza comes
+/// without `to`, set for each on arrival.
+const HEADER_TO_EACH: &str = "Rookery-To-Each";
 /// How long a durable publish waits for JetStream's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a durable publish is retried (a JetStream leader election).
@@ -447,6 +451,7 @@ impl NatsBus {
             address: self.config.address.clone(),
             accepting: self.accepting() && !leaving,
             leaving,
+            batches: true,
         }
     }
 
@@ -625,6 +630,30 @@ impl Bus for NatsBus {
         match local {
             Some(mailbox) => mailbox.send_stanza(stanza),
             None => Err(stanza),
+        }
+    }
+
+    async fn deliver_each(&self, routes: &[Arc<Route>], stanza: &Element) {
+        // Sessions of one peer node share one message, when the peer reads
+        // such messages and NATS is up; the rest go one by one.
+        let mut by_node: HashMap<NodeId, Vec<Arc<Route>>> = HashMap::new();
+        for route in routes {
+            by_node.entry(route.node).or_default().push(route.clone());
+        }
+        for (node, routes) in by_node {
+            if routes.len() > 1
+                && node != self.node
+                && self.healthy()
+                && !self.known_dead(node)
+                && self.batches_to(node)
+            {
+                let jids: Vec<&FullJid> = routes.iter().map(|route| &route.jid).collect();
+                if let Err(error) = self.publish_batch(node, &jids, stanza).await {
+                    tracing::debug!(%error, node = format!("{node:016x}"), "A batched delivery could not be published.");
+                }
+                continue;
+            }
+            rookery_cluster::deliver_one_by_one(self, &routes, stanza).await;
         }
     }
 

@@ -240,6 +240,7 @@ mod tests {
             address: None,
             accepting: true,
             leaving: false,
+            batches: true,
         };
         (
             node,

@@ -163,6 +163,40 @@ pub async fn mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone(bus:
     );
 }
 
+/// A stanza for many sessions reaches each with its own `to`; one whose
+/// inbox is gone is skipped, and the others get theirs.
+pub async fn one_stanza_for_many_sessions_reaches_each_with_its_address(bus: &dyn Bus) {
+    let mut inboxes = Vec::new();
+    let mut routes = Vec::new();
+    for resource in ["a", "b", "c"] {
+        let (route, inbox) = session(bus, &format!("many@localhost/{resource}"), 0);
+        bus.bind(route.clone()).await.unwrap();
+        routes.push(std::sync::Arc::new(route));
+        inboxes.push(inbox);
+    }
+    drop(inboxes.remove(1));
+    let presence: Element = "<presence xmlns='jabber:client' from='someone@localhost/x'/>"
+        .parse()
+        .expect("a presence");
+    bus.deliver_each(&routes, &presence).await;
+    for (inbox, expected) in inboxes
+        .iter_mut()
+        .zip(["many@localhost/a", "many@localhost/c"])
+    {
+        match next_mail(inbox).await {
+            Mail::Stanza { stanza, receipt } => {
+                assert_eq!(stanza.attr("to"), Some(expected));
+                assert_eq!(stanza.attr("from"), Some("someone@localhost/x"));
+                assert!(
+                    receipt.is_none(),
+                    "best effort keeps nothing to acknowledge"
+                );
+            }
+            other => panic!("a stanza, not {other:?}"),
+        }
+    }
+}
+
 /// A resuming connection takes a session over: the session's task hands
 /// over its state (through its inbox, as the session task does); a session
 /// whose task is gone hands over nothing.
@@ -262,6 +296,7 @@ macro_rules! bus_conformance_tests {
             mail_reaches_the_inbox_and_comes_back_when_the_session_is_gone,
             resumption_ids_point_at_the_live_session_only,
             sessions_whose_inbox_is_gone_are_not_routed_to,
+            one_stanza_for_many_sessions_reaches_each_with_its_address,
             a_session_is_taken_over_with_its_state);
     };
     (@each $make:expr; $($check:ident),*) => {

@@ -420,6 +420,21 @@ pub enum BusError {
 /// How long a take-over may take before the resuming client is told it failed.
 pub const TAKEOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// [`Bus::deliver_each`] as one best-effort [`Bus::deliver`] per route.
+pub async fn deliver_one_by_one<B: Bus + ?Sized>(bus: &B, routes: &[Arc<Route>], stanza: &Element) {
+    for route in routes {
+        let mut copy = stanza.clone();
+        rookery_stream::xml::set_attr(&mut copy, "to", route.jid.as_str());
+        if bus
+            .deliver(route, copy, Durability::BestEffort)
+            .await
+            .is_err()
+        {
+            tracing::debug!(jid = %route.jid, "Session went away before delivery.");
+        }
+    }
+}
+
 /// Who is where, and delivery there.
 #[async_trait]
 pub trait Bus: Send + Sync {
@@ -448,6 +463,14 @@ pub trait Bus: Send + Sync {
         stanza: Element,
         durability: Durability,
     ) -> Result<(), Element>;
+    /// Delivers `stanza` to each of `routes`, best effort, with `to` set to
+    /// each route's JID (presence and roster pushes to many sessions); what
+    /// finds its session gone is dropped. A bus may carry the routes of one
+    /// node in one message.
+    async fn deliver_each(&self, routes: &[Arc<Route>], stanza: &Element) {
+        deliver_one_by_one(self, routes, stanza).await;
+    }
+
     /// Tells a session to end its stream with `error`.
     async fn close(&self, route: &Route, error: StreamError);
     /// Takes a session over for a resuming connection.

@@ -684,8 +684,13 @@ impl Router {
         self.bus.deliver(route, stanza, durability).await
     }
 
-    /// Sends a copy of `stanza` to each route with `to` set to the route's JID.
+    /// Sends a copy of `stanza` to each route with `to` set to the route's
+    /// JID: messages one by one (durably), presence and iqs best effort, the
+    /// routes of one node in one delivery ([`Bus::deliver_each`]).
     async fn send_each(&self, routes: &[Arc<Route>], stanza: &Element) {
+        if stanza.name() != "message" {
+            return self.bus.deliver_each(routes, stanza).await;
+        }
         for route in routes {
             let mut copy = stanza.clone();
             set_attr(&mut copy, "to", route.jid.to_string());

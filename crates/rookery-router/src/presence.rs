@@ -186,10 +186,18 @@ impl Router {
             Default::default()
         };
         let subscribers = session.subscribers.clone().unwrap_or_default();
+        // The subscribers' sessions get it in one go: a node's share in one
+        // delivery, however many contacts are there.
+        let mut targets = Vec::new();
         for contact in subscribers.iter() {
-            self.deliver_presence(presence.clone(), &Jid::from(contact.clone()))
-                .await;
+            let to = Jid::from(contact.clone());
+            if !matches!(self.resolve(&to), Destination::Account) {
+                self.deliver_presence(presence.clone(), &to).await;
+            } else if !self.presence_blocked(&presence, contact).await {
+                targets.extend(rules::presence_to_bare(&self.bus.routes(contact)));
+            }
         }
+        self.send_each(&targets, &presence).await;
         let own: Vec<_> = self
             .bus
             .routes(&user)
@@ -298,6 +306,14 @@ impl Router {
         }
     }
 
+    /// True when `user` blocks the sender of `presence` (XEP-0191).
+    async fn presence_blocked(&self, presence: &Element, user: &BareJid) -> bool {
+        match stanza::from(presence) {
+            Some(from) => from.to_bare() != *user && self.blocks(user, &from).await,
+            None => false,
+        }
+    }
+
     /// Delivers a presence to an address of this domain, following section 8.5.
     pub(crate) async fn deliver_presence(&self, mut presence: Element, to: &Jid) {
         match self.resolve(to) {
@@ -314,10 +330,7 @@ impl Router {
             Destination::Server | Destination::Remote => return,
         }
         let user = to.to_bare();
-        if let Some(from) = stanza::from(&presence)
-            && from.to_bare() != user
-            && self.blocks(&user, &from).await
-        {
+        if self.presence_blocked(&presence, &user).await {
             return;
         }
         let routes = self.bus.routes(&user);

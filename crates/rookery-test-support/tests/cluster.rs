@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use minidom::Element;
 use rookery_test_support::proxy::TcpProxy;
 use rookery_test_support::ring::ask_each_other_in_a_ring;
@@ -460,4 +461,108 @@ async fn a_node_cut_off_alone_is_cleaned_up_and_its_clients_come_back() {
         TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
     assert_eq!(body(&alice.expect_message().await), "while apart");
     bob.expect_presence_from("alice@localhost/phone").await;
+}
+
+/// A presence change to many contacts spread over the nodes is one delivery
+/// per other node, not one per contact session (issue 22), counted on NATS
+/// itself: every delivery between nodes is published on a node's delivery
+/// subject. The contacts are real sessions in the real registry, bound
+/// through each node's router (no client connection each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_change_to_many_contacts_is_one_delivery_per_node() {
+    const CONTACTS: usize = 200;
+    let cluster = cluster(3, &["alice"]).await;
+    let alice: jid::BareJid = "alice@localhost".parse().unwrap();
+    let store = cluster.node(0).router().store();
+    let mut contacts = Vec::new();
+    for n in 0..CONTACTS {
+        let contact: jid::BareJid = format!("contact{n}@localhost").parse().unwrap();
+        let mut item = rookery_store::RosterItem::new(contact.clone());
+        item.subscription = rookery_store::Subscription::Both;
+        store.put_roster_item(&alice, &item).await.unwrap();
+        let router = cluster.node(n % 3).router();
+        let (mailbox, inbox) = rookery_cluster::Mailbox::new();
+        let full = contact.with_resource_str("r").unwrap();
+        let mut session = router.bind(&contact, Some(full), mailbox).await.unwrap();
+        session.info.presence = Some(std::sync::Arc::new(
+            format!("<presence xmlns='jabber:client' from='{}'/>", session.jid)
+                .parse()
+                .unwrap(),
+        ));
+        router.publish_route_info(&session).await;
+        contacts.push((contact, session, inbox));
+    }
+    // Node 0 (alice's) sees every contact available.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !contacts.iter().all(|(contact, _, _)| {
+        cluster
+            .node(0)
+            .router()
+            .bus()
+            .routes(contact)
+            .iter()
+            .any(|route| route.info.available())
+    }) {
+        assert!(tokio::time::Instant::now() < deadline, "registry not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut alice_client =
+        TestClient::online(cluster.node(0).starttls(), "alice", "secret", "phone").await;
+    for (_, _, inbox) in &mut contacts {
+        expect_presence(inbox, None).await;
+    }
+
+    // A contact on node 1 whose session task is gone: skipped there, the
+    // others of its batch get theirs.
+    let (_, _, gone) = contacts.remove(1);
+    drop(gone);
+
+    // Counted from here: every delivery published to a node.
+    let nats = async_nats::connect(cluster.nats.url()).await.unwrap();
+    let mut published = nats.subscribe("rookery.deliver.>").await.unwrap();
+    nats.flush().await.unwrap();
+    alice_client
+        .send("<presence><show>away</show></presence>")
+        .await;
+    for (_, _, inbox) in &mut contacts {
+        expect_presence(inbox, Some("away")).await;
+    }
+    tokio::time::sleep(SHORT).await;
+    let mut subjects = std::collections::BTreeMap::<String, usize>::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(50), published.next()).await
+    {
+        *subjects.entry(message.subject.to_string()).or_default() += 1;
+    }
+    // Nodes 1 and 2 hold two thirds of the contacts: one delivery each;
+    // node 0's own contacts are handed over in process.
+    assert_eq!(subjects.len(), 2, "{subjects:?}");
+    assert!(subjects.values().all(|count| *count == 1), "{subjects:?}");
+}
+
+/// Waits (at most 10 s) for a presence of alice in a contact's inbox, with
+/// `show` (`None`: plain available).
+async fn expect_presence(inbox: &mut rookery_cluster::Inbox, show: Option<&str>) {
+    let deadline = Duration::from_secs(10);
+    loop {
+        let mail = tokio::time::timeout(deadline, inbox.recv())
+            .await
+            .expect("alice's presence within 10 s")
+            .expect("an open inbox");
+        let rookery_cluster::Mail::Stanza { stanza, .. } = mail else {
+            continue;
+        };
+        if stanza.name() == "presence"
+            && stanza.attr("from") == Some("alice@localhost/phone")
+            && stanza.attr("to").is_some_and(|to| to.ends_with("/r"))
+            && stanza
+                .get_child("show", CLIENT)
+                .map(|show| show.text())
+                .as_deref()
+                == show
+        {
+            return;
+        }
+    }
 }
