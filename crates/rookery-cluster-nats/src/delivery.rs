@@ -4,19 +4,26 @@
 
 use super::*;
 
-/// Reads a delivery: recipients (one, or several for a batch), stanza,
-/// durability.
-pub(crate) fn decode_delivery(
-    message: &jetstream::Message,
-) -> Option<(Vec<FullJid>, Element, bool)> {
+/// Whom a delivery is for.
+pub(crate) enum Recipients {
+    /// One session; the stanza has its `to`.
+    One(FullJid),
+    /// A batch ([`HEADER_TO_EACH`]): best effort, the stanza without `to`.
+    Each(Vec<FullJid>),
+}
+
+/// Reads a delivery: recipients, stanza, durability.
+pub(crate) fn decode_delivery(message: &jetstream::Message) -> Option<(Recipients, Element, bool)> {
     let headers = message.headers.as_ref()?;
     let to = match headers.get(HEADER_TO) {
-        Some(to) => vec![FullJid::new(to.as_str()).ok()?],
-        None => serde_json::from_str::<Vec<String>>(headers.get(HEADER_TO_EACH)?.as_str())
-            .ok()?
-            .iter()
-            .map(|jid| FullJid::new(jid).ok())
-            .collect::<Option<_>>()?,
+        Some(to) => Recipients::One(FullJid::new(to.as_str()).ok()?),
+        None => Recipients::Each(
+            serde_json::from_str::<Vec<String>>(headers.get(HEADER_TO_EACH)?.as_str())
+                .ok()?
+                .iter()
+                .map(|jid| FullJid::new(jid).ok())
+                .collect::<Option<_>>()?,
+        ),
     };
     let durable = headers
         .get(HEADER_DURABLE)
@@ -28,20 +35,20 @@ pub(crate) fn decode_delivery(
     Some((to, stanza, durable))
 }
 
-/// A batch's copies, one per recipient with its `to` (a single delivery's
-/// stanza has its `to` already, and comes back as is).
-pub(crate) fn each_copy(
-    recipients: Vec<FullJid>,
-    stanza: Element,
-) -> impl Iterator<Item = (FullJid, Element)> {
-    let single = recipients.len() == 1;
-    recipients.into_iter().map(move |to| {
-        let mut copy = stanza.clone();
-        if !single {
-            rookery_stream::xml::set_attr(&mut copy, "to", to.as_str());
-        }
-        (to, copy)
-    })
+/// A delivery's stanzas, each with its recipient: a single delivery's as
+/// is (it has its `to`), a batch's one copy each with its `to` set.
+pub(crate) fn each_copy(recipients: Recipients, stanza: Element) -> Vec<(FullJid, Element)> {
+    match recipients {
+        Recipients::One(to) => vec![(to, stanza)],
+        Recipients::Each(all) => all
+            .into_iter()
+            .map(|to| {
+                let mut copy = stanza.clone();
+                rookery_stream::xml::set_attr(&mut copy, "to", to.as_str());
+                (to, copy)
+            })
+            .collect(),
+    }
 }
 
 /// Hands deliveries for this node to local sessions; reroutes the others.
@@ -126,11 +133,11 @@ pub(crate) async fn consume_deliveries(bus: Arc<NatsBus>) {
                 let _ = message.ack().await;
                 continue;
             };
-            let to = match <[FullJid; 1]>::try_from(recipients) {
-                Ok([to]) => to,
-                Err(recipients) => {
+            let to = match recipients {
+                Recipients::One(to) => to,
+                each @ Recipients::Each(_) => {
                     // A batch: best effort, one copy each.
-                    for (to, copy) in each_copy(recipients, stanza) {
+                    for (to, copy) in each_copy(each, stanza) {
                         let stranded = match bus.local_mailbox(&to) {
                             Some(mailbox) => mailbox.send_stanza(copy).err(),
                             None => Some(copy),

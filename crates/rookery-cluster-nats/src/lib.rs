@@ -83,6 +83,33 @@ const HEADER_DURABLE: &str = "Rookery-Durable";
 /// as a JSON array of full JIDs (instead of [`HEADER_TO`]); the stanza comes
 /// without `to`, set for each on arrival.
 const HEADER_TO_EACH: &str = "Rookery-To-Each";
+/// The addresses of one batched delivery (its header) take at most this
+/// many bytes (several hundred sessions): JetStream refuses a message whose
+/// headers pass 64 KiB, and a core publish never hears of the refusal.
+const BATCH_BYTES: usize = 48 * 1024;
+
+/// `jids` in order, in chunks whose addresses as a JSON array take at most
+/// `limit` bytes each (an address longer than that alone goes alone).
+fn chunks_by_bytes<'a>(
+    jids: impl IntoIterator<Item = &'a FullJid>,
+    limit: usize,
+) -> Vec<Vec<&'a FullJid>> {
+    let mut chunks: Vec<Vec<&FullJid>> = Vec::new();
+    // The brackets, then each address quoted and escaped, with its comma.
+    let mut bytes = 2;
+    for jid in jids {
+        let size = serde_json::to_string(jid.as_str()).map_or(0, |json| json.len()) + 1;
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= limit => chunk.push(jid),
+            _ => {
+                chunks.push(vec![jid]);
+                bytes = 2;
+            }
+        }
+        bytes += size;
+    }
+    chunks
+}
 /// How long a durable publish waits for JetStream's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a durable publish is retried (a JetStream leader election).
@@ -647,9 +674,16 @@ impl Bus for NatsBus {
                 && !self.known_dead(node)
                 && self.batches_to(node)
             {
-                let jids: Vec<&FullJid> = routes.iter().map(|route| &route.jid).collect();
-                if let Err(error) = self.publish_batch(node, &jids, stanza).await {
-                    tracing::debug!(%error, node = format!("{node:016x}"), "A batched delivery could not be published.");
+                for jids in chunks_by_bytes(routes.iter().map(|route| &route.jid), BATCH_BYTES) {
+                    if let Err(error) = self.publish_batch(node, &jids, stanza).await {
+                        tracing::warn!(%error, node = format!("{node:016x}"), sessions = jids.len(), "A batched delivery could not be published; sending one by one.");
+                        let each: Vec<Arc<Route>> = routes
+                            .iter()
+                            .filter(|route| jids.contains(&&route.jid))
+                            .cloned()
+                            .collect();
+                        rookery_cluster::deliver_one_by_one(self, &each, stanza).await;
+                    }
                 }
                 continue;
             }
@@ -833,6 +867,40 @@ mod tests {
             info: RouteInfo::default(),
             mailbox: None,
         }
+    }
+
+    #[test]
+    fn a_batch_of_one_still_gets_its_address() {
+        let stanza: Element = "<presence xmlns='jabber:client'/>".parse().unwrap();
+        let to = FullJid::new("a@localhost/r").unwrap();
+        let copies = delivery::each_copy(delivery::Recipients::Each(vec![to.clone()]), stanza);
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, to);
+        assert_eq!(copies[0].1.attr("to"), Some("a@localhost/r"));
+    }
+
+    #[test]
+    fn batches_of_addresses_stop_at_their_size() {
+        let all: Vec<FullJid> = (0..10)
+            .map(|n| FullJid::new(&format!("user{n}@localhost/r")).unwrap())
+            .collect();
+        // Each address takes 17 bytes, 2 quotes and a comma; the brackets 2:
+        // 42 bytes hold two.
+        let chunks = chunks_by_bytes(&all, 42);
+        assert_eq!(chunks.len(), 5);
+        assert!(chunks.iter().all(|chunk| chunk.len() == 2));
+        for chunk in &chunks {
+            let json = serde_json::to_string(&chunk.iter().map(|j| j.as_str()).collect::<Vec<_>>())
+                .unwrap();
+            assert!(json.len() <= 42, "{json}");
+        }
+        let flat: Vec<&FullJid> = chunks.into_iter().flatten().collect();
+        assert_eq!(flat, all.iter().collect::<Vec<_>>(), "all, in order");
+        assert_eq!(chunks_by_bytes(&all, BATCH_BYTES).len(), 1);
+        assert!(chunks_by_bytes(&[], 42).is_empty());
+        // An address that needs escaping counts as written.
+        let quoted = FullJid::new("user@localhost/a\"b").unwrap();
+        assert_eq!(chunks_by_bytes([&quoted, &quoted], 20).len(), 2);
     }
 
     fn jids(view: &View) -> Vec<String> {

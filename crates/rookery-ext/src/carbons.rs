@@ -90,10 +90,11 @@ impl Extension for Carbons {
         Some(iq_result(cx.iq, None))
     }
 
+    fn copies_message(&self, message: &Element, message_type: MessageType) -> bool {
+        eligible(message, message_type)
+    }
+
     fn on_routed(&self, routed: &Routed<'_>) -> Vec<(Arc<Route>, Element)> {
-        if !eligible(routed.message, routed.message_type) {
-            return Vec::new();
-        }
         let direction = match routed.side {
             Side::Sent => "sent",
             Side::Received => "received",

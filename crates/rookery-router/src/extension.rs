@@ -194,6 +194,13 @@ pub trait Extension: Send + Sync {
         Some(stanza)
     }
 
+    /// With [`Hooks::routed`]: whether the module copies this message at all
+    /// (a cheap look at the message alone, before routing looks up or keeps
+    /// anything for [`on_routed`](Self::on_routed)).
+    fn copies_message(&self, _message: &Element, _message_type: MessageType) -> bool {
+        true
+    }
+
     /// A message was routed between users, and a session of the sender or
     /// the recipient carries the module's mark (with [`Hooks::routed`]):
     /// the copies to send, each with the session it is for. The router

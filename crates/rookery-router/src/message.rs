@@ -48,7 +48,13 @@ impl Router {
         // The sender's other sessions may get copies (sent carbons), except
         // one that receives the message itself; kept only when needed.
         let user = &session.account;
-        let copying = self.copying(self.bus.routes(user));
+        let copying = self.copied(&message, message_type).then(|| {
+            let to = to.try_as_full().ok();
+            let routes = self.bus.routes(user);
+            self.wants_copies(&routes, |jid| *jid != session.jid && Some(jid) != to)
+                .then_some(routes)
+        });
+        let copying = copying.flatten();
         let original = copying.as_ref().map(|_| message.clone());
         self.route_message_to(message, message_type, &to, Some(session))
             .await;
@@ -67,31 +73,35 @@ impl Router {
         }
     }
 
-    /// `routes` when one of them carries a mark of a module that copies
-    /// routed messages ([`Hooks::routed`](crate::Hooks)).
-    fn copying(&self, routes: Vec<Arc<Route>>) -> Option<Vec<Arc<Route>>> {
-        self.wants_copies(&routes).then_some(routes)
+    /// True when a module that copies routed messages
+    /// ([`Hooks::routed`](crate::Hooks)) copies this one.
+    fn copied(&self, message: &Element, message_type: MessageType) -> bool {
+        self.routed_hooks
+            .iter()
+            .any(|(_, module)| module.copies_message(message, message_type))
     }
 
-    /// True when a session in `routes` carries a copying module's mark.
-    fn wants_copies(&self, routes: &[Arc<Route>]) -> bool {
-        !self.routed_hooks.is_empty()
-            && routes.iter().any(|route| {
-                !route.info.marks.is_empty()
-                    && self
-                        .routed_hooks
-                        .iter()
-                        .any(|(mark, _)| route.info.marks.contains(mark))
-            })
+    /// True when a session in `routes` that `without_it` accepts (one that
+    /// does not get the message itself) carries a copying module's mark.
+    fn wants_copies(&self, routes: &[Arc<Route>], without_it: impl Fn(&FullJid) -> bool) -> bool {
+        routes.iter().any(|route| {
+            !route.info.marks.is_empty()
+                && self
+                    .routed_hooks
+                    .iter()
+                    .any(|(mark, _)| route.info.marks.contains(mark))
+                && without_it(&route.jid)
+        })
     }
 
     /// Sends the copies the modules make of a routed message.
     async fn send_copies(&self, routed: &Routed<'_>) {
         for (mark, module) in &self.routed_hooks {
-            if !routed
-                .routes
-                .iter()
-                .any(|route| route.info.marks.contains(mark))
+            if !module.copies_message(routed.message, routed.message_type)
+                || !routed
+                    .routes
+                    .iter()
+                    .any(|route| route.info.marks.contains(mark))
             {
                 continue;
             }
@@ -194,7 +204,10 @@ impl Router {
         routes: &[Arc<Route>],
         sender: Option<&FullJid>,
     ) -> Result<(), Element> {
-        let wants_copies = self.wants_copies(routes);
+        let wants_copies = self.copied(&message, message_type)
+            && self.wants_copies(routes, |jid| {
+                sender != Some(jid) && !targets.iter().any(|target| target.jid == *jid)
+            });
         let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
         let mut last_failed = None;
         // The last target gets the message itself, unless carbons still need it.

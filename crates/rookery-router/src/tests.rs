@@ -242,6 +242,10 @@ impl Extension for Copier {
         None
     }
 
+    fn copies_message(&self, message: &Element, _: stanza::MessageType) -> bool {
+        !message.has_child("private", NS)
+    }
+
     fn on_routed(&self, routed: &Routed<'_>) -> Vec<(Arc<Route>, Element)> {
         let have_it: Vec<String> = routed.have_it.iter().map(|j| j.to_string()).collect();
         self.seen
@@ -359,6 +363,16 @@ async fn a_copying_module_copies_routed_messages_to_marked_sessions_only() {
     let seen = std::mem::take(&mut *copier.seen.lock().unwrap());
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].0, Side::Sent);
+
+    // A message the module does not copy: not shown to it at all.
+    let private = stanza(&format!(
+        "<message xmlns='jabber:client' from='alice@localhost/phone' to='bob@localhost' type='chat'><body>hi</body><private xmlns='{NS}'/></message>"
+    ));
+    router.handle_stanza(&mut phone, private).await;
+    assert_eq!(received(&mut desk_inbox), [(true, None)]);
+    assert!(received(&mut tablet_inbox).is_empty());
+    assert!(received(&mut laptop_inbox).is_empty());
+    assert!(copier.seen.lock().unwrap().is_empty());
 
     // A copy that cannot reach its session is dropped, not routed again.
     router
