@@ -94,16 +94,6 @@ port_of() { # server -> port
     case "$1" in rookery) echo "$PORT" ;; ejabberd) echo $((PORT + 10)) ;; prosody) echo $((PORT + 20)) ;; esac
 }
 dir_of() { echo "$OUT/$1"; }
-pid_on() { # port -> pid of the listening process
-    local inode
-    inode=$(awk -v port="$(printf '%04X' "$1")" '$2 ~ ":"port"$" && $4 == "0A" {print $10; exit}' /proc/net/tcp)
-    for fd in /proc/[0-9]*/fd/*; do
-        if [ "$(readlink "$fd" 2> /dev/null)" = "socket:[$inode]" ]; then
-            echo "$fd" | cut -d/ -f3
-            return
-        fi
-    done
-}
 
 setup() { # server: configuration, certificate, data folder
     local server=$1 dir port

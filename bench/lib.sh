@@ -7,6 +7,18 @@ listening() { # port
     (echo > "/dev/tcp/127.0.0.1/$1") 2> /dev/null
 }
 
+# The pid of the process listening on 127.0.0.1:PORT (empty when none).
+pid_on() { # port
+    local inode
+    inode=$(awk -v port="$(printf '%04X' "$1")" '$2 ~ ":"port"$" && $4 == "0A" {print $10; exit}' /proc/net/tcp)
+    for fd in /proc/[0-9]*/fd/*; do
+        if [ "$(readlink "$fd" 2> /dev/null)" = "socket:[$inode]" ]; then
+            echo "$fd" | cut -d/ -f3
+            return
+        fi
+    done
+}
+
 # A self-signed P-256 certificate for localhost: DIR/cert.pem and DIR/key.pem.
 self_signed_cert() { # dir
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1/key.pem" -out "$1/cert.pem" \
