@@ -18,6 +18,17 @@ pub(crate) enum Lock {
     Held,
 }
 
+/// Why a node's process is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// It said it leaves (a clean stop).
+    Left,
+    /// A new process took its name (a restart).
+    Replaced,
+    /// Silent for the failure timeout.
+    Silent,
+}
+
 /// Where this node is with the cleanup after a dead incarnation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cleanup {
@@ -34,7 +45,7 @@ impl NatsBus {
     /// same name, its sessions still in the registry), and once in the
     /// cluster (the KV lock). Sessions of it that linger in the registry are
     /// removed again whenever they show up; its deliveries are replayed once.
-    pub(crate) async fn clean_up(&self, dead: NodeId) {
+    pub(crate) async fn clean_up(&self, dead: NodeId, gone: Gone) {
         let attempt = self.attempts.fetch_add(1, Ordering::Relaxed);
         let state = {
             let mut cleanups = self.cleanups.lock().expect("cleanups lock");
@@ -54,7 +65,7 @@ impl NatsBus {
             }
             None => {}
         }
-        let done = self.clean_up_once(dead, attempt).await;
+        let done = self.clean_up_once(dead, attempt, gone).await;
         let mut cleanups = self.cleanups.lock().expect("cleanups lock");
         if cleanups.get(&dead) != Some(&Cleanup::Running(attempt)) {
             return; // It came back meanwhile; a later death has its own attempt.
@@ -76,7 +87,7 @@ impl NatsBus {
 
     /// The cleanup proper; false when it was not done (the node spoke again,
     /// this node lost NATS meanwhile, or a live peer holds the lock).
-    pub(crate) async fn clean_up_once(&self, dead: NodeId, attempt: u64) -> bool {
+    pub(crate) async fn clean_up_once(&self, dead: NodeId, attempt: u64, gone: Gone) -> bool {
         // One node cleans up: the one that creates the lock. While NATS is
         // unreachable, keep trying, unless the node turns out to be alive.
         let key = subjects::cleanup_key(dead);
@@ -118,10 +129,21 @@ impl NatsBus {
         let Some(recovery) = self.recovery() else {
             return false;
         };
-        tracing::warn!(
-            dead = format!("{dead:016x}"),
-            "A node stopped answering; cleaning up after it."
-        );
+        let dead_hex = format!("{dead:016x}");
+        match gone {
+            Gone::Left => tracing::info!(
+                dead = dead_hex,
+                "A node left the cluster; cleaning up what it left behind."
+            ),
+            Gone::Replaced => tracing::warn!(
+                dead = dead_hex,
+                "A node restarted; cleaning up after its previous process."
+            ),
+            Gone::Silent => tracing::warn!(
+                dead = dead_hex,
+                "A node stopped answering; cleaning up after it."
+            ),
+        }
         let started = Instant::now();
         let removed = self.remove_sessions(dead).await;
         for route in &removed {

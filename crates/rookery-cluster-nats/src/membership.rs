@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rookery_cluster::NodeId;
 
+use crate::cleanup::Gone;
 use crate::codec::Heartbeat;
 use crate::{NatsBus, subjects};
 
@@ -166,11 +167,11 @@ pub(crate) async fn follow_members(bus: Arc<NatsBus>) {
                         .filter(|(node, member)| {
                             **node != heartbeat.node && member.heartbeat.name == heartbeat.name
                         })
-                        .map(|(node, _)| *node),
+                        .map(|(node, _)| (*node, Gone::Replaced)),
                 );
                 if heartbeat.leaving {
                     members.remove(&heartbeat.node);
-                    dead.push(heartbeat.node);
+                    dead.push((heartbeat.node, Gone::Left));
                 } else {
                     members.insert(
                         heartbeat.node,
@@ -180,13 +181,13 @@ pub(crate) async fn follow_members(bus: Arc<NatsBus>) {
                         },
                     );
                 }
-                for node in &dead {
+                for (node, _) in &dead {
                     members.remove(node);
                 }
             }
-            for node in dead {
+            for (node, gone) in dead {
                 let cleaner = bus.clone();
-                bus.spawn(async move { cleaner.clean_up(node).await });
+                bus.spawn(async move { cleaner.clean_up(node, gone).await });
             }
         }
     }
@@ -220,7 +221,7 @@ pub(crate) async fn detect_failures(bus: Arc<NatsBus>) {
         }
         for node in verdict.dead {
             let cleaner = bus.clone();
-            bus.spawn(async move { cleaner.clean_up(node).await });
+            bus.spawn(async move { cleaner.clean_up(node, Gone::Silent).await });
         }
     }
 }
