@@ -88,6 +88,13 @@ pub fn certificate_files(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> 
     }
     let dir = config.server.data_dir.join("tls");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if config.cluster.is_some() {
+        // Each node would serve a certificate of its own: a client that
+        // accepted one node's is refused by the next it lands on.
+        tracing::warn!(
+            "This cluster node serves a self-signed certificate of its own. Set [tls] cert and key to the domain's certificate, the same on every node."
+        );
+    }
     if cert.exists() && key.exists() {
         return Ok((cert, key));
     }
