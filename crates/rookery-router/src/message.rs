@@ -204,10 +204,11 @@ impl Router {
         routes: &[Arc<Route>],
         sender: Option<&FullJid>,
     ) -> Result<(), Element> {
-        let wants_copies = self.copied(&message, message_type)
-            && self.wants_copies(routes, |jid| {
-                sender != Some(jid) && !targets.iter().any(|target| target.jid == *jid)
-            });
+        // The marks first: most users have no marked session, and then the
+        // message itself is not looked at.
+        let wants_copies = self.wants_copies(routes, |jid| {
+            sender != Some(jid) && !targets.iter().any(|target| target.jid == *jid)
+        }) && self.copied(&message, message_type);
         let mut delivered: Vec<&FullJid> = Vec::with_capacity(targets.len());
         let mut last_failed = None;
         // The last target gets the message itself, unless carbons still need it.
