@@ -133,61 +133,58 @@ pub(crate) async fn consume_deliveries(bus: Arc<NatsBus>) {
                 let _ = message.ack().await;
                 continue;
             };
-            let to = match recipients {
-                Recipients::One(to) => to,
-                each @ Recipients::Each(_) => {
-                    // A batch: best effort, one copy each.
-                    for (to, copy) in each_copy(each, stanza) {
-                        let stranded = match bus.local_mailbox(&to) {
-                            Some(mailbox) => mailbox.send_stanza(copy).err(),
-                            None => Some(copy),
-                        };
-                        if let (Some(stanza), Some(recovery)) = (stranded, bus.recovery()) {
-                            recovery.reroute(to, stanza).await;
-                        }
-                    }
-                    let _ = message.ack().await;
-                    continue;
-                }
-            };
-            tracing::debug!(%to, durable, "Delivery received.");
-            let stranded = match bus.local_mailbox(&to) {
-                Some(mailbox) => {
-                    let receipt = message
-                        .reply
-                        .as_ref()
-                        .filter(|_| durable)
-                        .map(|reply| Receipt::Delivery(reply.to_string()));
-                    let handed = receipt.is_some();
-                    if let Some(receipt) = &receipt {
-                        bus.hold(receipt);
-                    }
-                    match mailbox.send(Mail::Stanza {
-                        stanza: Box::new(stanza),
-                        receipt,
-                    }) {
-                        Ok(()) if handed => continue,
-                        Ok(()) => None,
-                        Err(Mail::Stanza { stanza, receipt }) => {
-                            if let Some(receipt) = &receipt {
-                                bus.release(receipt);
-                            }
-                            Some(*stanza)
-                        }
-                        Err(_) => None,
-                    }
-                }
-                None => Some(stanza),
-            };
-            if let (Some(stanza), Some(recovery)) = (stranded, bus.recovery()) {
-                recovery.reroute(to, stanza).await;
+            // A batch is best effort: no copy of it holds the message.
+            let durable = durable && matches!(recipients, Recipients::One(_));
+            let mut held = false;
+            for (to, stanza) in each_copy(recipients, stanza) {
+                let receipt = message
+                    .reply
+                    .as_ref()
+                    .filter(|_| durable)
+                    .map(|reply| Receipt::Delivery(reply.to_string()));
+                held |= hand_over(&bus, to, stanza, receipt).await;
             }
-            let _ = message.ack().await;
+            if !held {
+                let _ = message.ack().await;
+            }
         }
         bus.failing(&bus.deliveries_down);
         tracing::warn!("The delivery stream ended; reconnecting it.");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Hands a delivery to its local session, with `receipt` when durable, or
+/// reroutes it when the session is gone; true when the session holds it
+/// with its receipt (acknowledged once its client has it).
+async fn hand_over(bus: &NatsBus, to: FullJid, stanza: Element, receipt: Option<Receipt>) -> bool {
+    tracing::debug!(%to, durable = receipt.is_some(), "Delivery received.");
+    let stranded = match bus.local_mailbox(&to) {
+        Some(mailbox) => {
+            let handed = receipt.is_some();
+            if let Some(receipt) = &receipt {
+                bus.hold(receipt);
+            }
+            match mailbox.send(Mail::Stanza {
+                stanza: Box::new(stanza),
+                receipt,
+            }) {
+                Ok(()) => return handed,
+                Err(Mail::Stanza { stanza, receipt }) => {
+                    if let Some(receipt) = &receipt {
+                        bus.release(receipt);
+                    }
+                    Some(*stanza)
+                }
+                Err(_) => None,
+            }
+        }
+        None => Some(stanza),
+    };
+    if let (Some(stanza), Some(recovery)) = (stranded, bus.recovery()) {
+        recovery.reroute(to, stanza).await;
+    }
+    false
 }
 
 /// Tells JetStream that the deliveries sessions hold are in progress, so
@@ -266,11 +263,11 @@ impl NatsBus {
     pub(crate) async fn publish_batch(
         &self,
         node: NodeId,
-        to: &[&FullJid],
+        to: &[Arc<Route>],
         stanza: &Element,
     ) -> Result<(), BusError> {
         let mut headers = async_nats::HeaderMap::new();
-        let to: Vec<&str> = to.iter().map(|jid| jid.as_str()).collect();
+        let to: Vec<&str> = to.iter().map(|route| route.jid.as_str()).collect();
         let to = serde_json::to_string(&to).map_err(unavailable)?;
         headers.insert(HEADER_TO_EACH, to.as_str());
         headers.insert(HEADER_DURABLE, "0");

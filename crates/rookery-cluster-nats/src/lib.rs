@@ -88,25 +88,25 @@ const HEADER_TO_EACH: &str = "Rookery-To-Each";
 /// headers pass 64 KiB, and a core publish never hears of the refusal.
 const BATCH_BYTES: usize = 48 * 1024;
 
-/// `jids` in order, in chunks whose addresses as a JSON array take at most
-/// `limit` bytes each (an address longer than that alone goes alone).
-fn chunks_by_bytes<'a>(
-    jids: impl IntoIterator<Item = &'a FullJid>,
-    limit: usize,
-) -> Vec<Vec<&'a FullJid>> {
-    let mut chunks: Vec<Vec<&FullJid>> = Vec::new();
+/// `items` in order, in runs whose addresses (`jid` of each) as a JSON
+/// array take at most `limit` bytes each (an address longer than that goes
+/// alone).
+fn chunks_by_bytes<T>(items: &[T], jid: impl Fn(&T) -> &FullJid, limit: usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
     // The brackets, then each address quoted and escaped, with its comma.
     let mut bytes = 2;
-    for jid in jids {
-        let size = serde_json::to_string(jid.as_str()).map_or(0, |json| json.len()) + 1;
-        match chunks.last_mut() {
-            Some(chunk) if bytes + size <= limit => chunk.push(jid),
-            _ => {
-                chunks.push(vec![jid]);
-                bytes = 2;
-            }
+    for (index, item) in items.iter().enumerate() {
+        let size = serde_json::to_string(jid(item).as_str()).map_or(0, |json| json.len()) + 1;
+        if index > start && bytes + size > limit {
+            chunks.push(&items[start..index]);
+            start = index;
+            bytes = 2;
         }
         bytes += size;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
     }
     chunks
 }
@@ -674,15 +674,10 @@ impl Bus for NatsBus {
                 && !self.known_dead(node)
                 && self.batches_to(node)
             {
-                for jids in chunks_by_bytes(routes.iter().map(|route| &route.jid), BATCH_BYTES) {
-                    if let Err(error) = self.publish_batch(node, &jids, stanza).await {
-                        tracing::warn!(%error, node = format!("{node:016x}"), sessions = jids.len(), "A batched delivery could not be published; sending one by one.");
-                        let each: Vec<Arc<Route>> = routes
-                            .iter()
-                            .filter(|route| jids.contains(&&route.jid))
-                            .cloned()
-                            .collect();
-                        rookery_cluster::deliver_one_by_one(self, &each, stanza).await;
+                for chunk in chunks_by_bytes(&routes, |route| &route.jid, BATCH_BYTES) {
+                    if let Err(error) = self.publish_batch(node, chunk, stanza).await {
+                        tracing::warn!(%error, node = format!("{node:016x}"), sessions = chunk.len(), "A batched delivery could not be published; sending one by one.");
+                        rookery_cluster::deliver_one_by_one(self, chunk, stanza).await;
                     }
                 }
                 continue;
@@ -886,7 +881,7 @@ mod tests {
             .collect();
         // Each address takes 17 bytes, 2 quotes and a comma; the brackets 2:
         // 42 bytes hold two.
-        let chunks = chunks_by_bytes(&all, 42);
+        let chunks = chunks_by_bytes(&all, |jid| jid, 42);
         assert_eq!(chunks.len(), 5);
         assert!(chunks.iter().all(|chunk| chunk.len() == 2));
         for chunk in &chunks {
@@ -896,11 +891,14 @@ mod tests {
         }
         let flat: Vec<&FullJid> = chunks.into_iter().flatten().collect();
         assert_eq!(flat, all.iter().collect::<Vec<_>>(), "all, in order");
-        assert_eq!(chunks_by_bytes(&all, BATCH_BYTES).len(), 1);
-        assert!(chunks_by_bytes(&[], 42).is_empty());
+        assert_eq!(chunks_by_bytes(&all, |jid| jid, BATCH_BYTES).len(), 1);
+        assert!(chunks_by_bytes(&[], |jid| jid, 42).is_empty());
         // An address that needs escaping counts as written.
         let quoted = FullJid::new("user@localhost/a\"b").unwrap();
-        assert_eq!(chunks_by_bytes([&quoted, &quoted], 20).len(), 2);
+        assert_eq!(
+            chunks_by_bytes(&[quoted.clone(), quoted], |jid| jid, 20).len(),
+            2
+        );
     }
 
     fn jids(view: &View) -> Vec<String> {

@@ -48,26 +48,35 @@ impl Router {
         // The sender's other sessions may get copies (sent carbons), except
         // one that receives the message itself; kept only when needed.
         let user = &session.account;
-        let copying = self.copied(&message, message_type).then(|| {
-            let to = to.try_as_full().ok();
-            let routes = self.bus.routes(user);
-            self.wants_copies(&routes, |jid| *jid != session.jid && Some(jid) != to)
-                .then_some(routes)
-        });
-        let copying = copying.flatten();
-        let original = copying.as_ref().map(|_| message.clone());
+        // The sending session, and the full JID addressed if any: on the
+        // stack, per message.
+        let sender = &session.jid;
+        let both;
+        let have_it: &[&FullJid] = match to.try_as_full() {
+            Ok(full) => {
+                both = [sender, full];
+                &both
+            }
+            Err(_) => std::slice::from_ref(&sender),
+        };
+        let copying = match self.copied(&message, message_type) {
+            true => {
+                let routes = self.bus.routes(user);
+                self.wants_copies(&routes, |jid| !have_it.contains(&jid))
+                    .then(|| (routes, message.clone()))
+            }
+            false => None,
+        };
         self.route_message_to(message, message_type, &to, Some(session))
             .await;
-        if let (Some(routes), Some(original)) = (copying, original) {
-            let mut have_it = vec![&session.jid];
-            have_it.extend(to.try_as_full().ok());
+        if let Some((routes, original)) = copying {
             self.send_copies(&Routed {
                 side: Side::Sent,
                 user,
                 message: &original,
                 message_type,
                 routes: &routes,
-                have_it: &have_it,
+                have_it,
             })
             .await;
         }
