@@ -42,14 +42,7 @@ OUT=${OUT:-$ROOT/target/cluster-compare/$(date +%Y%m%d-%H%M%S)}
 DB=rookery_cc_$$
 
 if [ "${INSTALL:-0}" = 1 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    # Install without starting the system service (it would take port 5222).
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d > /dev/null
-    $sudo chmod +x /usr/sbin/policy-rc.d
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq ejabberd openssl > /dev/null
-    $sudo rm -f /usr/sbin/policy-rc.d
+    install_quietly ejabberd openssl
 fi
 ulimit -n "$(ulimit -Hn)"
 
@@ -67,25 +60,9 @@ nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$OUT/nats" > "$OUT/nats.log" 2
 NATS_PID=$!
 psql "$PG_URL/postgres" -qc "CREATE DATABASE $DB"
 for node in 1 2; do
-    port=$(rookery_port $node)
     mkdir -p "$OUT/rookery$node"
-    cat > "$OUT/rookery$node/rookery.toml" <<TOML
-[server]
-data_dir = "$OUT/rookery$node/data"
-[c2s]
-starttls_listen = "127.0.0.1:$port"
-direct_tls_listen = "127.0.0.1:$((port + 1))"
-[http]
-listen = "127.0.0.1:$((port + 2))"
-[storage]
-backend = "postgres"
-postgres_url = "$PG_URL/$DB"
-[cluster]
-node = "node$node"
-nats = ["nats://127.0.0.1:$NATS_PORT"]
-[log]
-level = "warn"
-TOML
+    cluster_node_toml "$OUT/rookery$node/rookery.toml" "$OUT/rookery$node/data" \
+        "$(rookery_port $node)" "$PG_URL/$DB" "$NATS_PORT" "node$node"
 done
 
 # --- ejabberd: two Erlang nodes, Mnesia ------------------------------------
@@ -102,7 +79,9 @@ done
 ejabberdctl_as() { # node, ejabberdctl arguments...
     local node=$1
     shift
-    runuser -u ejabberd -- ejabberdctl --config-dir "$OUT/ejabberd$node" \
+    # su and runuser reset the soft file limit: raised again.
+    runuser -u ejabberd -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
+        ejabberdctl --config-dir "$OUT/ejabberd$node" \
         --config "$OUT/ejabberd$node/ejabberd.yml" --logs "$OUT/ejabberd$node/logs" \
         --spool "$OUT/ejabberd$node/spool" --node "$(ejabberd_node "$node")" "$@"
 }
@@ -129,12 +108,7 @@ start() { # cluster
             # Both at once: a Mnesia node that stopped before its peer
             # waits for the peer's copy of the tables when it starts.
             for node in 1 2; do
-                # su and runuser reset the soft file limit: raised again.
-                runuser -u ejabberd -- sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh \
-                    ejabberdctl --config-dir "$OUT/ejabberd$node" \
-                    --config "$OUT/ejabberd$node/ejabberd.yml" --logs "$OUT/ejabberd$node/logs" \
-                    --spool "$OUT/ejabberd$node/spool" --node "$(ejabberd_node $node)" foreground \
-                    >> "$OUT/ejabberd$node/server.log" 2>&1 &
+                ejabberdctl_as "$node" foreground >> "$OUT/ejabberd$node/server.log" 2>&1 &
             done
             for node in 1 2; do
                 wait_for "$(ejabberd_port $node)" "ejabberd node $node"

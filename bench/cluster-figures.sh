@@ -16,6 +16,7 @@
 # the user in PG_URL; a database rookery_bench_<pid> is created and dropped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 RUNS=${RUNS:-3}
 USERS=${USERS:-1000}
 CHAT_RATE=${CHAT_RATE:-2000}
@@ -44,24 +45,7 @@ NATS_PID=$!
 psql "$PG_URL/postgres" -qc "CREATE DATABASE $DB"
 
 for node in 1 2; do
-    port=$((PORT + 10 * node))
-    cat > node$node.toml <<TOML
-[server]
-data_dir = "data$node"
-[c2s]
-starttls_listen = "127.0.0.1:$port"
-direct_tls_listen = "127.0.0.1:$((port + 1))"
-[http]
-listen = "127.0.0.1:$((port + 2))"
-[storage]
-backend = "postgres"
-postgres_url = "$PG_URL/$DB"
-[cluster]
-node = "node$node"
-nats = ["nats://127.0.0.1:$NATS_PORT"]
-[log]
-level = "warn"
-TOML
+    cluster_node_toml "node$node.toml" "data$node" $((PORT + 10 * node)) "$PG_URL/$DB" "$NATS_PORT" "node$node"
 done
 NODE1=127.0.0.1:$((PORT + 10))
 NODE2=127.0.0.1:$((PORT + 20))

@@ -64,15 +64,7 @@ case "$TLS" in
 esac
 
 if [ "${INSTALL:-0}" = 1 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    # Install without starting the system services (they would take port 5222).
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d > /dev/null
-    $sudo chmod +x /usr/sbin/policy-rc.d
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-        ejabberd erlang-p1-sqlite3 prosody lua-dbi-sqlite3 openssl > /dev/null
-    $sudo rm -f /usr/sbin/policy-rc.d
+    install_quietly ejabberd erlang-p1-sqlite3 prosody lua-dbi-sqlite3 openssl
 fi
 
 # Every process started here (servers and load generator) may use as many

@@ -19,6 +19,40 @@ pid_on() { # port
     done
 }
 
+# Installs Debian packages without starting their system services (a
+# reference server's would take port 5222).
+install_quietly() { # package...
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d > /dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" > /dev/null
+    $sudo rm -f /usr/sbin/policy-rc.d
+}
+
+# The configuration of a cluster node of the bench: STARTTLS on PORT,
+# direct TLS on PORT+1, HTTP on PORT+2, PostgreSQL and one NATS server.
+cluster_node_toml() { # dest, data dir, port, postgres url, nats port, node name
+    cat > "$1" <<TOML
+[server]
+data_dir = "$2"
+[c2s]
+starttls_listen = "127.0.0.1:$3"
+direct_tls_listen = "127.0.0.1:$(($3 + 1))"
+[http]
+listen = "127.0.0.1:$(($3 + 2))"
+[storage]
+backend = "postgres"
+postgres_url = "$4"
+[cluster]
+node = "$6"
+nats = ["nats://127.0.0.1:$5"]
+[log]
+level = "warn"
+TOML
+}
+
 # A self-signed P-256 certificate for localhost: DIR/cert.pem and DIR/key.pem.
 self_signed_cert() { # dir
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1/key.pem" -out "$1/cert.pem" \
